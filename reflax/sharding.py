@@ -1,0 +1,189 @@
+"""The device mesh and the one table that says how arrays are laid out on it.
+
+Every array reflax shards (parameters, optimizer state, KV cache, batches,
+activations) is described by *logical* axis names; `LOGICAL_RULES` maps them to
+mesh axes. Change the table, not the model code, to change the layout.
+
+Mesh axes:
+  data   - pure data parallelism (parameters replicated)
+  fsdp   - data parallelism with parameters and optimizer state sharded
+  tensor - megatron-style tensor parallelism over heads / mlp / vocab
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None for replicated)
+LOGICAL_RULES: dict[str, Any] = {
+    "batch": ("data", "fsdp"),
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "layers": None,
+    "length": None,
+    "head_dim": None,
+    "norm": None,
+}
+
+# parameter leaf name -> logical axes of that array (stacked layers lead with "layers")
+PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "embed": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "final_norm": ("norm",),
+    "attn_norm": ("layers", "norm"),
+    "mlp_norm": ("layers", "norm"),
+    "q_proj": ("layers", "embed", "heads"),
+    "k_proj": ("layers", "embed", "kv_heads"),
+    "v_proj": ("layers", "embed", "kv_heads"),
+    "o_proj": ("layers", "heads", "embed"),
+    "q_bias": ("layers", "heads"),
+    "k_bias": ("layers", "kv_heads"),
+    "v_bias": ("layers", "kv_heads"),
+    "o_bias": ("layers", "norm"),
+    "gate_proj": ("layers", "embed", "mlp"),
+    "up_proj": ("layers", "embed", "mlp"),
+    "down_proj": ("layers", "mlp", "embed"),
+    "gate_bias": ("layers", "mlp"),
+    "up_bias": ("layers", "mlp"),
+    "down_bias": ("layers", "norm"),
+}
+
+# KV cache [L, B, S, K, Dh] and its slot mask [B, S]
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+CACHE_MASK_AXES = ("batch", "length")
+
+log = logging.getLogger(__name__)
+
+
+def make_mesh(
+    shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all devices; one size may be -1 for "the rest".
+
+    Axis types are Auto so that XLA's sharding propagation handles the
+    matmuls (Explicit axes would demand a sharding on every op).
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    shape = dict(shape or {"data": 1, "fsdp": -1, "tensor": 1})
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
+    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {shape}")
+    known = math.prod(s for s in sizes if s != -1)
+    if any(s == 0 or s < -1 for s in sizes) or len(devices) % known:
+        raise ValueError(f"mesh {shape} does not divide {len(devices)} devices")
+    sizes = [len(devices) // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+            f"have {len(devices)}"
+        )
+    return jax.make_mesh(
+        tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
+
+
+def _mesh_axis_size(mesh: Mesh, axes: Any) -> int:
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def logical_to_spec(
+    logical: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None
+) -> PartitionSpec:
+    """PartitionSpec for logical axes; with shape and mesh, axes that don't divide stay whole."""
+    spec = []
+    used: set[str] = set()
+    for i, name in enumerate(logical):
+        axes = LOGICAL_RULES.get(name) if name is not None else None
+        if axes is not None:
+            flat = (axes,) if isinstance(axes, str) else tuple(axes)
+            if used & set(flat):  # a mesh axis may shard only one dimension
+                axes = None
+            elif shape is not None and mesh is not None:
+                size = _mesh_axis_size(mesh, axes)
+                if shape[i] % size:
+                    log.debug(
+                        "dim %d of %s (%d) not divisible by %s=%d: replicated",
+                        i,
+                        logical,
+                        shape[i],
+                        axes,
+                        size,
+                    )
+                    axes = None
+            if axes is not None:
+                used |= set(flat)
+        spec.append(axes)
+    return PartitionSpec(*spec)
+
+
+def named_sharding(
+    mesh: Mesh, logical: Sequence[str | None], shape: Sequence[int]
+) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(logical, shape, mesh))
+
+
+def _leaf_name(path: tuple) -> str:
+    # nnx.State paths end in GetAttrKey("value"); the parameter's name is the last dict key
+    for key in reversed(path):
+        if isinstance(key, jax.tree_util.DictKey) and isinstance(key.key, str):
+            return key.key
+    raise ValueError(f"cannot name parameter at path {path}")
+
+
+def param_logical_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
+    name = _leaf_name(path)
+    if name not in PARAM_AXES:
+        raise KeyError(f"no sharding rule for parameter {name!r}; add it to PARAM_AXES")
+    axes = PARAM_AXES[name]
+    if len(axes) != ndim:
+        raise ValueError(f"parameter {name!r} has {ndim} dims but rule {axes}")
+    return axes
+
+
+def param_shardings(params: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a parameter pytree (arrays or ShapeDtypeStructs)."""
+
+    def one(path, x):
+        return named_sharding(mesh, param_logical_axes(path, x.ndim), x.shape)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+    """Leading axis over (data, fsdp), the rest replicated."""
+    return named_sharding(mesh, ("batch",) + (None,) * (len(shape) - 1), shape)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """Sharding hint for an activation; a no-op outside a mesh context (`jax.set_mesh`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical, x.shape, mesh))
+
+
+def put(tree: Any, shardings: Any) -> Any:
+    """device_put a host pytree with matching shardings (each host passes the full value)."""
+    return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), tree, shardings)

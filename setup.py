@@ -1,0 +1,37 @@
+"""reflax: Reflect, Retry, Reward GRPO trainer in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="reflax",
+    version="0.1.0",
+    description="Teach language models to reflect on failures: Reflect-Retry-Reward GRPO in JAX/Flax",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["reflax", "reflax.*"]),
+    package_data={"reflax.tasks": ["data/*.jsonl"]},
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "transformers>=4.50",
+        "tokenizers>=0.20",
+        "datasets>=3.0",
+        "ml-collections>=1.0",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.30",
+        "numpy>=1.26",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+        "absl-py>=2.0",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        # torch is only the numerical reference in tests and benchmarks (CPU wheel).
+        "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "torch>=2.4"],
+        "tpu": ["jax[tpu]>=0.10"],
+        "cuda": ["jax[cuda12]>=0.10"],
+    },
+)
