@@ -1,0 +1,116 @@
+"""Build the failure set the paper trains on (offline mode).
+
+    python -m reflax.collect_failures --config=configs/qwen1p5b.py --output=failures.jsonl
+
+For each training query, sample `rollout.attempts_per_query` first attempts
+from the config's initial model and keep the first failing one: a JSONL row
+{"example", "prompt_ids", "attempt_ids", "attempt_text", "pass_rate"}. Queries
+the model always solves are left out (nothing to reflect on). The file loads
+with `datasets.load_dataset("json", data_files=...)` and is what
+`rollout.failures` points the trainer at.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from reflax import data
+from reflax.config import rollout_settings, validate
+from reflax.episodes import completion_text, first_attempts
+from reflax.metrics import Progress
+from reflax.runtime import Runtime, build, load_examples
+
+log = logging.getLogger("reflax.collect_failures")
+
+
+def collect_failures(
+    rt: Runtime, examples: Sequence[dict], *, attempts: int, batch_size: int, seed: int = 0
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    s = rollout_settings(rt.config)
+    rng = jax.random.key(seed)
+    records: list[dict[str, Any]] = []
+    solved_all = 0
+    passes = 0
+    progress = Progress(len(examples), desc="attempts")
+    for start in range(0, len(examples), batch_size):
+        chunk = list(examples[start : start + batch_size])
+        prompts, outs, _, passed = first_attempts(
+            rt.sampler,
+            rt.params,
+            rt.tok,
+            rt.task,
+            chunk,
+            jax.random.fold_in(rng, start),
+            s,
+            num_samples=attempts,
+        )
+        passes += sum(passed)
+        for e, ex in enumerate(chunk):
+            rows = range(e * attempts, (e + 1) * attempts)
+            failed = [i for i in rows if not passed[i]]
+            if not failed:
+                solved_all += 1
+                continue
+            i = failed[0]
+            records.append(
+                {
+                    "example": ex,
+                    "prompt_ids": prompts[i],
+                    "attempt_ids": outs[i],
+                    "attempt_text": completion_text(rt.tok, outs[i]),
+                    "pass_rate": 1 - len(failed) / attempts,
+                }
+            )
+        progress.update(len(chunk), failures=len(records))
+    progress.close()
+    n = len(examples)
+    stats = {
+        "queries": n,
+        "failures": len(records),
+        "always_solved": solved_all,
+        "attempt_success": passes / max(n * attempts, 1),
+    }
+    return records, stats
+
+
+def _define_flags() -> None:
+    config_flags.DEFINE_config_file("config", None, "reflax config file", lock_config=True)
+    flags.DEFINE_string("output", None, "JSONL file to write")
+    flags.DEFINE_integer("num_queries", None, "training queries to attempt (default: all)")
+    flags.DEFINE_integer("batch_size", 64, "queries per sampling call")
+    flags.mark_flags_as_required(["config", "output"])
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    FLAGS = flags.FLAGS
+    c = FLAGS.config
+    if c.rollout.mode == "offline" and not c.rollout.failures:
+        c.rollout.failures = FLAGS.output  # the file this command is about to write
+    c = validate(c)
+    rt = build(c)
+    examples = load_examples(rt, "train", FLAGS.num_queries or c.task.num_train, seed=c.seed)
+    records, stats = collect_failures(
+        rt,
+        examples,
+        attempts=c.rollout.attempts_per_query,
+        batch_size=FLAGS.batch_size,
+        seed=c.seed,
+    )
+    if jax.process_index() == 0:
+        data.write_failures(FLAGS.output, records)
+    print(
+        " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items())
+    )
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

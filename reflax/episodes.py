@@ -1,0 +1,359 @@
+"""Reflect-Retry episodes: attempt -> reflect (G per failure) -> retry -> reward -> train batch.
+
+Token in, token out: every turn is built by concatenating sampled ids with the
+tokenized instruction turns (`ChatTokens.close_assistant`, `user_turn_ids`);
+sampled text is decoded only to be verified or logged, never re-templated.
+
+A *group* is one failed first attempt (query, attempt) and its G samples. The
+training row of sample g is `[query, attempt, reflect-instruction, reflection_g]`
+with `loss_mask` 1 exactly on the reflection's sampled ids (its stop token
+included: stopping is an action); its reward is the verdict on the retry that
+follows it. Methods other than "reflect" exist for ablations:
+
+  reflect           the paper: reward the reflection tokens only
+  reflect_retry     reward reflection and retry tokens (the retry is in the row)
+  fixed_reflection  a fixed generic reflection; G retries per failure, retry tokens rewarded
+  first_attempt     plain GRPO: G first attempts per query, attempt tokens rewarded
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from reflax import grpo
+from reflax.sampling import Sampler
+from reflax.tasks import Task
+from reflax.tokenizer import ChatTokens
+from reflax.trainer import Batch
+
+log = logging.getLogger(__name__)
+
+METHODS = ("reflect", "reflect_retry", "fixed_reflection", "first_attempt")
+DEFAULT_FIXED_REFLECTION = (
+    "My previous answer was wrong. I will read the task again carefully, check every "
+    "requirement, and make sure my new answer satisfies all of them."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSettings:
+    group_size: int = 8
+    temperature: float = 0.9
+    top_k: int = 0
+    top_p: float = 1.0
+    max_attempt_tokens: int = 256
+    max_reflection_tokens: int = 256
+    max_retry_tokens: int = 256
+    method: str = "reflect"
+    fixed_reflection: str = DEFAULT_FIXED_REFLECTION
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {METHODS}")
+        if self.group_size < 2:
+            raise ValueError("group_size must be >= 2 (advantages are normalised within a group)")
+
+
+@dataclasses.dataclass
+class Failure:
+    """A failed first attempt: the group key."""
+
+    example: dict
+    prompt_ids: list[int]  # rendered first-attempt prompt
+    attempt_ids: list[int]  # sampled ids, verbatim (stop token included when sampled)
+
+
+@dataclasses.dataclass
+class Segment:
+    ids: list[int]
+    trainable: bool = False
+    logprobs: list[float] | None = None  # sampler log-probs of `ids` when sampled
+
+
+@dataclasses.dataclass
+class Group:
+    """G samples of one group; rows are segment lists, rewards in {0, 1}."""
+
+    failure: Failure | None
+    rows: list[list[Segment]]
+    rewards: list[float]
+    texts: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+
+def prompt_ids(tok: ChatTokens, task: Task, example: dict) -> list[int]:
+    """The first-attempt prompt; tools go through the template when it renders them."""
+    p = task.prompt(example)
+    if p.tools and "tools" in (tok.tokenizer.chat_template or ""):
+        return tok.encode_prompt(p.messages, tools=p.tools)
+    return tok.encode_prompt(p.inline_tools())
+
+
+def completion_text(tok: ChatTokens, ids: Sequence[int]) -> str:
+    """Sampled ids as text for the verifier (stop and special tokens removed)."""
+    ids = [i for i in ids if i not in tok.stop_ids]
+    return tok.decode(ids, skip_special_tokens=True)
+
+
+def _seed(rng: jax.Array, i: int) -> jax.Array:
+    return jax.random.fold_in(rng, i)
+
+
+def first_attempts(
+    sampler: Sampler,
+    state: Any,
+    tok: ChatTokens,
+    task: Task,
+    examples: Sequence[dict],
+    rng: jax.Array,
+    s: RolloutSettings,
+    *,
+    num_samples: int = 1,
+    greedy: bool = False,
+) -> tuple[list[list[int]], list[list[int]], list[list[float]], list[bool]]:
+    """Sample attempts; returns (prompts, attempts, attempt log-probs, passed) per row.
+
+    Row e * num_samples + k is sample k of example e.
+    """
+    prompts = [prompt_ids(tok, task, ex) for ex in examples]
+    out = sampler.sample(
+        state,
+        prompts,
+        max_new_tokens=s.max_attempt_tokens,
+        rng=rng,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        greedy=greedy,
+        stop_ids=tok.stop_ids,
+        pad_id=tok.pad_id,
+        num_samples=num_samples,
+    )
+    attempts = out.completions()
+    lps = [lp[:n].tolist() for lp, n in zip(out.logprobs, out.lengths)]
+    passed = [
+        task.verify(examples[i // num_samples], completion_text(tok, a))
+        for i, a in enumerate(attempts)
+    ]
+    rows = [p for p in prompts for _ in range(num_samples)]
+    return rows, attempts, lps, passed
+
+
+def reflect_and_retry(
+    sampler: Sampler,
+    state: Any,
+    tok: ChatTokens,
+    task: Task,
+    failures: Sequence[Failure],
+    rng: jax.Array,
+    s: RolloutSettings,
+    *,
+    num_samples: int | None = None,
+    greedy: bool = False,
+) -> list[Group]:
+    """For each failure: G reflections sharing one prefill, one retry each, verified."""
+    if not failures:
+        return []
+    G = s.group_size if num_samples is None else num_samples
+    prefixes = [
+        f.prompt_ids
+        + tok.close_assistant(f.attempt_ids)
+        + tok.user_turn_ids(task.reflection_instruction(f.example))
+        for f in failures
+    ]
+    common = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, greedy=greedy)
+    common.update(stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+    if s.method == "fixed_reflection":
+        fixed = tok.encode(s.fixed_reflection)
+        prefixes = [p + tok.close_assistant(fixed) for p in prefixes]
+        retry_turns = [tok.user_turn_ids(task.retry_instruction(f.example)) for f in failures]
+        retry = sampler.sample(
+            state,
+            [p + r for p, r in zip(prefixes, retry_turns)],
+            max_new_tokens=s.max_retry_tokens,
+            rng=_seed(rng, 1),
+            num_samples=G,
+            **common,
+        )
+        reflections = [fixed] * (len(failures) * G)
+        refl_lps = [None] * len(reflections)
+        turns = [retry_turns[i // G] for i in range(len(failures) * G)]
+    else:
+        refl = sampler.sample(
+            state,
+            prefixes,
+            max_new_tokens=s.max_reflection_tokens,
+            rng=_seed(rng, 0),
+            num_samples=G,
+            **common,
+        )
+        reflections = refl.completions()
+        refl_lps = [lp[:n].tolist() for lp, n in zip(refl.logprobs, refl.lengths)]
+        turns = [
+            tok.close_assistant(r)
+            + tok.user_turn_ids(task.retry_instruction(failures[i // G].example))
+            for i, r in enumerate(reflections)
+        ]
+        # the reflection's stop token is already in the cache: append only what follows it
+        new_ids = [_after_sampled(tok, r, t) for r, t in zip(reflections, turns)]
+        retry = sampler.continue_(
+            state,
+            refl.rollout,
+            new_ids,
+            max_new_tokens=s.max_retry_tokens,
+            rng=_seed(rng, 1),
+            **common,
+        )
+    retries = retry.completions()
+    retry_lps = [lp[:n].tolist() for lp, n in zip(retry.logprobs, retry.lengths)]
+    groups = []
+    for u, f in enumerate(failures):
+        rows, rewards, texts = [], [], {"reflection": [], "retry": []}
+        for g in range(G):
+            i = u * G + g
+            ok = task.verify(f.example, completion_text(tok, retries[i]))
+            rewards.append(float(ok))
+            texts["reflection"].append(completion_text(tok, reflections[i]))
+            texts["retry"].append(completion_text(tok, retries[i]))
+            prefix = Segment(prefixes[u])
+            if s.method == "reflect":
+                row = [prefix, Segment(reflections[i], True, refl_lps[i])]
+            elif s.method == "reflect_retry":
+                closing = _after_sampled(tok, reflections[i], turns[i])
+                row = [
+                    prefix,
+                    Segment(reflections[i], True, refl_lps[i]),
+                    Segment(closing),
+                    Segment(retries[i], True, retry_lps[i]),
+                ]
+            else:  # fixed_reflection
+                row = [prefix, Segment(turns[i]), Segment(retries[i], True, retry_lps[i])]
+            rows.append(row)
+        groups.append(Group(f, rows, rewards, texts))
+    return groups
+
+
+def _content(tok: ChatTokens, ids: Sequence[int]) -> list[int]:
+    return list(ids[:-1]) if ids and ids[-1] in tok.stop_ids else list(ids)
+
+
+def _after_sampled(tok: ChatTokens, sampled: Sequence[int], turn: Sequence[int]) -> list[int]:
+    """`turn` = close_assistant(sampled) + next user turn, minus the ids already sampled.
+
+    The cache already holds the sampled ids. close_assistant keeps the content and
+    replaces a sampled stop id by the template's suffix; when the suffix starts
+    with that same id the sampled copy serves, otherwise (say eos where the
+    template closes with an end-of-turn id) the sampled id stays in the context
+    the model saw and the whole suffix follows it.
+    """
+    content = _content(tok, sampled)
+    rest = list(turn[len(content) :])
+    if len(sampled) > len(content) and rest and rest[0] == sampled[-1]:
+        return rest[1:]
+    return rest
+
+
+def first_attempt_groups(
+    sampler: Sampler,
+    state: Any,
+    tok: ChatTokens,
+    task: Task,
+    examples: Sequence[dict],
+    rng: jax.Array,
+    s: RolloutSettings,
+) -> list[Group]:
+    """Plain GRPO on first attempts: G samples per query, attempt tokens rewarded."""
+    G = s.group_size
+    prompts, attempts, lps, passed = first_attempts(
+        sampler, state, tok, task, examples, rng, s, num_samples=G
+    )
+    groups = []
+    for e in range(len(examples)):
+        rows = [
+            [Segment(prompts[e * G + g]), Segment(attempts[e * G + g], True, lps[e * G + g])]
+            for g in range(G)
+        ]
+        texts = {"attempt": [completion_text(tok, attempts[e * G + g]) for g in range(G)]}
+        groups.append(Group(None, rows, [float(p) for p in passed[e * G : (e + 1) * G]], texts))
+    return groups
+
+
+@dataclasses.dataclass
+class BatchStats:
+    groups: int
+    padding_groups: int
+    dropped_too_long: int
+    mean_reward: float
+    zero_variance_frac: float
+    loss_tokens: int
+
+
+def build_batch(
+    groups: Sequence[Group], *, num_groups: int, group_size: int, seq_len: int, pad_id: int
+) -> tuple[Batch, BatchStats]:
+    """Fixed-shape [num_groups * group_size, seq_len] batch; missing groups are padding.
+
+    A group with any row longer than seq_len is dropped (counted), never truncated:
+    a truncated row would train on a context the model did not see.
+    """
+    B = num_groups * group_size
+    tokens = np.full((B, seq_len), pad_id, np.int32)
+    mask = np.zeros((B, seq_len), bool)
+    loss_mask = np.zeros((B, seq_len), np.float32)
+    old_lp = np.zeros((B, seq_len), np.float32)
+    rewards = np.zeros((num_groups, group_size), np.float32)
+    valid = np.zeros((num_groups,), bool)
+    dropped = 0
+    u = 0
+    for grp in groups:
+        if u == num_groups:
+            break
+        if len(grp.rows) != group_size:
+            raise ValueError(f"group has {len(grp.rows)} rows, expected {group_size}")
+        if any(sum(len(sg.ids) for sg in row) > seq_len for row in grp.rows):
+            dropped += 1
+            continue
+        for g, row in enumerate(grp.rows):
+            b, t = u * group_size + g, 0
+            for sg in row:
+                n = len(sg.ids)
+                tokens[b, t : t + n] = sg.ids
+                if sg.trainable:
+                    loss_mask[b, t : t + n] = 1.0
+                    if sg.logprobs is not None:
+                        old_lp[b, t : t + n] = sg.logprobs
+                t += n
+            mask[b, :t] = True
+        rewards[u] = grp.rewards
+        valid[u] = True
+        u += 1
+    if dropped:
+        log.warning("dropped %d groups longer than seq_len=%d", dropped, seq_len)
+    if group_size > 1:
+        adv = np.asarray(grpo.group_advantages(rewards, valid)[0], np.float32).reshape(B)
+    else:  # no group to normalise against (supervised rows): the caller sets advantages
+        adv = np.zeros((B,), np.float32)
+    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (B, seq_len)).copy()
+    batch = Batch(
+        tokens=tokens,
+        positions=positions,
+        mask=mask,
+        loss_mask=loss_mask,
+        advantages=adv,
+        old_logprobs=old_lp,
+    )
+    n_valid = int(valid.sum())
+    zero_var = float(np.mean([rewards[i].std() == 0 for i in range(n_valid)])) if n_valid else 0.0
+    return batch, BatchStats(
+        groups=n_valid,
+        padding_groups=num_groups - n_valid,
+        dropped_too_long=dropped,
+        mean_reward=float(rewards[valid].mean()) if n_valid else 0.0,
+        zero_variance_frac=zero_var,
+        loss_tokens=int(loss_mask.sum()),
+    )

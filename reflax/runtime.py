@@ -1,0 +1,143 @@
+"""What a run is made of, built from its config: mesh, tokenizer, model, task, sampler."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+from ml_collections import ConfigDict
+
+from reflax import tasks
+from reflax.models import ModelConfig, create
+from reflax.models.hf import load_pretrained
+from reflax.sampling import Sampler
+from reflax.sharding import make_mesh
+from reflax.tokenizer import ChatTokens, char_tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def maybe_initialize_distributed() -> None:
+    """Join a multi-host job (Cloud TPU pod slice, GPU cluster) when launched as one.
+
+    On TPU VMs and under SLURM/Open MPI jax finds the coordinator itself; elsewhere
+    set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+    """
+    markers = (
+        "JAX_COORDINATOR_ADDRESS",
+        "TPU_WORKER_HOSTNAMES",
+        "SLURM_JOB_ID",
+        "OMPI_COMM_WORLD_SIZE",
+    )
+    if jax.distributed.is_initialized() if hasattr(jax.distributed, "is_initialized") else False:
+        return
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if any(os.environ.get(m) for m in markers) and (
+        "TPU_WORKER_HOSTNAMES" not in os.environ or "," in hosts
+    ):
+        jax.distributed.initialize()
+        log.info("process %d of %d", jax.process_index(), jax.process_count())
+
+
+@dataclasses.dataclass
+class Runtime:
+    config: ConfigDict
+    mesh: Mesh
+    tok: ChatTokens
+    graphdef: Any
+    params: Any  # nnx.State, sharded on the mesh
+    task: tasks.Task
+    sampler: Sampler
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.graphdef_model.config
+
+    @property
+    def graphdef_model(self) -> Any:
+        return nnx.merge(self.graphdef, self.params)
+
+
+def build_tokenizer(c: ConfigDict) -> ChatTokens:
+    if c.tokenizer.char_alphabet:
+        return ChatTokens(char_tokenizer(c.tokenizer.char_alphabet))
+    path = c.tokenizer.path or c.model.path
+    return ChatTokens(load_tokenizer(path))
+
+
+def build_model(c: ConfigDict, mesh: Mesh, vocab_size: int, path: str | None = None) -> Any:
+    """The decoder from `path` (or model.path), else a random init from model.init."""
+    kwargs = dict(
+        param_dtype=jnp.dtype(c.model.param_dtype),
+        dtype=jnp.dtype(c.model.dtype),
+        remat=c.model.remat,
+    )
+    path = path or c.model.path
+    if path:
+        return load_pretrained(path, mesh=mesh, **kwargs)
+    init = dict(c.model.init)
+    model_type = init.pop("model_type", "qwen2")
+    cfg = ModelConfig(
+        vocab_size=vocab_size, model_type=model_type, qkv_bias=model_type == "qwen2", **init
+    )
+    return create(cfg, mesh=mesh, seed=c.seed, **kwargs)
+
+
+def build(c: ConfigDict, *, model_path: str | None = None, params: Any = None) -> Runtime:
+    """Everything but the optimizer. `params` (a loaded state) replaces the initial weights."""
+    mesh = make_mesh(dict(c.mesh))
+    tok = build_tokenizer(c)
+    vocab = len(tok.tokenizer)
+    model = build_model(c, mesh, vocab, model_path)
+    if model.config.vocab_size < vocab:
+        raise ValueError(
+            f"tokenizer has {vocab} tokens but the model's vocabulary is {model.config.vocab_size}"
+        )
+    graphdef, state = nnx.split(model)
+    if params is not None:
+        state = params
+    task = tasks.get(c.task.name, **dict(c.task.kwargs))
+    sampler = Sampler(graphdef, mesh, cache_dtype=jnp.dtype(c.rollout.cache_dtype))
+    return Runtime(c, mesh, tok, graphdef, state, task, sampler)
+
+
+def load_examples(rt: Runtime, split: str, num: int | None = None, seed: int = 0) -> list[dict]:
+    c = rt.config
+    source = (c.task.train_source if split == "train" else c.task.test_source) or None
+    return rt.task.load(split, source=source, num=num or None, seed=seed)
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(workdir, "checkpoints")
+
+
+def restore_params(rt: Runtime, workdir: str, step: int | None = None) -> tuple[Any, int]:
+    """Parameters of a run's latest (or given) checkpoint, restored into their shards."""
+    from reflax.checkpoint import Checkpointer
+    from reflax.optim import make_optimizer
+    from reflax.trainer import init_state, state_shardings
+
+    ckpt = Checkpointer(checkpoint_dir(workdir))
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}")
+    tx = make_optimizer(total_steps=rt.config.total_steps * rt.config.grpo.mu, **rt.config.optim)
+    abstract = jax.eval_shape(lambda p: init_state(p, tx), rt.params)
+    shardings = state_shardings(abstract, rt.mesh)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    state, _ = ckpt.restore(state_to_dict(target), step)
+    ckpt.close()
+    return state["params"], step
+
+
+def state_to_dict(state: Any) -> dict[str, Any]:
+    """The checkpointed form of a TrainState (plain dict for orbax)."""
+    return {"step": state.step, "params": state.params, "opt_state": state.opt_state}

@@ -1,0 +1,231 @@
+"""The GRPO update: train state, one compiled sharded train step, log-prob passes.
+
+`train_step(state, batch, ref_params) -> (state, metrics)` is a pure function
+jitted once with in/out shardings; the state is donated. A batch is a pytree of
+fixed-shape arrays (see `Batch`); micro-batches are scanned inside the step and
+the loss is accumulated as numerator and denominator, so accumulation is exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from reflax import grpo
+from reflax.sharding import batch_sharding, named_sharding, param_logical_axes, param_shardings
+
+
+class Batch(flax.struct.PyTreeNode):
+    """One GRPO batch of B sequences of T tokens (right-padded)."""
+
+    tokens: jax.Array  # [B, T] int32
+    positions: jax.Array  # [B, T] int32
+    mask: jax.Array  # [B, T] bool: real token
+    loss_mask: jax.Array  # [B, T] float32: 1 on the tokens that get a gradient (reflections)
+    advantages: jax.Array  # [B] float32
+    old_logprobs: jax.Array  # [B, T] float32: log p_old(tokens[t]) at position t (mu > 1)
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array  # [] int32
+    params: Any  # nnx.State of the decoder
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static settings of the compiled step (a change recompiles)."""
+
+    temperature: float = 1.0
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    beta: float = 0.001
+    loss_type: str = "token_mean"
+    max_len: int | None = None
+    micro_batches: int = 1
+    logits_chunk: int = 1024
+    use_old_logprobs: bool = False  # mu > 1: ratio against the stored old log-probs
+
+
+def _sequence_logprobs(graphdef, params, batch: Batch, cfg: StepConfig):
+    """log p(tokens[t+1] | tokens[<=t]) and entropy, aligned to tokens: [B, T] (position 0 is 0)."""
+    model = nnx.merge(graphdef, params)
+    hidden, _ = model.hidden_states(batch.tokens, batch.positions, batch.mask)
+    lp, ent = grpo.token_logprobs_and_entropy(
+        hidden[:, :-1],
+        model.lm_head_kernel().astype(hidden.dtype),
+        batch.tokens[:, 1:],
+        temperature=cfg.temperature,
+        chunk_size=cfg.logits_chunk,
+        mask=batch.loss_mask[:, 1:] > 0,
+    )
+    pad = jnp.zeros_like(lp[:, :1])
+    return jnp.concatenate([pad, lp], 1), jnp.concatenate([pad, ent], 1)
+
+
+def _split_micro(x: jax.Array, m: int) -> jax.Array:
+    if x.shape[0] % m:
+        raise ValueError(f"batch size {x.shape[0]} is not divisible by micro_batches={m}")
+    return x.reshape(m, x.shape[0] // m, *x.shape[1:])
+
+
+def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: StepConfig) -> Callable:
+    """The pure step; jit it with `jit_train_step` (or plain jax.jit on one device)."""
+
+    def loss_fn(params, mb: Batch, ref_params):
+        lp, ent = _sequence_logprobs(graphdef, params, mb, cfg)
+        ref_lp = None
+        if cfg.beta != 0.0 and ref_params is not None:
+            ref_lp, _ = _sequence_logprobs(graphdef, ref_params, mb, cfg)
+            ref_lp = jax.lax.stop_gradient(ref_lp)
+        loss_mask = mb.loss_mask[:, 1:]
+        num, den, sums = grpo.grpo_loss(
+            lp[:, 1:],
+            mb.old_logprobs[:, 1:] if cfg.use_old_logprobs else None,
+            None if ref_lp is None else ref_lp[:, 1:],
+            mb.advantages,
+            loss_mask,
+            epsilon=cfg.epsilon,
+            epsilon_high=cfg.epsilon_high,
+            beta=cfg.beta,
+            loss_type=cfg.loss_type,
+            max_len=cfg.max_len,
+        )
+        sums = dict(sums)
+        sums["entropy_sum"] = grpo.masked_sum(ent[:, 1:], loss_mask > 0)
+        sums["logprob_sum"] = grpo.masked_sum(lp[:, 1:], loss_mask > 0)
+        return num, (den, sums)
+
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch: Batch, ref_params: Any = None):
+        micro = jax.tree.map(lambda x: _split_micro(x, cfg.micro_batches), batch)
+
+        def accumulate(carry, mb):
+            grads, num, den, sums = carry
+            (n, (d, s)), g = value_and_grad(state.params, mb, ref_params)
+            add = lambda a, b: jax.tree.map(jnp.add, a, b)
+            return (add(grads, g), num + n, den + d, add(sums, s)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        first = jax.tree.map(lambda x: x[0], micro)
+        _, (_, sums_shape) = jax.eval_shape(loss_fn, state.params, first, ref_params)
+        sums0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), sums0)
+        (grads, num, den, sums), _ = jax.lax.scan(accumulate, init, micro)
+
+        grads = jax.tree.map(lambda g: g / jnp.maximum(den, 1e-8), grads)
+        loss = grpo.safe_divide(num, den)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # A non-finite loss or gradient leaves the state untouched; the loop stops on the flag.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = TrainState(
+            step=state.step + finite.astype(jnp.int32),
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+        )
+        metrics = dict(grpo.finalize_metrics(sums))
+        metrics.update(
+            loss=loss,
+            grad_norm=grad_norm,
+            finite=finite,
+            entropy=grpo.safe_divide(sums["entropy_sum"], sums["num_tokens"]),
+            logprob=grpo.safe_divide(sums["logprob_sum"], sums["num_tokens"]),
+            param_norm=optax.tree.norm(params),
+        )
+        return new_state, metrics
+
+    return train_step
+
+
+def make_logprob_fn(graphdef: Any, cfg: StepConfig) -> Callable:
+    """params, batch -> log-probs [B, T] aligned to tokens (for old/ref log-probs and checks)."""
+
+    def fn(params, batch: Batch):
+        return _sequence_logprobs(graphdef, params, batch, cfg)[0]
+
+    return fn
+
+
+def opt_state_shardings(opt_state: Any, params_shardings: Any, mesh: Mesh) -> Any:
+    """Optimizer moments follow their parameter's sharding; scalars are replicated."""
+    del params_shardings
+
+    def one(path, x):
+        if getattr(x, "ndim", 0) == 0:
+            return NamedSharding(mesh, PartitionSpec())
+        try:
+            axes = param_logical_axes(path, x.ndim)
+        except (KeyError, ValueError):
+            return NamedSharding(mesh, PartitionSpec())
+        return named_sharding(mesh, axes, x.shape)
+
+    return jax.tree_util.tree_map_with_path(one, opt_state)
+
+
+def state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
+    p = param_shardings(abstract_state.params, mesh)
+    return TrainState(
+        step=NamedSharding(mesh, PartitionSpec()),
+        params=p,
+        opt_state=opt_state_shardings(abstract_state.opt_state, p, mesh),
+    )
+
+
+def batch_shardings(batch: Batch, mesh: Mesh) -> Batch:
+    return jax.tree.map(lambda x: batch_sharding(mesh, x.shape), batch)
+
+
+def init_state(
+    params: Any, tx: optax.GradientTransformation, mesh: Mesh | None = None
+) -> TrainState:
+    """Train state around already-placed params; optimizer state created in its shards."""
+
+    def init(params):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    if mesh is None:
+        return jax.jit(init)(params)
+    abstract = jax.eval_shape(init, params)
+    return jax.jit(init, out_shardings=state_shardings(abstract, mesh))(params)
+
+
+def jit_train_step(
+    train_step: Callable, state: TrainState, batch: Batch, mesh: Mesh | None, with_ref: bool
+) -> Callable:
+    """jax.jit with explicit in/out shardings and the state donated."""
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=(0,))
+    s = state_shardings(jax.eval_shape(lambda x: x, state), mesh)
+    b = batch_shardings(batch, mesh)
+    r = s.params if with_ref else None
+    return jax.jit(
+        train_step,
+        in_shardings=(s, b, r),
+        out_shardings=(s, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=(0,),
+    )
+
+
+def shard_batch(batch: Batch, mesh: Mesh | None) -> Batch:
+    """Place a host batch on the mesh; on several hosts each passes its own slice of rows."""
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, batch)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(
+            batch_sharding(mesh, (x.shape[0] * jax.process_count(), *x.shape[1:])), np.asarray(x)
+        ),
+        batch,
+    )
