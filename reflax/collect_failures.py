@@ -20,7 +20,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from reflax import data
+from reflax import data, logs
 from reflax.config import rollout_settings, validate
 from reflax.episodes import completion_text, first_attempts
 from reflax.metrics import Progress
@@ -89,7 +89,7 @@ def _define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logs.setup()
     FLAGS = flags.FLAGS
     c = FLAGS.config
     if c.rollout.mode == "offline" and not c.rollout.failures:

@@ -125,9 +125,11 @@ def _define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
     del argv
+    from reflax import logs
     from reflax.config import validate
     from reflax.runtime import build, load_examples, restore_params
 
+    logs.setup()
     FLAGS = flags.FLAGS
     c = validate(FLAGS.config)
     rt = build(c)

@@ -23,7 +23,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import ConfigDict, config_flags
 
-from reflax import data, optim
+from reflax import data, logs, optim
 from reflax.checkpoint import Checkpointer, abstract_like
 from reflax.config import rollout_settings, step_config, validate
 from reflax.episodes import (
@@ -225,7 +225,7 @@ def _define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logs.setup()
     train(validate(flags.FLAGS.config), flags.FLAGS.workdir)
 
 

@@ -52,7 +52,7 @@ class StepConfig:
     loss_type: str = "token_mean"
     max_len: int | None = None
     micro_batches: int = 1
-    logits_chunk: int = 1024
+    logits_chunk: int = 128
     use_old_logprobs: bool = False  # mu > 1: ratio against the stored old log-probs
 
 
