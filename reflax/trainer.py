@@ -220,12 +220,19 @@ def jit_train_step(
 
 
 def shard_batch(batch: Batch, mesh: Mesh | None) -> Batch:
-    """Place a host batch on the mesh; on several hosts each passes its own slice of rows."""
+    """Place a host batch (the full global batch, identical on every host) on the mesh.
+
+    Each process hands over only its own rows: with the batch axis sharded over
+    (data, fsdp) in device order, process p holds rows [p * B / P, (p + 1) * B / P).
+    """
     if mesh is None:
         return jax.tree.map(jnp.asarray, batch)
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(
-            batch_sharding(mesh, (x.shape[0] * jax.process_count(), *x.shape[1:])), np.asarray(x)
-        ),
-        batch,
-    )
+    n, p = jax.process_count(), jax.process_index()
+
+    def put(x):
+        x = np.asarray(x)
+        rows = x.shape[0] // n
+        local = x[p * rows : (p + 1) * rows] if n > 1 else x
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.shape), local, x.shape)
+
+    return jax.tree.map(put, batch)

@@ -1,0 +1,172 @@
+"""Episodes: token in, token out; loss_mask exactly on reflection tokens; sampler and
+trainer log-probs agree on the train rows."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from reflax import tasks
+from reflax.episodes import (
+    Failure,
+    RolloutSettings,
+    _after_sampled,
+    build_batch,
+    completion_text,
+    prompt_ids,
+    reflect_and_retry,
+)
+from reflax.models import ModelConfig, create
+from reflax.sampling import Sampler
+from reflax.tokenizer import ChatTokens, char_tokenizer
+from reflax.trainer import StepConfig, make_logprob_fn
+
+ALPHABET = "0123456789+-*/() ,[]toagainwrongwhy.:?"
+TEMPERATURE = 0.9
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = ChatTokens(char_tokenizer(ALPHABET))
+    cfg = ModelConfig(
+        vocab_size=len(tok.tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        qkv_bias=True,
+        tie_word_embeddings=True,
+    )
+    model = create(cfg, seed=3)
+    graphdef, params = nnx.split(model)
+    task = tasks.get(
+        "countdown",
+        counts=(3,),
+        num_range=(1, 9),
+        target_range=(1, 20),
+        prompt_template="{nums} to {target}",
+        reflection_template="wrong. why?",
+        retry_template="again: {nums} to {target}",
+        answer_fallback=True,
+    )
+    examples = task.load("train", num=3)
+    failures = [
+        Failure(ex, prompt_ids(tok, task, ex), tok.encode("1+2") + [tok.stop_ids[0]])
+        for ex in examples[:2]
+    ] + [Failure(examples[2], prompt_ids(tok, task, examples[2]), tok.encode("9*9"))]
+    sampler = Sampler(graphdef, prompt_buckets=32, gen_buckets=16, cache_buckets=64)
+    return tok, task, graphdef, params, sampler, failures
+
+
+def _settings(method, G=3):
+    return RolloutSettings(
+        group_size=G,
+        temperature=TEMPERATURE,
+        max_attempt_tokens=8,
+        max_reflection_tokens=10,
+        max_retry_tokens=8,
+        method=method,
+    )
+
+
+def test_reflect_rows_and_logprobs(setup):
+    tok, task, graphdef, params, sampler, failures = setup
+    s = _settings("reflect")
+    groups = reflect_and_retry(sampler, params, tok, task, failures, jax.random.key(0), s)
+    assert len(groups) == len(failures) and all(len(g.rows) == 3 for g in groups)
+    batch, stats = build_batch(groups, num_groups=4, group_size=3, seq_len=256, pad_id=tok.pad_id)
+    assert stats.groups == 3 and stats.padding_groups == 1
+    tokens, loss_mask = np.asarray(batch.tokens), np.asarray(batch.loss_mask)
+    for u, g in enumerate(groups):
+        f = failures[u]
+        prefix = (
+            f.prompt_ids
+            + tok.close_assistant(f.attempt_ids)
+            + tok.user_turn_ids(task.reflection_instruction(f.example))
+        )
+        for k, row in enumerate(g.rows):
+            b = u * 3 + k
+            reflection = row[1].ids
+            n = len(prefix)
+            assert tokens[b, :n].tolist() == prefix  # the exact ids the sampler saw
+            assert tokens[b, n : n + len(reflection)].tolist() == reflection
+            expected = np.zeros(256)
+            expected[n : n + len(reflection)] = 1
+            np.testing.assert_array_equal(loss_mask[b], expected)
+            assert g.rewards[k] == float(task.verify(f.example, g.texts["retry"][k]))
+    assert not loss_mask[9:].any()  # the padding group
+    # the trainer scores the train rows exactly as the sampler did
+    lp = make_logprob_fn(graphdef, StepConfig(temperature=TEMPERATURE))(params, batch)
+    m = loss_mask > 0
+    np.testing.assert_allclose(np.asarray(lp)[m], np.asarray(batch.old_logprobs)[m], atol=1e-4)
+
+
+def test_retry_continues_the_exact_context(setup):
+    tok, task, graphdef, params, sampler, failures = setup
+    s = _settings("reflect", G=2)
+    groups = reflect_and_retry(
+        sampler, params, tok, task, failures, jax.random.key(1), s, greedy=True
+    )
+    contexts, expected = [], []
+    for u, g in enumerate(groups):
+        for k, row in enumerate(g.rows):
+            prefix, reflection = row[0].ids, row[1].ids
+            turn = tok.close_assistant(reflection) + tok.user_turn_ids(
+                task.retry_instruction(failures[u].example)
+            )
+            contexts.append(prefix + reflection + _after_sampled(tok, reflection, turn))
+            expected.append(g.texts["retry"][k])
+    fresh = sampler.sample(
+        params,
+        contexts,
+        max_new_tokens=8,
+        rng=jax.random.key(2),
+        greedy=True,
+        stop_ids=tok.stop_ids,
+        pad_id=tok.pad_id,
+    )
+    assert [completion_text(tok, c) for c in fresh.completions()] == expected
+
+
+@pytest.mark.parametrize("method", ["reflect_retry", "fixed_reflection"])
+def test_ablation_masks(setup, method):
+    tok, task, graphdef, params, sampler, failures = setup
+    s = _settings(method, G=2)
+    groups = reflect_and_retry(sampler, params, tok, task, failures, jax.random.key(0), s)
+    batch, _ = build_batch(groups, num_groups=3, group_size=2, seq_len=512, pad_id=tok.pad_id)
+    assert int(np.asarray(batch.mask).any(1).sum()) == 6  # no group dropped
+    loss_mask = np.asarray(batch.loss_mask)
+    for u, g in enumerate(groups):
+        for k, row in enumerate(g.rows):
+            trained = [sg for sg in row if sg.trainable]
+            expected = sum(len(sg.ids) for sg in trained)
+            assert loss_mask[u * 2 + k].sum() == expected
+            if method == "fixed_reflection":
+                assert len(trained) == 1 and trained[0].ids == row[-1].ids  # the retry
+                assert tok.encode(s.fixed_reflection)[0] in row[0].ids
+            else:
+                assert len(trained) == 2  # reflection and retry, not the instruction turn
+    lp = make_logprob_fn(graphdef, StepConfig(temperature=TEMPERATURE))(params, batch)
+    m = loss_mask > 0
+    np.testing.assert_allclose(np.asarray(lp)[m], np.asarray(batch.old_logprobs)[m], atol=1e-4)
+
+
+def test_long_groups_are_dropped_not_truncated(setup):
+    tok, task, graphdef, params, sampler, failures = setup
+    groups = reflect_and_retry(
+        sampler, params, tok, task, failures[:1], jax.random.key(0), _settings("reflect", 2)
+    )
+    batch, stats = build_batch(groups, num_groups=1, group_size=2, seq_len=8, pad_id=tok.pad_id)
+    assert stats.dropped_too_long == 1 and stats.groups == 0
+    assert not np.asarray(batch.loss_mask).any()
+
+
+def test_settings_validation():
+    with pytest.raises(ValueError, match="method"):
+        RolloutSettings(method="nope")
+    with pytest.raises(ValueError, match="group_size"):
+        dataclasses.replace(RolloutSettings(), group_size=1)
