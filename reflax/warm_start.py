@@ -6,12 +6,26 @@ with advantage 1 on every answer token, ratio 1 and no KL, the policy-gradient
 loss has exactly the gradient of the answer tokens' negative log-likelihood.
 The result is checkpointed in <workdir>/warm_start, so a resumed run (and its
 KL reference) starts from the same weights.
+
+Two kinds of rows (keys of `warm_start`; templates are str.format over the example
+plus `derived_fields`):
+
+  answer   prompt -> `answer_template` (a first attempt)
+  episode  prompt -> a wrong attempt (`wrong_template`, context only) -> reflection
+           instruction -> `reflection_template` -> retry instruction ->
+           `retry_template`; loss on the reflection and the retry. This teaches the
+           reflect/retry format, and that a retry follows its reflection, so that
+           RL on the reflection tokens has something to steer. A fraction
+           `episode_fraction` of the rows are episodes (0 = answers only).
 """
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
+import random
+from fractions import Fraction
 from typing import Any
 
 import jax
@@ -19,7 +33,7 @@ import numpy as np
 
 from reflax import data, optim
 from reflax.checkpoint import Checkpointer, abstract_like
-from reflax.episodes import Group, Segment, build_batch, prompt_ids
+from reflax.episodes import Group, Segment, _after_sampled, build_batch, prompt_ids
 from reflax.metrics import MetricsWriter, Progress
 from reflax.runtime import Runtime, load_examples
 from reflax.trainer import StepConfig, init_state, jit_train_step, make_train_step, shard_batch
@@ -27,13 +41,74 @@ from reflax.trainer import StepConfig, init_state, jit_train_step, make_train_st
 log = logging.getLogger(__name__)
 
 
-def answer_ids(rt: Runtime, example: dict) -> list[int]:
-    """The reference answer as a complete assistant turn ending in the stop id."""
-    text = rt.config.warm_start.answer_template.format(**example)
+def _ended(rt: Runtime, text: str) -> list[int]:
+    """`text` as a complete assistant turn's sampled ids, ending in the stop id."""
     end = rt.tok.turn_suffix_ids[:1]
     if not end or end[0] not in rt.tok.stop_ids:
         end = rt.tok.stop_ids[:1]
     return rt.tok.encode(text) + end
+
+
+def answer_ids(rt: Runtime, example: dict) -> list[int]:
+    """The reference answer as a complete assistant turn ending in the stop id."""
+    return _ended(rt, rt.config.warm_start.answer_template.format(**example))
+
+
+_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+
+
+def _countdown_fields(example: dict, rng: random.Random, verify: Any) -> dict[str, str]:
+    """`expression`: the solution without spaces; `step`: its first operation on two given
+    numbers, as `a*b=v`; `wrong`: a random expression over the numbers that fails."""
+    expression = example["solution"].replace(" ", "")
+    stack = [ast.parse(expression, mode="eval").body]
+    step = expression
+    while stack:  # the first binary operation whose operands are both given numbers
+        node = stack.pop()
+        if isinstance(node, ast.BinOp):
+            if isinstance(node.left, ast.Constant) and isinstance(node.right, ast.Constant):
+                a, b = Fraction(node.left.value), Fraction(node.right.value)
+                op = _OPS[type(node.op)]
+                v = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else a}[op]
+                step = f"{a}{op}{b}={v}"
+                break
+            stack += [node.right, node.left]
+    wrong = expression
+    for _ in range(20):  # left-to-right expressions in the answer format; a few may pass
+        nums = list(example["nums"])
+        rng.shuffle(nums)
+        cand = str(nums[0]) + "".join(rng.choice("+-*") + str(n) for n in nums[1:])
+        if not verify(example, cand):
+            wrong = cand
+            break
+    return {"expression": expression, "step": step, "wrong": wrong}
+
+
+def derived_fields(rt: Runtime, example: dict, rng: random.Random) -> dict[str, str]:
+    """Extra template fields for the task (countdown: expression, step, wrong)."""
+    if rt.config.task.name == "countdown" and "solution" in example:
+        return _countdown_fields(example, rng, rt.task.verify)
+    return {}
+
+
+def episode_segments(rt: Runtime, example: dict) -> list[Segment]:
+    """A supervised reflect/retry episode: loss on the reflection and the retry."""
+    c, tok, task = rt.config.warm_start, rt.tok, rt.task
+    wrong = tok.encode(c.wrong_template.format(**example))
+    refl = _ended(rt, c.reflection_template.format(**example))
+    retry = _ended(rt, c.retry_template.format(**example))
+    prefix = (
+        prompt_ids(tok, task, example)
+        + tok.close_assistant(wrong)
+        + tok.user_turn_ids(task.reflection_instruction(example))
+    )
+    turn = tok.close_assistant(refl) + tok.user_turn_ids(task.retry_instruction(example))
+    return [
+        Segment(prefix),
+        Segment(refl, True),
+        Segment(_after_sampled(tok, refl, turn)),
+        Segment(retry, True),
+    ]
 
 
 def warm_start(
@@ -53,14 +128,30 @@ def warm_start(
             "from; start a fresh workdir"
         )
     examples = load_examples(rt, "train", rt.config.task.num_train, seed=rt.config.seed + 1)
-    rows = []
+    rng = random.Random(rt.config.seed + 1)
+    episode_fraction = c.get("episode_fraction", 0.0)
+    answers, episodes = [], []
     for ex in examples:
+        ex = {**ex, **derived_fields(rt, ex, rng)}
         try:
-            rows.append((prompt_ids(rt.tok, rt.task, ex), answer_ids(rt, ex)))
+            answers.append(
+                [Segment(prompt_ids(rt.tok, rt.task, ex)), Segment(answer_ids(rt, ex), True)]
+            )
+            if episode_fraction > 0:
+                episodes.append(episode_segments(rt, ex))
         except KeyError as e:
             raise ValueError(
-                f"warm_start.answer_template needs field {e} which the examples lack"
+                f"a warm_start template needs field {e} which the examples lack"
             ) from None
+    # Answer rows and (longer) episode rows go in separate batches, each padded only to its
+    # own length (a multiple of 32, at most seq_len): two compiled shapes, far fewer pad tokens.
+    kinds = [(answers, data.Cursor(len(answers), rt.config.seed + 1))]
+    if episodes:
+        kinds.append((episodes, data.Cursor(len(episodes), rt.config.seed + 2)))
+    lengths = [
+        min(c.seq_len, -(-max(sum(len(sg.ids) for sg in r) for r in rows) // 32) * 32)
+        for rows, _ in kinds
+    ]
     tx = optim.make_optimizer(
         total_steps=c.steps,
         learning_rate=c.learning_rate,
@@ -69,18 +160,21 @@ def warm_start(
     )
     state = init_state(rt.params, tx, rt.mesh)
     step_fn = make_train_step(rt.graphdef, tx, StepConfig(temperature=1.0, beta=0.0))
-    cursor = data.Cursor(len(rows), rt.config.seed + 1)
-    compiled = None
+    compiled: dict[int, Any] = {}
     progress = Progress(c.steps, desc="warm start")
     with jax.set_mesh(rt.mesh):
         for step in range(c.steps):
-            batch_rows = data.select(rows, cursor.take(c.batch_size))
-            groups = [Group(None, [[Segment(p), Segment(a, True)]], [1.0]) for p, a in batch_rows]
+            # an episode step whenever the running share of episode steps falls behind
+            k = int(
+                bool(episodes) and int((step + 1) * episode_fraction) > int(step * episode_fraction)
+            )
+            rows, cursor = kinds[k]
+            groups = [Group(None, [r], [1.0]) for r in data.select(rows, cursor.take(c.batch_size))]
             host, stats = build_batch(
                 groups,
                 num_groups=c.batch_size,
                 group_size=1,
-                seq_len=c.seq_len,
+                seq_len=lengths[k],
                 pad_id=rt.tok.pad_id,
             )
             # group_size 1 gives zero advantages; supervised rows all get advantage 1
@@ -88,15 +182,19 @@ def warm_start(
                 advantages=np.ones_like(host.advantages) * (host.loss_mask.sum(1) > 0)
             )
             batch = shard_batch(host, rt.mesh)
-            if compiled is None:
-                compiled = jit_train_step(step_fn, state, batch, rt.mesh, with_ref=False)
-            state, m = compiled(state, batch, None)
+            if k not in compiled:
+                compiled[k] = jit_train_step(step_fn, state, batch, rt.mesh, with_ref=False)
+            state, m = compiled[k](state, batch, None)
             nll = -float(m["logprob"])
             if not np.isfinite(nll):
                 raise FloatingPointError(f"warm start diverged at step {step} (nll={nll})")
             progress.update(1, nll=nll)
             writer.write_scalars(
-                step + 1, {"warm_start/nll": nll, "warm_start/dropped": stats.dropped_too_long}
+                step + 1,
+                {
+                    f"warm_start/nll_{('answer', 'episode')[k]}": nll,
+                    "warm_start/dropped": stats.dropped_too_long,
+                },
             )
     progress.close()
     ckpt.save(c.steps, {"params": state.params}, {"steps": c.steps})

@@ -1,0 +1,212 @@
+"""The toy reproduction: vanilla vs Reflect-Retry-Reward, and three ablations, on a CPU.
+
+    python experiments/toy_reproduction/run.py --root /tmp/toy_repro
+    python experiments/toy_reproduction/run.py --root /tmp/toy_repro --seeds 0 1 2 \
+        --ablation-seeds 0
+
+For each seed, `python -m reflax.train --config=configs/countdown_toy.py` trains the
+paper's method ("reflect"): a supervised warm start, then Reflect-Retry-Reward GRPO;
+its eval.json holds the held-out first/second-try accuracy before (vanilla: the
+warm-started model) and after RL. Each ablation on a seed starts from a copy of that
+seed's warm start (the same weights) and runs the same number of steps with the same
+number of sampled rows per step (groups_per_step * group_size), then is evaluated
+on the same held-out problems with the same greedy protocol. Runs whose eval.json
+already exists are skipped, so the script can be resumed. Writes results.json,
+results.md and success_vs_step.png into --root (and copies them to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(ROOT, "configs", "countdown_toy.py")
+ABLATIONS = ("reflect_retry", "first_attempt", "fixed_reflection")
+# The toy alphabet is lower-case; a short generic reflection that fits its rows.
+FIXED_REFLECTION = "try another way"
+
+
+def train(workdir: str, seed: int, method: str, extra: list[str]) -> float:
+    """One CLI run; returns its wall time in seconds (0 when already done)."""
+    if os.path.exists(os.path.join(workdir, "eval.json")):
+        return 0.0
+    cmd = [
+        sys.executable,
+        "-m",
+        "reflax.train",
+        f"--config={CONFIG}",
+        f"--workdir={workdir}",
+        f"--config.seed={seed}",
+        f"--config.rollout.method={method}",
+        *extra,
+    ]
+    if method == "fixed_reflection":
+        cmd.append(f"--config.rollout.fixed_reflection={FIXED_REFLECTION}")
+    if method != "reflect":  # vanilla is the shared warm start, evaluated in the reflect run
+        cmd.append("--config.eval.before=False")
+    print("$", " ".join(cmd[1:]), flush=True)
+    t0 = time.time()
+    with open(os.path.join(os.path.dirname(workdir), os.path.basename(workdir) + ".log"), "w") as f:
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    return time.time() - t0
+
+
+def load_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def dump_json(path: str, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    rows = []
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if "retry_success" in r or "attempt_success" in r:
+                rows.append(r)
+    return rows
+
+
+def cell(r: dict, key: str) -> str:
+    return f"{100 * r[key]:.1f} ± {100 * r[key + '_ci95']:.1f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--root", required=True, help="workdirs and logs go here")
+    ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--ablation-seeds", type=int, nargs="*", default=[0])
+    ap.add_argument("--methods", nargs="*", default=list(ABLATIONS))
+    ap.add_argument("overrides", nargs="*", help="extra --config.key=value flags for every run")
+    args = ap.parse_args()
+    os.makedirs(args.root, exist_ok=True)
+    times_path = os.path.join(args.root, "times.json")
+    times = load_json(times_path) if os.path.exists(times_path) else {}
+
+    def run(name: str, seed: int, method: str) -> None:
+        wd = os.path.join(args.root, name)
+        if method != "reflect" and not os.path.exists(os.path.join(wd, "warm_start")):
+            shutil.copytree(
+                os.path.join(args.root, f"reflect_s{seed}", "warm_start"),
+                os.path.join(wd, "warm_start"),
+            )
+        t = train(wd, seed, method, args.overrides)
+        if t:
+            times[name] = t
+            dump_json(times_path, times)
+
+    for seed in args.seeds:
+        run(f"reflect_s{seed}", seed, "reflect")
+    for seed in args.ablation_seeds:
+        for method in args.methods:
+            run(f"{method}_s{seed}", seed, method)
+    report(args.root, args.out, args.seeds, args.ablation_seeds, args.methods, times)
+
+
+def report(
+    root: str,
+    out: str,
+    seeds: list[int],
+    ablation_seeds: list[int],
+    methods: list[str],
+    times: dict[str, float],
+) -> None:
+    """results.md (the table), results.json and success_vs_step.png from the run dirs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results, lines = {}, []
+    lines.append(
+        "| run | seed | n | first try | second try | retry success given failure | "
+        "2nd-try gain over vanilla | CI half-widths summed | wall time (s) |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for seed in seeds:
+        ev = load_json(os.path.join(root, f"reflect_s{seed}", "eval.json"))
+        van = ev["before"]
+        runs = [("vanilla (warm start)", van, None)]
+        runs.append(("reflect (paper)", ev["after"], times.get(f"reflect_s{seed}")))
+        if seed in ablation_seeds:
+            for m in methods:
+                p = os.path.join(root, f"{m}_s{seed}", "eval.json")
+                if os.path.exists(p):
+                    runs.append((m, load_json(p)["after"], times.get(f"{m}_s{seed}")))
+        for name, r, t in runs:
+            results.setdefault(name, {})[seed] = {k: v for k, v in r.items() if k != "samples"}
+            gain = sep = ""
+            if r is not van:
+                d = r["second_try"] - van["second_try"]
+                s = r["second_try_ci95"] + van["second_try_ci95"]
+                gain, sep = f"{100 * d:+.1f}", f"{100 * s:.1f}" + (" (exceeded)" if d > s else "")
+            lines.append(
+                f"| {name} | {seed} | {r['n']} | {cell(r, 'first_try')} | {cell(r, 'second_try')}"
+                f" | {100 * r['retry_success_given_failure']:.1f} | {gain} | {sep} | "
+                f"{'' if t is None else f'{t:.0f}'} |"
+            )
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(root, "results.json"), "w") as f:
+        json.dump({"results": results, "times_s": times}, f, indent=1)
+    with open(os.path.join(root, "results.md"), "w") as f:
+        f.write(table + "\n")
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    names = [(f"reflect_s{s}", "reflect", s) for s in seeds]
+    names += [(f"{m}_s{s}", m, s) for s in ablation_seeds for m in methods]
+    colors = {
+        "reflect": "C0",
+        "reflect_retry": "C1",
+        "first_attempt": "C2",
+        "fixed_reflection": "C3",
+    }
+    for wd, method, seed in names:
+        if not os.path.exists(os.path.join(root, wd, "metrics.jsonl")):
+            continue
+        rows = read_metrics(os.path.join(root, wd))
+        for ax, key in zip(axes, ("attempt_success", "retry_success")):
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts and not (key == "retry_success" and method == "first_attempt"):
+                xs, ys = zip(*pts)
+                ax.plot(
+                    xs,
+                    smooth(ys),
+                    color=colors[method],
+                    alpha=0.9 if seed == seeds[0] else 0.5,
+                    label=f"{method} s{seed}",
+                )
+    axes[0].set_title("first-attempt success (sampled, train problems)")
+    axes[1].set_title("retry success after a failure (sampled)")
+    for ax in axes:
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("success rate (moving average of 5 steps)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(root, "success_vs_step.png"), dpi=110)
+    if out and os.path.abspath(out) != os.path.abspath(root):
+        for name in ("results.json", "results.md", "success_vs_step.png"):
+            shutil.copy(os.path.join(root, name), os.path.join(out, name))
+
+
+def smooth(ys: list[float], k: int = 5) -> list[float]:
+    return [
+        sum(ys[max(0, i - k + 1) : i + 1]) / len(ys[max(0, i - k + 1) : i + 1])
+        for i in range(len(ys))
+    ]
+
+
+if __name__ == "__main__":
+    main()

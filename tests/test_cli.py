@@ -1,0 +1,164 @@
+"""The CLIs end to end on the smoke config: resume after kill -9, NaN stop, bad config,
+collect_failures -> offline training. Each run is a real subprocess."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from reflax.checkpoint import Checkpointer
+from reflax.data import read_failures
+from reflax.metrics import read_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = "configs/countdown_toy.py:smoke"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ)
+    e.pop("XLA_FLAGS", None)  # the CLI runs on the real (single) CPU device
+    # one compilation cache for all runs: the relaunched run reuses the programs
+    e["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
+    e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def cli(module, *args):
+    return [sys.executable, "-m", f"reflax.{module}", *args]
+
+
+def run(cmd, env, check=True, timeout=600):
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout}\n{p.stderr[-4000:]}")
+    return p
+
+
+def final_params(workdir):
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    step = ckpt.latest_step()
+    path = os.path.join(ckpt.step_dir(step), "state")
+    import orbax.checkpoint as ocp
+
+    tree = ocp.StandardCheckpointer().restore(path)
+    ckpt.close()
+    return step, jax.tree.map(np.asarray, tree["params"])
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path, env):
+    steps = ["--config.total_steps=6", "--config.checkpoint_every=1", "--config.eval.after=False"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    out = run(cli("train", f"--config={SMOKE}", f"--workdir={a}", *steps), env)
+    assert "held-out accuracy" in out.stdout  # the "before" table
+
+    proc = subprocess.Popen(
+        cli("train", f"--config={SMOKE}", f"--workdir={b}", *steps),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 600
+    while not os.path.isdir(os.path.join(b, "checkpoints", "3")):
+        assert proc.poll() is None, "run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    killed_at = Checkpointer(os.path.join(b, "checkpoints")).latest_step()
+    assert 3 <= killed_at < 6
+
+    run(cli("train", f"--config={SMOKE}", f"--workdir={b}", *steps), env)
+    step_a, pa = final_params(a)
+    step_b, pb = final_params(b)
+    assert step_a == step_b == 6
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_array_equal(x, y)
+    steps_logged = [r["step"] for r in read_jsonl(os.path.join(b, "metrics.jsonl")) if "loss" in r]
+    assert set(steps_logged) == set(range(1, 7))
+
+    # evaluate the finished run against its initial model
+    out = run(cli("evaluate", f"--config={SMOKE}", f"--checkpoint={a}", "--baseline"), env)
+    assert "vanilla" in out.stdout and "trained (step 6)" in out.stdout
+
+
+def test_non_finite_loss_stops_with_checkpoint_intact(tmp_path, env):
+    w = str(tmp_path / "nan")
+    p = run(
+        cli(
+            "train",
+            f"--config={SMOKE}",
+            f"--workdir={w}",
+            "--config.total_steps=4",
+            "--config.checkpoint_every=1",
+            "--config.optim.learning_rate=1e30",
+            "--config.optim.warmup_ratio=0.0",
+            "--config.optim.max_grad_norm=0.0",
+            "--config.eval.before=False",
+        ),
+        env,
+        check=False,
+    )
+    assert p.returncode != 0
+    assert "non-finite loss" in p.stderr
+    ckpt = Checkpointer(os.path.join(w, "checkpoints"))
+    steps = ckpt.all_steps()
+    assert steps and max(steps) < 4
+    step, params = final_params(w)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_bad_config_fails_before_compute(tmp_path, env):
+    p = run(
+        cli(
+            "train", f"--config={SMOKE}", f"--workdir={tmp_path}", "--config.rollout.no_such_key=1"
+        ),
+        env,
+        check=False,
+    )
+    assert p.returncode != 0 and "no_such_key" in p.stderr
+    p = run(
+        cli("train", f"--config={SMOKE}", f"--workdir={tmp_path}", "--config.rollout.group_size=1"),
+        env,
+        check=False,
+    )
+    assert p.returncode != 0 and "group_size must be >= 2" in p.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+def test_collect_failures_then_offline_training(tmp_path, env):
+    f = str(tmp_path / "failures.jsonl")
+    out = run(
+        cli("collect_failures", f"--config={SMOKE}", f"--output={f}", "--num_queries=16"), env
+    )
+    assert "failures=" in out.stdout
+    records, skipped = read_failures(f)
+    assert records and skipped == 0
+    assert all(r["prompt_ids"] and r["attempt_ids"] for r in records)
+    with open(f, "a") as fh:
+        fh.write('{"example": 1}\nnot json\n')  # malformed rows are counted, not fatal
+    w = str(tmp_path / "offline")
+    run(
+        cli(
+            "train",
+            f"--config={SMOKE}",
+            f"--workdir={w}",
+            "--config.rollout.mode=offline",
+            f"--config.rollout.failures={f}",
+            "--config.total_steps=1",
+            "--config.eval.before=False",
+            "--config.eval.after=False",
+            "--config.warm_start.steps=0",
+            "--config.export_hf=False",
+        ),
+        env,
+    )
+    rows = [r for r in read_jsonl(os.path.join(w, "metrics.jsonl")) if "loss" in r]
+    assert len(rows) == 1 and rows[0]["groups"] >= 1
