@@ -18,6 +18,7 @@ follows it. Methods other than "reflect" exist for ablations:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ import jax
 import numpy as np
 
 from reflax import grpo
+from reflax.metrics import Timer
 from reflax.sampling import Sampler
 from reflax.tasks import Task
 from reflax.tokenizer import ChatTokens
@@ -104,6 +106,13 @@ def _seed(rng: jax.Array, i: int) -> jax.Array:
     return jax.random.fold_in(rng, i)
 
 
+def _verify(
+    task: Task, examples: Sequence[dict], texts: Sequence[str], timer: Timer | None
+) -> list[bool]:
+    with timer("verify") if timer is not None else contextlib.nullcontext():
+        return [task.verify(ex, t) for ex, t in zip(examples, texts)]
+
+
 def first_attempts(
     sampler: Sampler,
     state: Any,
@@ -115,6 +124,7 @@ def first_attempts(
     *,
     num_samples: int = 1,
     greedy: bool = False,
+    timer: Timer | None = None,
 ) -> tuple[list[list[int]], list[list[int]], list[list[float]], list[bool]]:
     """Sample attempts; returns (prompts, attempts, attempt log-probs, passed) per row.
 
@@ -136,10 +146,12 @@ def first_attempts(
     )
     attempts = out.completions()
     lps = [lp[:n].tolist() for lp, n in zip(out.logprobs, out.lengths)]
-    passed = [
-        task.verify(examples[i // num_samples], completion_text(tok, a))
-        for i, a in enumerate(attempts)
-    ]
+    passed = _verify(
+        task,
+        [examples[i // num_samples] for i in range(len(attempts))],
+        [completion_text(tok, a) for a in attempts],
+        timer,
+    )
     rows = [p for p in prompts for _ in range(num_samples)]
     return rows, attempts, lps, passed
 
@@ -155,6 +167,7 @@ def reflect_and_retry(
     *,
     num_samples: int | None = None,
     greedy: bool = False,
+    timer: Timer | None = None,
 ) -> list[Group]:
     """For each failure: G reflections sharing one prefill, one retry each, verified."""
     if not failures:
@@ -211,15 +224,16 @@ def reflect_and_retry(
         )
     retries = retry.completions()
     retry_lps = [lp[:n].tolist() for lp, n in zip(retry.logprobs, retry.lengths)]
+    retry_texts = [completion_text(tok, r) for r in retries]
+    verdicts = _verify(task, [f.example for f in failures for _ in range(G)], retry_texts, timer)
     groups = []
     for u, f in enumerate(failures):
         rows, rewards, texts = [], [], {"reflection": [], "retry": []}
         for g in range(G):
             i = u * G + g
-            ok = task.verify(f.example, completion_text(tok, retries[i]))
-            rewards.append(float(ok))
+            rewards.append(float(verdicts[i]))
             texts["reflection"].append(completion_text(tok, reflections[i]))
-            texts["retry"].append(completion_text(tok, retries[i]))
+            texts["retry"].append(retry_texts[i])
             prefix = Segment(prefixes[u])
             if s.method == "reflect":
                 row = [prefix, Segment(reflections[i], True, refl_lps[i])]
@@ -266,11 +280,13 @@ def first_attempt_groups(
     examples: Sequence[dict],
     rng: jax.Array,
     s: RolloutSettings,
+    *,
+    timer: Timer | None = None,
 ) -> list[Group]:
     """Plain GRPO on first attempts: G samples per query, attempt tokens rewarded."""
     G = s.group_size
     prompts, attempts, lps, passed = first_attempts(
-        sampler, state, tok, task, examples, rng, s, num_samples=G
+        sampler, state, tok, task, examples, rng, s, num_samples=G, timer=timer
     )
     groups = []
     for e in range(len(examples)):

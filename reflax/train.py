@@ -64,8 +64,9 @@ class NonFiniteLossError(FloatingPointError):
 class GroupSource:
     """Yields each step's groups; its cursor is checkpointed with the state."""
 
-    def __init__(self, rt: Runtime):
+    def __init__(self, rt: Runtime, timer: Timer | None = None):
         c = rt.config
+        self.timer = timer
         self.rt, self.s = rt, rollout_settings(c)
         self.online = c.rollout.mode == "online" or c.rollout.method == "first_attempt"
         if self.online:
@@ -82,12 +83,12 @@ class GroupSource:
         args = (rt.sampler, params, rt.tok, rt.task)
         if c.rollout.method == "first_attempt":
             examples = data.select(self.items, self.cursor.take(U))
-            groups = first_attempt_groups(*args, examples, rng, s)
+            groups = first_attempt_groups(*args, examples, rng, s, timer=self.timer)
             return groups, {"attempt_success": float(np.mean([g.rewards for g in groups]))}
         info: dict[str, float] = {}
         if self.online:
             examples = data.select(self.items, self.cursor.take(c.rollout.queries_per_step))
-            prompts, attempts, _, passed = first_attempts(*args, examples, rng, s)
+            prompts, attempts, _, passed = first_attempts(*args, examples, rng, s, timer=self.timer)
             failures = [
                 Failure(ex, p, a)
                 for ex, p, a, ok in zip(examples, prompts, attempts, passed)
@@ -97,7 +98,7 @@ class GroupSource:
         else:
             recs = data.select(self.items, self.cursor.take(U))
             failures = [Failure(r["example"], r["prompt_ids"], r["attempt_ids"]) for r in recs]
-        groups = reflect_and_retry(*args, failures, jax.random.fold_in(rng, 7), s)
+        groups = reflect_and_retry(*args, failures, jax.random.fold_in(rng, 7), s, timer=self.timer)
         return groups, info
 
 
@@ -136,7 +137,7 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
     lr_fn = optim.learning_rate_fn(total_steps=c.total_steps * c.grpo.mu, **c.optim)
     ref = jax.tree.map(jnp.copy, rt.params) if c.grpo.beta > 0 else None
     state = init_state(rt.params, tx, rt.mesh)
-    source = GroupSource(rt)
+    source = GroupSource(rt, timer)
     start = 0
     if latest is not None:
         restored, meta = ckpt.restore(abstract_like(state_to_dict(state)), latest)
