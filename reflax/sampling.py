@@ -1,0 +1,802 @@
+"""Rollout engine: batched sampling with a KV cache, prefix sharing and continuation.
+
+The device side is a pure function of (model state, left-padded token block,
+rng, sampling settings): `prefill` writes the block into the cache with the
+model's own forward and returns the logits at its last slot; `decode` runs a
+`jax.lax.while_loop` that samples one token per row per step, writes it into
+the cache (`decode_step`) and stops when every row has emitted a stop id or
+`max_new_tokens` is reached. `generate` composes them, with the cache repeated
+G times in between for prefix sharing.
+
+`decode_step` computes what `Decoder.__call__` computes for one token with a
+cache, but over a per-layer [B, K, S, Dh] cache (`StepCache`) with the layers
+unrolled: memory-bound single-token steps then update the cache in place
+instead of copying and transposing it every step. The price is a compile time
+that grows with depth, and a per-layer copy of the weights for the duration of
+`decode` (the decoder's forward makes the same copy when it casts parameters
+to a lower compute dtype).
+
+`Sampler` is the host-side wrapper: it left-pads ragged prompts into bucketed
+shapes, keeps one jitted program per bucketed shape/static setting (counted in
+`Sampler.num_compilations`), places inputs on the mesh and fetches results.
+
+Conventions
+-----------
+* Slots and positions. All rows share the cache's write index; a row's padding
+  occupies slots with mask False, so gaps between a row's tokens are harmless.
+  Positions are per row: the next position of a row is the number of real
+  tokens it already has in the cache (`Rollout.seq_lens`).
+* Every sampled token is written into the cache before `decode` returns (the
+  loop forwards each sampled token, including the last one), so a finished
+  rollout can be continued with nothing pending.
+* Completions. `tokens[b, :lengths[b]]` is the completion; a stop token is
+  included and counted in the length; after it the row emits `pad_id` and a
+  log-prob of 0. `done[b]` is True when the row ended on a stop id, False when
+  it ran out of `max_new_tokens`.
+* Log-probs are `log_softmax(logits / temperature)` at the sampled token over
+  the *full* vocabulary, i.e. without the top-k / top-p truncation, which is
+  what a GRPO step that recomputes `log_softmax(logits / T)` compares against.
+  Under greedy decoding (temperature 0) they are `log_softmax(logits)`.
+* Randomness. Row b (of the final, post-repeat batch) samples step t with key
+  `fold_in(fold_in(rng, b), t)`. With prefix sharing, output row `u * G + g`
+  is sample g of prompt u, which is exactly the row index the same prompts
+  repeated G times would have without sharing: both paths draw the same tokens
+  under the same rng. Keys do not depend on the padded batch size or the mesh.
+* Continuation (`Sampler.continue_`). Row i of the new batch continues row
+  `rows[i]` of an earlier rollout: the earlier row's cache (its prompt and its
+  whole completion) is gathered, the cache grown, and `new_ids[i]` (ragged) is
+  written left-padded into the next block of slots, with positions continuing
+  from the row's true length. Sampling then proceeds as for a fresh prompt, so
+  continuing equals sampling from scratch on prompt + completion + new ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from reflax.models.decoder import (
+    Decoder,
+    KVCache,
+    apply_rope,
+    positions_from_mask,
+    rms_norm,
+    rope_inv_freq,
+)
+from reflax.sharding import (
+    CACHE_AXES,
+    CACHE_MASK_AXES,
+    LOGICAL_RULES,
+    MESH_AXES,
+    batch_sharding,
+    constrain,
+    named_sharding,
+    replicated,
+)
+
+BucketSpec = int | Sequence[int] | None
+
+_NEG_INF = -1e30  # as in the decoder: finite, so a row with no valid key gives no NaN
+_STEP_CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")  # a StepCache layer
+
+__all__ = [
+    "BucketSpec",
+    "Rollout",
+    "SampleOutput",
+    "Sampler",
+    "SamplingSettings",
+    "StepCache",
+    "bucket_size",
+    "decode",
+    "decode_step",
+    "generate",
+    "left_pad",
+    "prefill",
+    "resize_cache",
+    "sample_logits",
+    "step_weights",
+]
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """The static part of the sampling settings (part of the compiled program's key).
+
+    Temperature and top-p values are traced arguments, so changing them does not
+    recompile. With top-k, top-p is always applied to the k candidates (they come
+    sorted, so it costs nothing); without top-k it needs a sort of the whole
+    vocabulary, which runs only when `vocab_top_p` is set (top_p < 1).
+    """
+
+    greedy: bool = False
+    top_k: int = 0  # 0: no top-k truncation
+    vocab_top_p: bool = False
+
+    @classmethod
+    def make(
+        cls, *, temperature: float, top_k: int, top_p: float, greedy: bool, vocab_size: int
+    ) -> SamplingSettings:
+        if greedy or temperature == 0:
+            return cls(greedy=True)
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        top_k = int(top_k) if 0 < top_k < vocab_size else 0
+        return cls(top_k=top_k, vocab_top_p=top_k == 0 and top_p < 1.0)
+
+
+def bucket_size(n: int, spec: BucketSpec) -> int:
+    """The bucket for a size n: None -> next power of two; int m -> next multiple of m;
+    a sequence -> its smallest entry >= n."""
+    n = max(int(n), 1)
+    if spec is None:
+        return 1 << (n - 1).bit_length()
+    if isinstance(spec, int):
+        return -(-n // spec) * spec
+    for b in sorted(spec):
+        if b >= n:
+            return int(b)
+    raise ValueError(f"size {n} exceeds the largest bucket {max(spec)}")
+
+
+def left_pad(
+    seqs: Sequence[Sequence[int]], length: int, pad_id: int = 0, rows: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged id lists -> (tokens [rows, length] int32, mask [rows, length] bool), left-padded.
+
+    Extra rows (up to `rows`) are all padding.
+    """
+    rows = len(seqs) if rows is None else rows
+    tokens = np.full((rows, length), pad_id, np.int32)
+    mask = np.zeros((rows, length), bool)
+    for i, s in enumerate(seqs):
+        if len(s) > length:
+            raise ValueError(f"sequence {i} has {len(s)} tokens, more than {length}")
+        if len(s):
+            tokens[i, length - len(s) :] = np.asarray(s, np.int32)
+            mask[i, length - len(s) :] = True
+    return tokens, mask
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def sample_logits(
+    logits: jax.Array,  # [B, V] float32
+    keys: jax.Array,  # [B] keys
+    temperature: jax.Array,  # [] float32
+    top_p: jax.Array,  # [] float32
+    settings: SamplingSettings,
+) -> tuple[jax.Array, jax.Array]:
+    """One token per row -> (tokens [B] int32, untruncated log-probs [B] float32)."""
+    if settings.greedy:
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+    scaled = logits / temperature
+    logp = jax.nn.log_softmax(scaled, axis=-1)
+    index = None  # [B, k] vocab ids of the candidates when truncated
+    if settings.top_k:
+        # top-k first: top-p then only looks at k candidates, already sorted
+        cand, index = jax.lax.top_k(scaled, settings.top_k)  # [B, k], descending
+    elif settings.vocab_top_p:
+        index = jnp.argsort(-scaled, axis=-1, stable=True).astype(jnp.int32)
+        cand = jnp.take_along_axis(scaled, index, axis=-1)
+    else:
+        cand = scaled
+    if index is not None:
+        probs = jax.nn.softmax(cand, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # keep the smallest prefix whose mass reaches top_p (the first token always);
+        # top_p == 1 keeps all (rounding could push mass_before of the tail to 1)
+        cand = jnp.where((mass_before < top_p) | (top_p >= 1.0), cand, -jnp.inf)
+    choice = jax.vmap(jax.random.categorical)(keys, cand).astype(jnp.int32)
+    if index is not None:
+        tokens = jnp.take_along_axis(index, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    else:
+        tokens = choice
+    return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
+def prefill(
+    model: Decoder,
+    cache: KVCache,
+    seq_lens: jax.Array,  # [B] int32: real tokens each row already has in the cache
+    tokens: jax.Array,  # [B, C] int32, left-padded
+    mask: jax.Array,  # [B, C] bool
+) -> tuple[jax.Array, KVCache, jax.Array]:
+    """Write a left-padded block at the cache's index -> (logits [B, V] at its last slot,
+    cache, seq_lens + real tokens of the block).
+
+    Left padding puts every row's last real token in the block's last slot, so
+    only that slot goes through the output projection.
+    """
+    positions = seq_lens[:, None] + positions_from_mask(mask)
+    hidden, cache = model.hidden_states(tokens, positions, mask, cache)
+    logits = model.logits(hidden[:, -1:])[:, 0]
+    return logits, cache, seq_lens + mask.sum(-1, dtype=jnp.int32)
+
+
+class StepCache(flax.struct.PyTreeNode):
+    """The KV cache while decoding: one [B, K, S, Dh] array per layer.
+
+    `KVCache` stacks layers ([L, B, S, K, Dh]) for the layer scan of prefill and
+    training. Decoding one token per step is memory-bound, and with that layout
+    every step would copy the cache (slicing a layer out of the stack, stacking
+    it back, transposing it for the attention matmuls). Converted once per
+    `decode` call, this layout is updated in place and read by the matmuls as is.
+    """
+
+    k: tuple[jax.Array, ...]  # L x [B, K, S, Dh]
+    v: tuple[jax.Array, ...]
+    mask: jax.Array  # [B, S] bool
+    index: jax.Array  # [] int32
+
+    @classmethod
+    def from_cache(cls, cache: KVCache) -> StepCache:
+        split = lambda a: tuple(
+            constrain(a[i].transpose(0, 2, 1, 3), _STEP_CACHE_AXES) for i in range(a.shape[0])
+        )
+        return cls(k=split(cache.k), v=split(cache.v), mask=cache.mask, index=cache.index)
+
+    def to_cache(self) -> KVCache:
+        stack = lambda xs: jnp.stack([x.transpose(0, 2, 1, 3) for x in xs])
+        return KVCache(k=stack(self.k), v=stack(self.v), mask=self.mask, index=self.index)
+
+
+def step_weights(model: Decoder) -> dict[str, Any]:
+    """The model's parameters cast to its compute dtype and split per layer, once per
+    decode call (inside the loop, slicing stacked weights would copy them every step)."""
+    dt = model.dtype
+    layers = {
+        k: v[...].astype(dt) for k, v in vars(model.layers).items() if isinstance(v, nnx.Param)
+    }
+    return dict(
+        embed=model.embed[...].astype(dt),
+        layers=[{k: v[i] for k, v in layers.items()} for i in range(model.config.num_layers)],
+        final_norm=model.final_norm[...].astype(dt),
+        lm_head=model.lm_head_kernel().astype(dt),
+    )
+
+
+def decode_step(
+    model: Decoder,
+    weights: dict[str, Any],  # step_weights(model)
+    cache: StepCache,
+    tokens: jax.Array,  # [B] int32
+    positions: jax.Array,  # [B] int32
+    mask: jax.Array,  # [B] bool: False writes padding
+) -> tuple[jax.Array, StepCache]:
+    """One token per row -> (logits [B, V] float32, cache with the token written).
+
+    Computes what `model(tokens[:, None], positions[:, None], mask[:, None], cache)`
+    computes (same parameters, norms, rope, masking by slot), arranged for
+    single-token steps: layers unrolled over per-layer caches updated in place.
+    """
+    c = model.config
+    dt = model.dtype
+    B = tokens.shape[0]
+    H, K, Dh = c.num_heads, c.num_kv_heads, c.head_dim
+    x = constrain(jnp.take(weights["embed"], tokens, axis=0), ("batch", "embed"))  # [B, D]
+    inv_freq = jnp.asarray(rope_inv_freq(c))
+    index = cache.index
+    key_mask = jax.lax.dynamic_update_slice(cache.mask, mask[:, None], (0, index))  # [B, S]
+    # [B, 1, 1, S]: valid keys at or before this slot
+    valid = (key_mask & (jnp.arange(key_mask.shape[1]) <= index)[None, :])[:, None, None, :]
+    pos = positions[:, None]  # [B, 1]
+
+    def dense(h, kernel, bias):
+        y = jnp.dot(h, kernel)
+        return y if bias is None else y + bias
+
+    ks, vs = list(cache.k), list(cache.v)
+    for i, p in enumerate(weights["layers"]):
+        h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+        q = dense(h, p["q_proj"], p.get("q_bias")).reshape(B, 1, H, Dh)
+        k = dense(h, p["k_proj"], p.get("k_bias")).reshape(B, 1, K, Dh)
+        v = dense(h, p["v_proj"], p.get("v_bias")).reshape(B, K, 1, Dh)
+        q = apply_rope(q, pos, inv_freq).reshape(B, K, H // K, Dh)
+        k = apply_rope(k, pos, inv_freq).reshape(B, K, 1, Dh)
+        ks[i] = jax.lax.dynamic_update_slice(ks[i], k.astype(ks[i].dtype), (0, 0, index, 0))
+        vs[i] = jax.lax.dynamic_update_slice(vs[i], v.astype(vs[i].dtype), (0, 0, index, 0))
+        scores = jnp.einsum(
+            "bkgd,bksd->bkgs", q, ks[i].astype(dt), preferred_element_type=jnp.float32
+        )
+        scores = jnp.where(valid, scores / math.sqrt(Dh), _NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgs,bksd->bkgd", probs, vs[i].astype(dt)).reshape(B, H * Dh)
+        x = x + dense(out, p["o_proj"], p.get("o_bias"))
+        h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+        gate = dense(h, p["gate_proj"], p.get("gate_bias"))
+        up = dense(h, p["up_proj"], p.get("up_bias"))
+        act = constrain(jax.nn.silu(gate) * up, ("batch", "mlp"))
+        x = constrain(x + dense(act, p["down_proj"], p.get("down_bias")), ("batch", "embed"))
+    x = rms_norm(x, weights["final_norm"], c.rms_norm_eps)
+    logits = jnp.einsum("bd,dv->bv", x, weights["lm_head"], preferred_element_type=jnp.float32)
+    cache = StepCache(
+        k=tuple(constrain(a, _STEP_CACHE_AXES) for a in ks),
+        v=tuple(constrain(a, _STEP_CACHE_AXES) for a in vs),
+        mask=key_mask,
+        index=index + 1,
+    )
+    return constrain(logits, ("batch", "vocab")), cache
+
+
+def decode(
+    model: Decoder,
+    cache: KVCache,
+    logits: jax.Array,  # [B, V]: next-token logits of every row
+    seq_lens: jax.Array,  # [B] int32
+    active: jax.Array,  # [B] bool: rows that sample (False: padding rows)
+    row_keys: jax.Array,  # [B] keys
+    max_new_tokens: jax.Array,  # [] int32, <= gen_len
+    temperature: jax.Array,  # [] float32
+    top_p: jax.Array,  # [] float32
+    stop_ids: jax.Array,  # [S] int32 (-1 entries never match)
+    pad_id: jax.Array,  # [] int32
+    *,
+    gen_len: int,
+    settings: SamplingSettings,
+) -> dict[str, Any]:
+    """The decode loop. Returns tokens [B, gen_len], logprobs [B, gen_len], lengths [B],
+    done [B] (ended on a stop id), cache and seq_lens (every sampled token written)."""
+    B = logits.shape[0]
+    weights = step_weights(model)
+    carry = dict(
+        step=jnp.zeros((), jnp.int32),
+        cache=StepCache.from_cache(cache),
+        logits=logits,
+        seq_lens=seq_lens,
+        active=active,
+        done=jnp.zeros((B,), bool),
+        lengths=jnp.zeros((B,), jnp.int32),
+        tokens=jnp.full((B, gen_len), pad_id, jnp.int32),
+        logprobs=jnp.zeros((B, gen_len), jnp.float32),
+    )
+
+    def cond(c):
+        return (c["step"] < max_new_tokens) & jnp.any(c["active"])
+
+    def body(c):
+        step, active = c["step"], c["active"]
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+        tok, lp = sample_logits(c["logits"], keys, temperature, top_p, settings)
+        tok = jnp.where(active, tok, pad_id)
+        lp = jnp.where(active, lp, 0.0)
+        stopped = active & jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+        # write the token (a finished row writes padding with mask False)
+        logits, cache = decode_step(model, weights, c["cache"], tok, c["seq_lens"], active)
+        return dict(
+            step=step + 1,
+            cache=cache,
+            logits=logits,
+            seq_lens=c["seq_lens"] + active,
+            active=active & ~stopped,
+            done=c["done"] | stopped,
+            lengths=c["lengths"] + active,
+            tokens=jax.lax.dynamic_update_slice(c["tokens"], tok[:, None], (0, step)),
+            logprobs=jax.lax.dynamic_update_slice(c["logprobs"], lp[:, None], (0, step)),
+        )
+
+    c = jax.lax.while_loop(cond, body, carry)
+    c["cache"] = c["cache"].to_cache().constrain()
+    return {k: c[k] for k in ("tokens", "logprobs", "lengths", "done", "cache", "seq_lens")}
+
+
+def generate(
+    model: Decoder,
+    cache: KVCache,
+    seq_lens: jax.Array,  # [U] int32
+    tokens: jax.Array,  # [U, C] int32, left-padded block to write
+    mask: jax.Array,  # [U, C] bool
+    row_valid: jax.Array,  # [U] bool: False for padding rows
+    rng: jax.Array,  # key
+    max_new_tokens: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    stop_ids: jax.Array,
+    pad_id: jax.Array,
+    *,
+    num_samples: int,
+    gen_len: int,
+    settings: SamplingSettings,
+) -> dict[str, Any]:
+    """Prefill U rows once, repeat them G = num_samples times (row u*G+g), decode."""
+    logits, cache, seq_lens = prefill(model, cache, seq_lens, tokens, mask)
+    if num_samples > 1:
+        cache = cache.repeat(num_samples).constrain()
+        logits = jnp.repeat(logits, num_samples, axis=0)
+        seq_lens = jnp.repeat(seq_lens, num_samples)
+        row_valid = jnp.repeat(row_valid, num_samples)
+    logits = constrain(logits, ("batch", "vocab"))
+    rows = jnp.arange(logits.shape[0], dtype=jnp.int32)
+    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, rows)
+    return decode(
+        model,
+        cache,
+        logits,
+        seq_lens,
+        row_valid,
+        row_keys,
+        max_new_tokens,
+        temperature,
+        top_p,
+        stop_ids,
+        pad_id,
+        gen_len=gen_len,
+        settings=settings,
+    )
+
+
+def resize_cache(cache: KVCache, rows: jax.Array, size: int) -> KVCache:
+    """Rows gathered ([B'] indices, repeats allowed) and the slot axis resized to `size`.
+
+    Slots at or after `cache.index` were never written, so a cache may shrink down
+    to its index (the caller keeps `size >= index + slots still to write`).
+    """
+
+    def fit(a: jax.Array, axis: int) -> jax.Array:
+        if size <= a.shape[axis]:
+            return jax.lax.slice_in_dim(a, 0, size, axis=axis)
+        pad = [(0, 0)] * a.ndim
+        pad[axis] = (0, size - a.shape[axis])
+        return jnp.pad(a, pad)
+
+    return KVCache(
+        k=fit(cache.k[:, rows], 2),
+        v=fit(cache.v[:, rows], 2),
+        mask=fit(cache.mask[rows], 1),
+        index=cache.index,
+    ).constrain()
+
+
+# --------------------------------------------------------------------------- host side
+
+
+@dataclasses.dataclass
+class Rollout:
+    """What continuing a batch needs: its cache (every sampled token written) on device."""
+
+    cache: KVCache  # rows: the padded batch
+    seq_lens: jax.Array  # [B_padded] int32: real tokens per row in the cache
+    num_rows: int  # real rows (the first num_rows of the cache)
+    index: int  # host copy of cache.index: slots used
+
+
+@dataclasses.dataclass
+class SampleOutput:
+    tokens: np.ndarray  # [B, N] int32; pad after a stop token
+    logprobs: np.ndarray  # [B, N] float32; untruncated log_softmax(logits / T), 0 after stop
+    lengths: np.ndarray  # [B] int32, stop token included
+    done: np.ndarray  # [B] bool: ended on a stop id (False: hit max_new_tokens)
+    rollout: Rollout
+
+    def completions(self) -> list[list[int]]:
+        return [t[:n].tolist() for t, n in zip(self.tokens, self.lengths)]
+
+
+class Sampler:
+    """Bucketed, jitted, optionally sharded sampling for one model architecture.
+
+    Takes the model state at every call, so parameters may change between calls
+    (one program per bucketed shape and static setting, not per value).
+
+    Buckets (`BucketSpec`: None = powers of two, int m = multiples of m, or a
+    sequence of sizes): `prompt_buckets` for prompt / new-turn block lengths,
+    `gen_buckets` for max_new_tokens, `cache_buckets` for the cache length of a
+    continuation, `batch_buckets` for the number of unique rows.
+    `compiler_options` go to `jax.jit` (e.g. a lower XLA backend optimisation
+    level where compile time matters more than speed, as in tests).
+    """
+
+    def __init__(
+        self,
+        model: Decoder | nnx.GraphDef,
+        mesh: Mesh | None = None,
+        *,
+        cache_dtype: Any = jnp.float32,
+        prompt_buckets: BucketSpec = 64,
+        gen_buckets: BucketSpec = 64,
+        cache_buckets: BucketSpec = 128,
+        batch_buckets: BucketSpec = None,
+        compiler_options: dict[str, Any] | None = None,
+    ):
+        self.graphdef = nnx.split(model)[0] if isinstance(model, nnx.Module) else model
+        self.config = model.config if isinstance(model, nnx.Module) else None  # else at 1st call
+        self.mesh = mesh
+        self.cache_dtype = cache_dtype
+        self.prompt_buckets = prompt_buckets
+        self.gen_buckets = gen_buckets
+        self.cache_buckets = cache_buckets
+        self.batch_buckets = batch_buckets
+        self.compiler_options = compiler_options  # passed to XLA, e.g. to compile faster
+        self._fns: dict[tuple, Any] = {}
+        self._traces = 0
+
+    @property
+    def num_compilations(self) -> int:
+        """Programs traced (and so compiled) so far."""
+        return self._traces
+
+    # ------------------------------------------------------------------ sharding helpers
+
+    def _batch_shards(self) -> int:
+        if self.mesh is None:
+            return 1
+        axes = LOGICAL_RULES["batch"]
+        axes = (axes,) if isinstance(axes, str) else axes
+        return math.prod(self.mesh.shape[a] for a in axes if a in MESH_AXES)
+
+    def _unique_rows(self, n: int, num_samples: int) -> int:
+        """Bucketed unique rows; on a mesh, rounded so the decode batch splits evenly."""
+        rows = bucket_size(n, self.batch_buckets)
+        step = self._batch_shards() // math.gcd(self._batch_shards(), num_samples)
+        return -(-rows // step) * step
+
+    def _put(self, x: Any, logical: tuple | None) -> jax.Array:
+        if self.mesh is None:
+            return jnp.asarray(x)
+        if logical is None:
+            return jax.device_put(x, replicated(self.mesh))
+        return jax.device_put(x, named_sharding(self.mesh, logical, np.shape(x)))
+
+    def _out_shardings(self, batch: int, gen_len: int, cache_shape: tuple) -> Any:
+        if self.mesh is None:
+            return None
+        m = self.mesh
+        cache = KVCache(
+            k=named_sharding(m, CACHE_AXES, cache_shape),
+            v=named_sharding(m, CACHE_AXES, cache_shape),
+            mask=named_sharding(m, CACHE_MASK_AXES, cache_shape[1:3]),
+            index=replicated(m),
+        )
+        return dict(
+            tokens=batch_sharding(m, (batch, gen_len)),
+            logprobs=batch_sharding(m, (batch, gen_len)),
+            lengths=batch_sharding(m, (batch,)),
+            done=batch_sharding(m, (batch,)),
+            cache=cache,
+            seq_lens=batch_sharding(m, (batch,)),
+        )
+
+    # ------------------------------------------------------------------ programs
+
+    def _program(self, key: tuple, out_shardings: Any) -> Any:
+        fn = self._fns.get(key)
+        if fn is not None:
+            return fn
+        kind, config, num_samples, gen_len, cache_size, settings = key[:6]
+        graphdef, cache_dtype = self.graphdef, self.cache_dtype
+
+        def run(state, prev, tokens, mask, row_valid, rng, max_new, temperature, top_p, stop, pad):
+            self._traces += 1  # runs once per trace, i.e. per compiled program
+            model = nnx.merge(graphdef, state)
+            if prev is None:
+                cache = KVCache.empty(config, tokens.shape[0], cache_size, cache_dtype).constrain()
+                seq_lens = jnp.zeros((tokens.shape[0],), jnp.int32)
+            else:
+                prev_cache, prev_lens, rows = prev
+                cache = resize_cache(prev_cache, rows, cache_size)
+                seq_lens = prev_lens[rows]
+            return generate(
+                model,
+                cache,
+                seq_lens,
+                tokens,
+                mask,
+                row_valid,
+                rng,
+                max_new,
+                temperature,
+                top_p,
+                stop,
+                pad,
+                num_samples=num_samples,
+                gen_len=gen_len,
+                settings=settings,
+            )
+
+        fn = jax.jit(run, out_shardings=out_shardings, compiler_options=self.compiler_options)
+        self._fns[key] = fn
+        return fn
+
+    def _call(
+        self,
+        state: Any,
+        prev: Rollout | None,
+        rows: np.ndarray | None,
+        block: Sequence[Sequence[int]],
+        *,
+        num_samples: int,
+        max_new_tokens: int,
+        rng: jax.Array | int,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        greedy: bool,
+        stop_ids: Sequence[int],
+        pad_id: int,
+    ) -> SampleOutput:
+        if isinstance(state, nnx.Module):
+            state = nnx.state(state)
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if num_samples < 1:
+            raise ValueError("num_samples must be >= 1")
+        if any(len(s) == 0 for s in block):
+            raise ValueError("every prompt / new turn needs at least one token")
+        if isinstance(rng, int):
+            rng = jax.random.key(rng)
+        if self.config is None:
+            self.config = nnx.merge(self.graphdef, state).config
+        config = self.config
+        n = len(block)
+        U = self._unique_rows(n, num_samples)
+        B = U * num_samples
+        C = bucket_size(max(len(s) for s in block), self.prompt_buckets)
+        gen_len = bucket_size(max_new_tokens, self.gen_buckets)
+        if prev is None:
+            cache_size = C + gen_len
+        else:
+            cache_size = bucket_size(prev.index + C + gen_len, self.cache_buckets)
+        settings = SamplingSettings.make(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            greedy=greedy,
+            vocab_size=config.vocab_size,
+        )
+        cache_shape = (config.num_layers, B, cache_size, config.num_kv_heads, config.head_dim)
+        # padded with -1 (never sampled) to a multiple of 8: one program for most stop sets
+        stop = np.full((bucket_size(len(stop_ids), 8),), -1, np.int32)
+        stop[: len(stop_ids)] = np.asarray(stop_ids, np.int32)
+        key = ("new" if prev is None else "continue", config, num_samples, gen_len, cache_size)
+        key += (settings, U, C, len(stop))
+        if prev is not None:
+            key += (prev.cache.k.shape, prev.cache.k.dtype)
+        fn = self._program(key, self._out_shardings(B, gen_len, cache_shape))
+
+        tokens, mask = left_pad(block, C, pad_id, rows=U)
+        row_valid = np.arange(U) < n
+        prev_args = None
+        if prev is not None:
+            rows_padded = np.zeros((U,), np.int32)
+            rows_padded[:n] = rows
+            prev_args = (prev.cache, prev.seq_lens, self._put(rows_padded, ("batch",)))
+        args = (
+            state,
+            prev_args,
+            self._put(tokens, ("batch", None)),
+            self._put(mask, ("batch", None)),
+            self._put(row_valid, ("batch",)),
+            self._put(rng, None),
+            self._put(np.int32(max_new_tokens), None),
+            self._put(np.float32(temperature if temperature > 0 else 1.0), None),
+            self._put(np.float32(top_p), None),
+            self._put(stop, None),
+            self._put(np.int32(pad_id), None),
+        )
+        if self.mesh is not None:
+            with jax.set_mesh(self.mesh):
+                out = fn(*args)
+        else:
+            out = fn(*args)
+        real = n * num_samples
+        tokens_out, logprobs, lengths, done, index = jax.device_get(
+            (out["tokens"], out["logprobs"], out["lengths"], out["done"], out["cache"].index)
+        )
+        rollout = Rollout(
+            cache=out["cache"], seq_lens=out["seq_lens"], num_rows=real, index=int(index)
+        )
+        return SampleOutput(
+            tokens=np.asarray(tokens_out)[:real, :max_new_tokens],
+            logprobs=np.asarray(logprobs)[:real, :max_new_tokens],
+            lengths=np.asarray(lengths)[:real],
+            done=np.asarray(done)[:real],
+            rollout=rollout,
+        )
+
+    # ------------------------------------------------------------------ public
+
+    def sample(
+        self,
+        state: Any,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        rng: jax.Array | int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        greedy: bool = False,
+        stop_ids: Sequence[int] = (),
+        pad_id: int = 0,
+        num_samples: int = 1,
+        share_prefix: bool = True,
+    ) -> SampleOutput:
+        """Sample completions of ragged prompts; output row u*G+g is sample g of prompt u.
+
+        `state`: the model's current `nnx.State` (or the model itself). With
+        `share_prefix` each prompt is prefilled once and its cache repeated
+        G = num_samples times; without, prompts are repeated before prefill (same
+        tokens under the same rng either way).
+        """
+        if not share_prefix and num_samples > 1:
+            prompts = [p for p in prompts for _ in range(num_samples)]
+            num_samples = 1
+        return self._call(
+            state,
+            None,
+            None,
+            prompts,
+            num_samples=num_samples,
+            max_new_tokens=max_new_tokens,
+            rng=rng,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            greedy=greedy,
+            stop_ids=stop_ids,
+            pad_id=pad_id,
+        )
+
+    def continue_(
+        self,
+        state: Any,
+        rollout: Rollout,
+        new_ids: Sequence[Sequence[int]],
+        *,
+        rows: Sequence[int] | None = None,
+        max_new_tokens: int,
+        rng: jax.Array | int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        greedy: bool = False,
+        stop_ids: Sequence[int] = (),
+        pad_id: int = 0,
+        num_samples: int = 1,
+    ) -> SampleOutput:
+        """Append a new turn to rows of an earlier rollout and keep sampling.
+
+        New row i continues `rollout` row `rows[i]` (default: i; repeats allowed):
+        its sequence so far (prompt and full completion, already in the cache) is
+        followed by `new_ids[i]` (at least one id), then sampled. With
+        `num_samples` = G each continued row is then repeated G times after its new
+        turn is prefilled once (output row i*G+g). The rng layout is the one of
+        `sample`, so the result equals `sample` on the concatenated sequences.
+        """
+        rows_arr = np.arange(len(new_ids)) if rows is None else np.asarray(rows, np.int32)
+        if len(rows_arr) != len(new_ids):
+            raise ValueError(f"{len(rows_arr)} rows for {len(new_ids)} new turns")
+        if len(rows_arr) and (rows_arr.min() < 0 or rows_arr.max() >= rollout.num_rows):
+            raise ValueError(f"rows must index the rollout's {rollout.num_rows} rows")
+        return self._call(
+            state,
+            rollout,
+            rows_arr,
+            new_ids,
+            num_samples=num_samples,
+            max_new_tokens=max_new_tokens,
+            rng=rng,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            greedy=greedy,
+            stop_ids=stop_ids,
+            pad_id=pad_id,
+        )

@@ -1,0 +1,419 @@
+"""Rollout engine: exactness against transformers, sampling statistics, prefix sharing,
+continuation, sharding and the number of compiled programs."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from scipy import stats
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from reflax.models import Decoder, ModelConfig, abstract_model
+from reflax.models.decoder import KVCache
+from reflax.sampling import (
+    Sampler,
+    StepCache,
+    bucket_size,
+    decode_step,
+    left_pad,
+    prefill,
+    resize_cache,
+    step_weights,
+)
+from reflax.sharding import make_mesh, param_shardings, put
+
+VOCAB = 64
+# prompts of different lengths in one batch (left-padded)
+PROMPTS = [[5, 9, 13, 2, 7, 30, 41], [11, 3], [8, 8, 60, 21, 17], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+# Small buckets, and XLA CPU options that cut compile time 3-5x (backend optimisation off,
+# the older loop emitters): these programs are tiny and compiling them dominates the tests.
+# The options change how fast the code runs, not what it computes.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+SAMPLER_KW = dict(
+    prompt_buckets=16, gen_buckets=16, cache_buckets=32, compiler_options=FAST_COMPILE
+)
+
+
+def to_reflax(hf: Qwen2ForCausalLM) -> Decoder:
+    """A reflax Decoder holding the weights of a transformers Qwen2 model."""
+    config = ModelConfig.from_hf(hf.config.to_dict())
+    sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    L = config.num_layers
+    stack = lambda name, t=False: np.stack(
+        [
+            sd[f"model.layers.{i}.{name}"].T if t else sd[f"model.layers.{i}.{name}"]
+            for i in range(L)
+        ]
+    )
+    layers = {
+        "attn_norm": stack("input_layernorm.weight"),
+        "mlp_norm": stack("post_attention_layernorm.weight"),
+        "q_bias": stack("self_attn.q_proj.bias"),
+        "k_bias": stack("self_attn.k_proj.bias"),
+        "v_bias": stack("self_attn.v_proj.bias"),
+    }
+    for name in ("q", "k", "v", "o"):
+        layers[f"{name}_proj"] = stack(f"self_attn.{name}_proj.weight", t=True)
+    for name in ("gate", "up", "down"):
+        layers[f"{name}_proj"] = stack(f"mlp.{name}_proj.weight", t=True)
+    pure = {"embed": sd["model.embed_tokens.weight"], "layers": layers}
+    pure["final_norm"] = sd["model.norm.weight"]
+    if not config.tie_word_embeddings:
+        pure["lm_head"] = sd["lm_head.weight"].T
+    graphdef, state = nnx.split(abstract_model(config))  # no random init: shapes only
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
+    return nnx.merge(graphdef, state)
+
+
+def tiny_hf(seed: int, init_range: float, tied: bool = False) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=init_range,  # large: well separated logits, no greedy ties
+        tie_word_embeddings=tied,
+        max_position_embeddings=256,
+    )
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_model() -> Qwen2ForCausalLM:
+    return tiny_hf(0, 0.3)
+
+
+@pytest.fixture(scope="module")
+def model(hf_model) -> Decoder:
+    return to_reflax(hf_model)
+
+
+@pytest.fixture(scope="module")
+def sampler(model) -> Sampler:
+    return Sampler(model, **SAMPLER_KW)
+
+
+def hf_greedy(hf: Qwen2ForCausalLM, prompts, n: int, eos: int | None) -> np.ndarray:
+    P = max(map(len, prompts))
+    ids, mask = left_pad(prompts, P)
+    with torch.no_grad():
+        out = hf.generate(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=n,
+            eos_token_id=eos,
+            pad_token_id=0,
+        )
+    return out[:, P:].numpy()
+
+
+def test_greedy_matches_transformers(hf_model, model, sampler):
+    n = 12
+    ref = hf_greedy(hf_model, PROMPTS, n, eos=None)
+    out = sampler.sample(nnx.state(model), PROMPTS, max_new_tokens=n, rng=0, temperature=0.0)
+    np.testing.assert_array_equal(out.tokens, ref)
+    assert (out.lengths == n).all() and not out.done.any()
+
+    # a stop id taken from the greedy output: rows stop at different steps, then pad
+    eos = int(ref[0, 4])
+    ref = hf_greedy(hf_model, PROMPTS, n, eos=eos)
+    out = sampler.sample(model, PROMPTS, max_new_tokens=n, rng=0, greedy=True, stop_ids=[eos])
+    np.testing.assert_array_equal(out.tokens[:, : ref.shape[1]], ref)
+    assert (out.tokens[:, ref.shape[1] :] == 0).all()
+    for row, length, done in zip(out.tokens, out.lengths, out.done):
+        hits = np.flatnonzero(row == eos)
+        assert done == (len(hits) > 0)
+        assert length == (hits[0] + 1 if done else n)
+        assert (row[length:] == 0).all()
+    assert out.done.any() and not out.done.all()
+
+
+@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
+def _forward(graphdef, state, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, state)(tokens, mask=mask)[0]
+
+
+def full_logits(model: Decoder, seqs: list[list[int]]) -> list[np.ndarray]:
+    """Training-style forward (no cache) over each full sequence: logits [len, V] per row."""
+    T = bucket_size(max(map(len, seqs)), 16)
+    tokens, mask = left_pad(seqs, T, rows=16)  # fixed shapes: few compilations
+    logits = np.asarray(_forward(*nnx.split(model), jnp.asarray(tokens), jnp.asarray(mask)))
+    return [logits[i, T - len(s) :] for i, s in enumerate(seqs)]
+
+
+def next_token_probs(model: Decoder, prompt: list[int], temperature: float) -> np.ndarray:
+    logits = full_logits(model, [prompt])[0][-1].astype(np.float64) / temperature
+    p = np.exp(logits - logits.max())
+    return p / p.sum()
+
+
+def chi_square_pvalue(samples: np.ndarray, probs: np.ndarray) -> float:
+    """Goodness of fit; tokens with small expected counts are pooled into one bin."""
+    counts = np.bincount(samples, minlength=len(probs)).astype(np.float64)
+    expected = probs * len(samples)
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    if exp[-1] < 5:  # too little pooled mass: fold it into the largest bin
+        obs, exp = obs[:-1], exp[:-1]
+        obs[np.argmax(exp)] += counts[~big].sum()
+        exp[np.argmax(exp)] += expected[~big].sum()
+    return float(stats.chisquare(obs, exp).pvalue)
+
+
+N_DRAWS = 4096
+T_CHI = 1.7
+
+
+def test_temperature_sampling_matches_softmax(model, sampler):
+    prompt = PROMPTS[0]
+    probs = next_token_probs(model, prompt, T_CHI)
+    assert (probs > 0.01).sum() >= 8  # the test would be weak on a peaked distribution
+    out = sampler.sample(
+        model, [prompt], num_samples=N_DRAWS, max_new_tokens=1, rng=1, temperature=T_CHI
+    )
+    assert out.tokens.shape == (N_DRAWS, 1)
+    assert chi_square_pvalue(out.tokens[:, 0], probs) > 1e-3
+    # the returned log-prob is the untruncated log_softmax(logits / T)
+    np.testing.assert_allclose(out.logprobs[:, 0], np.log(probs[out.tokens[:, 0]]), atol=1e-4)
+
+
+def test_top_k_top_p_truncation(model, sampler):
+    prompt = PROMPTS[0]
+    probs = next_token_probs(model, prompt, T_CHI)
+    top = np.argsort(-probs, kind="stable")[:5]
+    mass_before = np.cumsum(probs[top]) - probs[top]
+    nucleus = top[mass_before < 0.6 * probs[top].sum()]  # top-p applies after top-k
+    assert 2 <= len(nucleus) < len(top)
+    before = None
+    for top_p, allowed in ((1.0, top), (0.6, nucleus)):
+        out = sampler.sample(
+            model,
+            [prompt],
+            num_samples=N_DRAWS,
+            max_new_tokens=1,
+            rng=2,
+            temperature=T_CHI,
+            top_k=5,
+            top_p=top_p,
+        )
+        drawn = out.tokens[:, 0]
+        assert np.isin(drawn, allowed).all()
+        assert set(drawn.tolist()) == set(allowed.tolist())
+        kept = np.where(np.isin(np.arange(VOCAB), allowed), probs, 0.0)
+        assert chi_square_pvalue(drawn, kept / kept.sum()) > 1e-3
+        np.testing.assert_allclose(out.logprobs[:, 0], np.log(probs[drawn]), atol=1e-4)
+        # top_p is a traced value: changing it reuses the program
+        before = sampler.num_compilations if before is None else before
+        assert sampler.num_compilations == before
+
+
+# Settings shared by several tests, so that they reuse one compiled program.
+SAMPLED = dict(temperature=0.8, top_p=0.9, num_samples=3)  # top-p over the vocabulary
+
+
+def test_logprobs_match_training_forward_and_reproducible(model, sampler):
+    T, top_p = SAMPLED["temperature"], SAMPLED["top_p"]
+    stop = STOP
+    kw = dict(max_new_tokens=10, stop_ids=stop, **SAMPLED)
+    out = sampler.sample(model, PROMPTS, rng=jax.random.key(7), **kw)
+    again = sampler.sample(model, PROMPTS, rng=jax.random.key(7), **kw)
+    other = sampler.sample(model, PROMPTS, rng=jax.random.key(8), **kw)
+    np.testing.assert_array_equal(out.tokens, again.tokens)
+    np.testing.assert_array_equal(out.logprobs, again.logprobs)
+    assert (out.tokens != other.tokens).any()
+    assert len(set(out.lengths.tolist())) > 1 and out.done.any()
+
+    prompts = [p for p in PROMPTS for _ in range(3)]
+    completions = out.completions()
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    for row, (prompt, comp, logits) in enumerate(
+        zip(prompts, completions, full_logits(model, seqs))
+    ):
+        step_logits = logits[len(prompt) - 1 : -1].astype(np.float64) / T  # predicts comp
+        logp = step_logits - np.log(np.exp(step_logits).sum(-1, keepdims=True))
+        expected = logp[np.arange(len(comp)), comp]
+        np.testing.assert_allclose(out.logprobs[row, : len(comp)], expected, atol=1e-4)
+        assert (out.logprobs[row, len(comp) :] == 0).all()
+        # top-p respected at every step: the token is inside the nucleus
+        p = np.exp(logp[np.arange(len(comp))])
+        assert ((p > p[np.arange(len(comp)), comp][:, None]) * p).sum(-1).max() < top_p
+        assert out.done[row] == (comp[-1] in stop)
+
+
+def test_prefix_sharing_equals_unshared(model, sampler):
+    """Same rng -> same tokens: row u*G+g uses key fold_in(rng, u*G+g) on both paths."""
+    shared = sampler.sample(model, PROMPTS, max_new_tokens=9, rng=3, **SAMPLED)
+    unshared = sampler.sample(
+        model, PROMPTS, max_new_tokens=9, rng=3, share_prefix=False, **SAMPLED
+    )
+    np.testing.assert_array_equal(shared.tokens, unshared.tokens)
+    np.testing.assert_allclose(shared.logprobs, unshared.logprobs, atol=1e-5)
+    assert (shared.tokens[0] != shared.tokens[1]).any()  # the G samples of a prompt differ
+
+
+STOP = list(range(0, VOCAB, 8))  # frequent stops: ragged lengths
+REFLECT_ROWS = [7, 0, 11]  # rows of the attempt batch (prompt r // 3) that get reflections
+REFLECT = [[50, 51, 52, 53, 54], [50], [52, 53, 54, 55, 56, 57, 58]]  # ragged new turns
+
+
+def attempt_and_reflect(sampler: Sampler, state) -> tuple:
+    """Sampled attempts (3 per prompt), then greedy reflections (2 per selected row) that
+    continue selected attempt rows after a ragged new turn."""
+    attempt = sampler.sample(state, PROMPTS, max_new_tokens=8, rng=5, stop_ids=STOP, **SAMPLED)
+    reflect = sampler.continue_(
+        state,
+        attempt.rollout,
+        REFLECT,
+        rows=REFLECT_ROWS,
+        num_samples=2,
+        max_new_tokens=4,
+        rng=0,
+        greedy=True,
+    )
+    return attempt, reflect
+
+
+def test_continuation_equals_from_scratch(model, sampler):
+    """attempt -> reflections on selected rows (G per row) -> retries with ragged new turns."""
+    attempt, refl = attempt_and_reflect(sampler, model)
+    assert attempt.done.any() and not attempt.done.all()  # rows end at different slots
+    completions = attempt.completions()
+    seqs = [PROMPTS[r // 3] + completions[r] + n for r, n in zip(REFLECT_ROWS, REFLECT)]
+    seqs = [s for s in seqs for _ in range(2)]  # sample g of row i is output row i*G+g
+    scratch = sampler.sample(model, seqs, max_new_tokens=4, rng=0, greedy=True)
+    np.testing.assert_array_equal(refl.tokens, scratch.tokens)
+    np.testing.assert_allclose(refl.logprobs, scratch.logprobs, atol=1e-5)
+
+    seqs = [s + c for s, c in zip(seqs, refl.completions())]
+    retry = [[60 + i % 3] * (1 + i % 2) for i in range(len(seqs))]
+    greedy = dict(greedy=True, stop_ids=[3, 17])
+    out = sampler.continue_(model, refl.rollout, retry, max_new_tokens=4, rng=0, **greedy)
+    seqs = [s + r for s, r in zip(seqs, retry)]
+    scratch = sampler.sample(model, seqs, max_new_tokens=4, rng=0, **greedy)
+    np.testing.assert_array_equal(out.tokens, scratch.tokens)
+    np.testing.assert_allclose(out.logprobs, scratch.logprobs, atol=1e-5)
+    # positions continue from each row's true length: the scratch run saw no gaps
+    lens = np.array([len(s) for s in seqs]) + out.lengths
+    assert (np.asarray(out.rollout.seq_lens)[: len(seqs)] == lens).all()
+
+
+def test_sharded_equals_unsharded(model, sampler):
+    """Fresh sampling (temperature, top-p, shared prefixes) and a continuation on a
+    (data=2, fsdp=2, tensor=2) mesh of 8 devices give the unsharded results."""
+    assert jax.device_count() == 8
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    state = nnx.state(model)
+    sharded_state = put(state, param_shardings(state, mesh))
+    sharded = Sampler(model, mesh, **SAMPLER_KW)
+    ref = attempt_and_reflect(sampler, model)
+    out = attempt_and_reflect(sharded, sharded_state)
+    assert len(out[0].rollout.cache.k.sharding.device_set) == 8
+    assert len(out[1].rollout.cache.k.sharding.device_set) == 8
+    for o, r in zip(out, ref):
+        np.testing.assert_array_equal(o.tokens, r.tokens)
+        np.testing.assert_array_equal(o.lengths, r.lengths)
+        np.testing.assert_allclose(o.logprobs, r.logprobs, atol=1e-5)
+
+
+def test_compilations_bounded(model, sampler):
+    """Varied prompt lengths, batch sizes, max_new_tokens and sampling values: one program."""
+    rng = np.random.default_rng(0)
+    before = None
+    for i in range(8):
+        batch = int(rng.integers(3, 5))  # 3..4 prompts: one batch bucket
+        prompts = [rng.integers(1, VOCAB, int(rng.integers(1, 17))).tolist() for _ in range(batch)]
+        settings = dict(SAMPLED, temperature=float(rng.uniform(0.5, 1.5)))
+        settings["top_p"] = float(rng.uniform(0.5, 0.99))
+        n = int(rng.integers(1, 17))
+        out = sampler.sample(model, prompts, max_new_tokens=n, rng=i, **settings)
+        assert out.tokens.shape == (batch * 3, n)
+        if before is None:  # the first call compiles at most once (none if already cached)
+            before = sampler.num_compilations
+    assert sampler.num_compilations == before
+
+
+def test_decode_step_matches_decoder():
+    """The sampler's single-token step computes what the Decoder computes with a cache
+    (here a Llama-style config: o_proj and MLP biases, untied head, no q/k/v bias)."""
+    config = ModelConfig(
+        vocab_size=48,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        o_bias=True,
+        mlp_bias=True,
+        model_type="llama",
+    )
+    graphdef, state = nnx.split(abstract_model(config))
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype), state)
+    tokens, mask = left_pad([[1, 2, 3, 4, 5], [6, 7]], 6)
+    step_tokens = np.array([9, 11], np.int32)
+    step_mask = np.array([True, False])  # row 1 writes padding
+
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    def both(state, cache):
+        model = nnx.merge(graphdef, state)
+        _, cache, lens = prefill(model, cache, jnp.zeros(2, jnp.int32), tokens, mask)
+        ref, ref_cache = model(
+            step_tokens[:, None], lens[:, None], jnp.asarray(step_mask)[:, None], cache
+        )
+        got, got_cache = decode_step(
+            model, step_weights(model), StepCache.from_cache(cache), step_tokens, lens, step_mask
+        )
+        return ref[:, 0], ref_cache, got, got_cache.to_cache()
+
+    for dtype in (jnp.float32, jnp.bfloat16):  # the cache dtype is configurable
+        ref, ref_cache, got, got_cache = both(state, KVCache.empty(config, 2, 8, dtype))
+        assert got_cache.k.dtype == dtype
+        np.testing.assert_allclose(got, ref, atol=1e-5)
+        tol = 1e-5 if dtype == jnp.float32 else 2e-2  # bf16: an ulp may flip
+        for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(ref_cache)):
+            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+            np.testing.assert_allclose(a, b, atol=tol, rtol=tol)
+
+
+def test_resize_cache():
+    config = ModelConfig(
+        vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
+        num_kv_heads=1, head_dim=4,
+    )  # fmt: skip
+    cache = KVCache.empty(config, 3, 8)
+    cache = cache.replace(
+        k=cache.k + jnp.arange(3.0)[None, :, None, None, None],
+        mask=cache.mask.at[:, :5].set(True),
+        index=jnp.int32(5),
+    )
+    rows = jnp.array([2, 0, 2, 1])
+    grown = resize_cache(cache, rows, 12)
+    assert grown.k.shape == (1, 4, 12, 1, 4) and grown.mask.shape == (4, 12)
+    np.testing.assert_array_equal(grown.k[0, :, 0, 0, 0], [2, 0, 2, 1])
+    assert not grown.mask[:, 8:].any() and int(grown.index) == 5
+    shrunk = resize_cache(cache, rows, 6)  # slots after the index were never written
+    assert shrunk.k.shape == (1, 4, 6, 1, 4)
+    np.testing.assert_array_equal(shrunk.mask.sum(1), [5, 5, 5, 5])
+
+
+def test_buckets():
+    assert [bucket_size(n, None) for n in (1, 2, 3, 64, 65)] == [1, 2, 4, 64, 128]
+    assert [bucket_size(n, 64) for n in (1, 64, 65)] == [64, 64, 128]
+    assert bucket_size(100, (64, 128, 256)) == 128
+    with pytest.raises(ValueError):
+        bucket_size(300, (64, 128, 256))
+    tokens, mask = left_pad([[1, 2], [3]], 4, pad_id=9, rows=3)
+    np.testing.assert_array_equal(tokens, [[9, 9, 1, 2], [9, 9, 9, 3], [9, 9, 9, 9]])
+    np.testing.assert_array_equal(mask.sum(1), [2, 1, 0])
