@@ -143,6 +143,7 @@ def first_attempts(
         stop_ids=tok.stop_ids,
         pad_id=tok.pad_id,
         num_samples=num_samples,
+        keep_cache=False,  # attempts are continued from their ids, not this cache
     )
     attempts = out.completions()
     lps = [lp[:n].tolist() for lp, n in zip(out.logprobs, out.lengths)]
@@ -191,6 +192,7 @@ def reflect_and_retry(
             max_new_tokens=s.max_retry_tokens,
             rng=_seed(rng, 1),
             num_samples=G,
+            keep_cache=False,
             **common,
         )
         reflections = [fixed] * (len(failures) * G)
@@ -220,6 +222,7 @@ def reflect_and_retry(
             new_ids,
             max_new_tokens=s.max_retry_tokens,
             rng=_seed(rng, 1),
+            keep_cache=False,
             **common,
         )
     retries = retry.completions()

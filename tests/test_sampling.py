@@ -44,13 +44,11 @@ def to_reflax(hf: Qwen2ForCausalLM) -> Decoder:
     """A reflax Decoder holding the weights of a transformers Qwen2 model."""
     config = ModelConfig.from_hf(hf.config.to_dict())
     sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    L = config.num_layers
-    stack = lambda name, t=False: np.stack(
-        [
-            sd[f"model.layers.{i}.{name}"].T if t else sd[f"model.layers.{i}.{name}"]
-            for i in range(L)
-        ]
-    )
+
+    def stack(name: str, transpose: bool = False) -> np.ndarray:
+        ws = [sd[f"model.layers.{i}.{name}"] for i in range(config.num_layers)]
+        return np.stack([w.T if transpose else w for w in ws])
+
     layers = {
         "attn_norm": stack("input_layernorm.weight"),
         "mlp_norm": stack("post_attention_layernorm.weight"),
@@ -59,9 +57,9 @@ def to_reflax(hf: Qwen2ForCausalLM) -> Decoder:
         "v_bias": stack("self_attn.v_proj.bias"),
     }
     for name in ("q", "k", "v", "o"):
-        layers[f"{name}_proj"] = stack(f"self_attn.{name}_proj.weight", t=True)
+        layers[f"{name}_proj"] = stack(f"self_attn.{name}_proj.weight", True)
     for name in ("gate", "up", "down"):
-        layers[f"{name}_proj"] = stack(f"mlp.{name}_proj.weight", t=True)
+        layers[f"{name}_proj"] = stack(f"mlp.{name}_proj.weight", True)
     pure = {"embed": sd["model.embed_tokens.weight"], "layers": layers}
     pure["final_norm"] = sd["model.norm.weight"]
     if not config.tie_word_embeddings:
@@ -102,7 +100,10 @@ def sampler(model) -> Sampler:
     return Sampler(model, **SAMPLER_KW)
 
 
-def hf_greedy(hf: Qwen2ForCausalLM, prompts, n: int, eos: int | None) -> np.ndarray:
+def hf_greedy(
+    hf: Qwen2ForCausalLM, prompts: list[list[int]], n: int, eos: int | None
+) -> np.ndarray:
+    """transformers' greedy `generate` on a left-padded batch -> new tokens [B, <= n]."""
     P = max(map(len, prompts))
     ids, mask = left_pad(prompts, P)
     with torch.no_grad():
@@ -117,12 +118,23 @@ def hf_greedy(hf: Qwen2ForCausalLM, prompts, n: int, eos: int | None) -> np.ndar
     return out[:, P:].numpy()
 
 
-def test_greedy_matches_transformers(hf_model, model, sampler):
+@pytest.mark.parametrize("tied", [False, True])
+def test_greedy_matches_transformers(hf_model, model, sampler, tied):
+    if tied:  # a second checkpoint: tied embeddings, other weights
+        hf_model = tiny_hf(1, 0.3, tied=True)
+        model = to_reflax(hf_model)
+        assert model.lm_head is None
+        sampler = Sampler(model, **SAMPLER_KW)
     n = 12
     ref = hf_greedy(hf_model, PROMPTS, n, eos=None)
     out = sampler.sample(nnx.state(model), PROMPTS, max_new_tokens=n, rng=0, temperature=0.0)
     np.testing.assert_array_equal(out.tokens, ref)
     assert (out.lengths == n).all() and not out.done.any()
+    # the greedy choices are not near-ties (else float noise could flip them)
+    seqs = [p + c for p, c in zip(PROMPTS, out.completions())]
+    for p, logits in zip(PROMPTS, full_logits(model, seqs)):
+        top2 = np.sort(logits[len(p) - 1 : -1], axis=-1)[:, -2:]
+        assert (top2[:, 1] - top2[:, 0]).min() > 1e-3
 
     # a stop id taken from the greedy output: rows stop at different steps, then pad
     eos = int(ref[0, 4])
@@ -135,7 +147,7 @@ def test_greedy_matches_transformers(hf_model, model, sampler):
         assert done == (len(hits) > 0)
         assert length == (hits[0] + 1 if done else n)
         assert (row[length:] == 0).all()
-    assert out.done.any() and not out.done.all()
+    assert out.lengths[0] == 5 and len(set(out.lengths.tolist())) > 1
 
 
 @functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
@@ -255,8 +267,9 @@ def test_prefix_sharing_equals_unshared(model, sampler):
     """Same rng -> same tokens: row u*G+g uses key fold_in(rng, u*G+g) on both paths."""
     shared = sampler.sample(model, PROMPTS, max_new_tokens=9, rng=3, **SAMPLED)
     unshared = sampler.sample(
-        model, PROMPTS, max_new_tokens=9, rng=3, share_prefix=False, **SAMPLED
+        model, PROMPTS, max_new_tokens=9, rng=3, share_prefix=False, keep_cache=False, **SAMPLED
     )
+    assert unshared.rollout is None
     np.testing.assert_array_equal(shared.tokens, unshared.tokens)
     np.testing.assert_allclose(shared.logprobs, unshared.logprobs, atol=1e-5)
     assert (shared.tokens[0] != shared.tokens[1]).any()  # the G samples of a prompt differ
@@ -344,8 +357,9 @@ def test_compilations_bounded(model, sampler):
 
 
 def test_decode_step_matches_decoder():
-    """The sampler's single-token step computes what the Decoder computes with a cache
-    (here a Llama-style config: o_proj and MLP biases, untied head, no q/k/v bias)."""
+    """The sampler's single-token step over a shared prefix computes what the Decoder
+    computes with the equivalent per-row cache (here a Llama-style config: o_proj and
+    MLP biases, untied head, no q/k/v bias; bf16 and float32 caches)."""
     config = ModelConfig(
         vocab_size=48,
         hidden_size=32,
@@ -361,25 +375,33 @@ def test_decode_step_matches_decoder():
     graphdef, state = nnx.split(abstract_model(config))
     rng = np.random.default_rng(0)
     state = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype), state)
-    tokens, mask = left_pad([[1, 2, 3, 4, 5], [6, 7]], 6)
-    step_tokens = np.array([9, 11], np.int32)
-    step_mask = np.array([True, False])  # row 1 writes padding
+    tokens, mask = left_pad([[1, 2, 3, 4, 5], [6, 7]], 6)  # U = 2 prefix rows, P = 6
+    G, N = 2, 3  # 2 samples per prefix row, 3 new slots
+    steps = [  # (tokens [4], mask [4]): row 1 writes padding at the first step
+        (np.array([9, 11, 13, 15], np.int32), np.array([True, False, True, True])),
+        (np.array([17, 19, 21, 23], np.int32), np.array([True, True, True, True])),
+    ]
 
     @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
-    def both(state, cache):
+    def both(state, prefix):
         model = nnx.merge(graphdef, state)
-        _, cache, lens = prefill(model, cache, jnp.zeros(2, jnp.int32), tokens, mask)
-        ref, ref_cache = model(
-            step_tokens[:, None], lens[:, None], jnp.asarray(step_mask)[:, None], cache
-        )
-        got, got_cache = decode_step(
-            model, step_weights(model), StepCache.from_cache(cache), step_tokens, lens, step_mask
-        )
-        return ref[:, 0], ref_cache, got, got_cache.to_cache()
+        _, prefix, lens = prefill(model, prefix, jnp.zeros(2, jnp.int32), tokens, mask)
+        lens = jnp.repeat(lens, G)
+        ref_cache = resize_cache(prefix, jnp.repeat(jnp.arange(2), G), 6 + N)
+        got_cache = StepCache.create(prefix, 2 * G, N)
+        weights = step_weights(model)
+        ref, got = [], []
+        for toks, m in steps:
+            logits, ref_cache = model(toks[:, None], lens[:, None], m[:, None], ref_cache)
+            ref.append(logits[:, 0])
+            logits, got_cache = decode_step(model, weights, got_cache, toks, lens, m)
+            got.append(logits)
+            lens = lens + m
+        return ref, ref_cache, got, got_cache.to_cache()
 
     for dtype in (jnp.float32, jnp.bfloat16):  # the cache dtype is configurable
-        ref, ref_cache, got, got_cache = both(state, KVCache.empty(config, 2, 8, dtype))
-        assert got_cache.k.dtype == dtype
+        ref, ref_cache, got, got_cache = both(state, KVCache.empty(config, 2, 6, dtype))
+        assert got_cache.k.dtype == dtype and int(got_cache.index) == 6 + len(steps)
         np.testing.assert_allclose(got, ref, atol=1e-5)
         tol = 1e-5 if dtype == jnp.float32 else 2e-2  # bf16: an ulp may flip
         for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(ref_cache)):
