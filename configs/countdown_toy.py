@@ -3,14 +3,18 @@
     python -m reflax.train --config=configs/countdown_toy.py --workdir=/tmp/toy
     python -m reflax.train --config=configs/countdown_toy.py:smoke --workdir=/tmp/smoke
 
-Hardware: 2 CPU cores, float32, no download. A character-level model (3 layers,
-width 96, ~0.3M parameters) gets a supervised warm start on generated problems:
-half the steps teach the first attempt (`[3, 5, 2] to 11` -> `3*5-2`), half a
-whole reflect/retry episode after a random wrong attempt, where the "reflection"
-is a first step of a solution (`3*5=15`) and the retry a full expression that
-uses it. Reflect-Retry-Reward GRPO then runs online (fresh first attempts each
-step) and rewards only the reflection tokens when the retry passes. The run ends
-by printing the before/after table on 1,000 held-out problems (greedy decoding).
+Hardware: 2 CPU cores, float32, no download. The task is two-number Countdown
+(numbers 1..12, targets 1..40: `[6, 3] to 9` -> `6+3`), so an answer is `x op y`
+and the decision is the operator. A character-level model (3 layers, width 96,
+~0.3M parameters) gets a short supervised warm start: half the steps teach the
+first attempt, half a whole episode after a wrong attempt (`6*3` -> `wrong` ->
+reflection `use 6-3` -> `again` -> retry `6-3`). The warm-start reflection names
+a random operator other than the failed one (`reflection_gold_fraction=0`), so
+the retry learns to follow its reflection but the vanilla reflections are
+uninformed guesses. Reflect-Retry-Reward GRPO then runs online (fresh first
+attempts each step) and rewards only the reflection tokens when the retry
+passes. The run ends by printing the before/after table on 1,000 held-out
+problems (greedy decoding).
 `:smoke` is a seconds-long version for tests. Results and ablations:
 experiments/toy_reproduction/README.md.
 """
@@ -36,13 +40,13 @@ def get_config(arg: str | None = None) -> ConfigDict:
         num_heads=4,
         num_kv_heads=2,
         head_dim=24,
-        max_position_embeddings=256,
+        max_position_embeddings=128,
     )
     c.tokenizer.char_alphabet = ALPHABET
     c.task.name = "countdown"
-    c.task.kwargs.counts = (3,)
-    c.task.kwargs.num_range = (1, 9)
-    c.task.kwargs.target_range = (1, 12)
+    c.task.kwargs.counts = (2,)
+    c.task.kwargs.num_range = (1, 12)
+    c.task.kwargs.target_range = (1, 40)
     c.task.kwargs.synthetic_test_fraction = 0.3
     c.task.kwargs.prompt_template = "{nums} to {target}"
     c.task.kwargs.reflection_template = "wrong"
@@ -52,13 +56,13 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.task.num_train = 8000
 
     c.rollout.mode = "online"
-    c.rollout.queries_per_step = 64
-    c.rollout.groups_per_step = 8
+    c.rollout.queries_per_step = 128
+    c.rollout.groups_per_step = 16
     c.rollout.group_size = 8
     c.rollout.temperature = 1.0
-    c.rollout.max_attempt_tokens = 12
+    c.rollout.max_attempt_tokens = 8
     c.rollout.max_reflection_tokens = 12
-    c.rollout.max_retry_tokens = 12
+    c.rollout.max_retry_tokens = 8
     c.rollout.seq_len = 128
     c.rollout.cache_dtype = "float32"
 
@@ -66,17 +70,18 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.grpo.logits_chunk = 512
     c.optim.learning_rate = 5e-4
     c.optim.warmup_ratio = 0.05
-    c.total_steps = 40
+    c.total_steps = 20
 
     c.warm_start.steps = 400
     c.warm_start.batch_size = 32
     c.warm_start.learning_rate = 3e-3
     c.warm_start.seq_len = 128
     c.warm_start.answer_template = "{expression}"
-    c.warm_start.episode_fraction = 0.5
+    c.warm_start.episode_fraction = 0.8
     c.warm_start.wrong_template = "{wrong}"
-    c.warm_start.reflection_template = "{step}"
-    c.warm_start.retry_template = "{expression}"
+    c.warm_start.reflection_template = "use {hint}"
+    c.warm_start.retry_template = "{hint}"
+    c.warm_start.reflection_gold_fraction = 0.0
 
     c.checkpoint_every = 20
     c.sample_every = 10

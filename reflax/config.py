@@ -252,6 +252,8 @@ def paper_config(model_path: str, task: str, arg: str | None = None) -> ConfigDi
     c.rollout.seq_len = 2048 if task == "function_calling" else 1024
     c.total_steps = 1000
     c.eval.num_examples = 1000
+    # 256 rows of 1-2k tokens: 8 micro-batches fit a v5e-8 with fsdp=8 (experiments/aot_memory.py)
+    c.grpo.micro_batches = 8
     if arg in (None, "", "tpu"):
         return c
     if arg != "local":
@@ -272,6 +274,7 @@ def paper_config(model_path: str, task: str, arg: str | None = None) -> ConfigDi
     c.rollout.max_retry_tokens = 16
     c.rollout.seq_len = 2048 if task == "function_calling" else 512
     c.optim.learning_rate = 1e-4
+    c.grpo.micro_batches = 1
     c.total_steps = 3
     c.checkpoint_every = 2
     c.eval.num_examples = 8

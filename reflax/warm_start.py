@@ -84,9 +84,47 @@ def _countdown_fields(example: dict, rng: random.Random, verify: Any) -> dict[st
     return {"expression": expression, "step": step, "wrong": wrong}
 
 
+def _pair_expression(op: str, nums: list[int]) -> str:
+    """Two numbers joined by `op`; `-` and `/` put the larger first (targets are positive)."""
+    x, y = nums
+    if op in "-/":
+        x, y = max(x, y), min(x, y)
+    return f"{x}{op}{y}"
+
+
+def _pair_fields(
+    example: dict, rng: random.Random, verify: Any, gold_fraction: float
+) -> dict[str, str]:
+    """Two-number countdown: the answer is `x op y`, so the choice is the operator.
+
+    `expression`: the solution (`op`) written by `_pair_expression`; `wrong`: the same
+    numbers with an operator that fails (`wrong_op`); `hint_op`: the operator a reflection
+    names, the solution's with probability `gold_fraction`, otherwise a random operator
+    other than `wrong_op` (which may pass too); `hint`: the expression that follows it.
+    """
+    nums = list(example["nums"])
+    op = next(ch for ch in "+-*/" if ch in example["solution"])
+    fails = [o for o in "+-*/" if not verify(example, _pair_expression(o, nums))]
+    wrong_op = rng.choice(fails) if fails else op
+    others = [o for o in "+-*/" if o != wrong_op]
+    hint_op = op if rng.random() < gold_fraction else rng.choice(others)
+    return {
+        "expression": _pair_expression(op, nums),
+        "op": op,
+        "wrong": _pair_expression(wrong_op, nums),
+        "wrong_op": wrong_op,
+        "hint_op": hint_op,
+        "hint": _pair_expression(hint_op, nums),
+    }
+
+
 def derived_fields(rt: Runtime, example: dict, rng: random.Random) -> dict[str, str]:
-    """Extra template fields for the task (countdown: expression, step, wrong)."""
+    """Extra template fields for the task (countdown: expression, step, wrong; with two
+    numbers also op, wrong_op, hint_op, hint; see `_pair_fields`)."""
     if rt.config.task.name == "countdown" and "solution" in example:
+        if len(example["nums"]) == 2:
+            gold = rt.config.warm_start.get("reflection_gold_fraction", 1.0)
+            return _pair_fields(example, rng, rt.task.verify, gold)
         return _countdown_fields(example, rng, rt.task.verify)
     return {}
 

@@ -1,0 +1,127 @@
+"""Ahead-of-time memory check (experiments/aot_memory.py) on a tiny model and 8 fake devices.
+
+The train step is lowered and compiled from ShapeDtypeStructs only; the test checks that
+`compiled.memory_analysis()` gives sane per-device figures, that fsdp=8 really shards the
+arguments (about 1/8 of their unsharded bytes on each device), that the donated state is
+aliased to the output, and that the total fits a budget computed from the shapes.
+"""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from reflax.models import ModelConfig
+from reflax.sharding import make_mesh
+from reflax.trainer import StepConfig
+
+_SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "aot_memory.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("reflax_experiments_aot_memory", _SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+aot = _load_script()
+
+CFG = ModelConfig(
+    vocab_size=1024,
+    hidden_size=128,
+    intermediate_size=256,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=32,
+    qkv_bias=True,
+    tie_word_embeddings=True,
+)
+BATCH, SEQ, MICRO, CHUNK = 32, 64, 2, 32
+DEVICES = 8
+
+
+@pytest.fixture(scope="module")
+def result():
+    if jax.device_count() < DEVICES:
+        pytest.skip(f"needs {DEVICES} devices (tests/conftest.py fakes them on the CPU)")
+    mesh = make_mesh({"fsdp": DEVICES}, devices=jax.devices()[:DEVICES])
+    return aot.compile_train_step(
+        CFG,
+        mesh,
+        batch_size=BATCH,
+        seq_len=SEQ,
+        step_config=StepConfig(beta=0.001, micro_batches=MICRO, logits_chunk=CHUNK),
+        param_dtype=jnp.float32,
+        dtype=jnp.bfloat16,
+        ref_dtype=jnp.float32,
+        remat=True,
+        compiler_options=aot.FAST_COMPILE,
+    )
+
+
+def _nbytes(tree, shard=False):
+    leaves = jax.tree.leaves(tree)
+    return sum(
+        math.prod(x.sharding.shard_shape(x.shape) if shard else x.shape) * x.dtype.itemsize
+        for x in leaves
+    )
+
+
+def test_memory_analysis_is_sane(result):
+    m = result.memory
+    assert m.argument > 0 and m.output > 0 and m.temp > 0
+    assert m.alias >= 0 and m.code >= 0
+    assert m.total == m.argument + m.output - m.alias + m.temp + m.code
+    assert m.total > m.argument
+
+
+def test_arguments_are_sharded_over_fsdp(result):
+    m = result.memory
+    unsharded = result.global_argument_bytes()
+    # the compiler's per-device argument bytes are the shards the shardings promise ...
+    assert m.argument == pytest.approx(result.shard_argument_bytes(), rel=0.01)
+    # ... which are about 1/8 of everything (norms, biases and scalars are replicated)
+    assert m.argument == pytest.approx(unsharded / DEVICES, rel=0.05)
+    state, _, ref = result.args
+    params = _nbytes(state.params)
+    assert _nbytes(state.params, shard=True) == pytest.approx(params / DEVICES, rel=0.05)
+    assert _nbytes(ref, shard=True) == pytest.approx(params / DEVICES, rel=0.05)
+
+
+def test_state_is_donated(result):
+    state, _, _ = result.args
+    state_shard = _nbytes(state, shard=True)
+    # the new state is written over the donated one; only the metrics are fresh outputs
+    assert result.memory.alias == pytest.approx(state_shard, rel=0.01)
+    assert result.memory.output - result.memory.alias < 4096
+
+
+def test_fits_budget_from_shapes(result):
+    c = CFG
+    f32 = 4
+    rows = BATCH // DEVICES // MICRO  # rows of one micro-batch on one device
+    T, D, F, V, L = SEQ, c.hidden_size, c.intermediate_size, c.vocab_size, c.num_layers
+    params = c.num_params * f32
+    state_shard = _nbytes(result.args[0], shard=True)
+    args = result.shard_argument_bytes()
+    # gradient accumulator, one micro-batch's gradient, Adam's update temporaries (sharded);
+    # every parameter all-gathered in the compute dtype for the forward, its gradient before
+    # the reduce-scatter, for the policy and the reference model
+    weights = 6 * state_shard + 2 * params + 2 * params
+    # remat: one residual per layer is kept; one layer's working set is recomputed
+    scores = rows * c.num_heads * T * T * f32
+    layer = rows * T * (4 * F + 8 * D + 3 * c.num_heads * c.head_dim) * f32 + 4 * scores
+    saved = L * rows * T * D * f32
+    logits = 4 * rows * CHUNK * V * f32  # one chunk: logits, softmax, their gradients
+    budget = args + weights + 2 * (saved + layer + logits)
+    m = result.memory
+    assert m.total <= budget, (m, budget)
+    # and no less than the arguments plus one chunk of float32 logits
+    assert m.total >= args + rows * CHUNK * V * f32
