@@ -17,6 +17,18 @@ from reflax.metrics import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "configs/countdown_toy.py:smoke"
+# An easy variant the smoke model learns in its warm start, so that RL groups have mixed
+# rewards and the GRPO updates are not zero (resume and NaN checks need real updates).
+LEARNABLE = [
+    "--config.task.kwargs.num_range=(1, 3)",
+    "--config.task.kwargs.target_range=(1, 6)",
+    "--config.warm_start.steps=300",
+    "--config.warm_start.learning_rate=1e-2",
+    "--config.warm_start.batch_size=16",
+    "--config.model.init.hidden_size=64",
+    "--config.model.init.num_layers=2",
+    "--config.model.init.head_dim=16",
+]
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +65,18 @@ def final_params(workdir):
 
 
 def test_resume_after_kill_equals_uninterrupted(tmp_path, env):
-    steps = ["--config.total_steps=6", "--config.checkpoint_every=1", "--config.eval.after=False"]
+    steps = [
+        "--config.total_steps=5",
+        "--config.checkpoint_every=1",
+        "--config.eval.before=False",
+        "--config.eval.after=False",
+        "--config.export_hf=False",
+        *LEARNABLE,
+    ]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    out = run(cli("train", f"--config={SMOKE}", f"--workdir={a}", *steps), env)
-    assert "held-out accuracy" in out.stdout  # the "before" table
+    run(cli("train", f"--config={SMOKE}", f"--workdir={a}", *steps), env)
+    rows = [r for r in read_jsonl(os.path.join(a, "metrics.jsonl")) if "loss" in r]
+    assert any(r["grad_norm"] > 0 for r in rows), "no GRPO update happened: test is vacuous"
 
     proc = subprocess.Popen(
         cli("train", f"--config={SMOKE}", f"--workdir={b}", *steps),
@@ -66,27 +86,23 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, env):
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 600
-    while not os.path.isdir(os.path.join(b, "checkpoints", "3")):
+    while not os.path.isdir(os.path.join(b, "checkpoints", "2")):
         assert proc.poll() is None, "run ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     killed_at = Checkpointer(os.path.join(b, "checkpoints")).latest_step()
-    assert 3 <= killed_at < 6
+    assert 2 <= killed_at < 5
 
     run(cli("train", f"--config={SMOKE}", f"--workdir={b}", *steps), env)
     step_a, pa = final_params(a)
     step_b, pb = final_params(b)
-    assert step_a == step_b == 6
+    assert step_a == step_b == 5
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
         np.testing.assert_array_equal(x, y)
     steps_logged = [r["step"] for r in read_jsonl(os.path.join(b, "metrics.jsonl")) if "loss" in r]
-    assert set(steps_logged) == set(range(1, 7))
-
-    # evaluate the finished run against its initial model
-    out = run(cli("evaluate", f"--config={SMOKE}", f"--checkpoint={a}", "--baseline"), env)
-    assert "vanilla" in out.stdout and "trained (step 6)" in out.stdout
+    assert set(steps_logged) == set(range(1, 6))
 
 
 def test_non_finite_loss_stops_with_checkpoint_intact(tmp_path, env):
@@ -102,6 +118,8 @@ def test_non_finite_loss_stops_with_checkpoint_intact(tmp_path, env):
             "--config.optim.warmup_ratio=0.0",
             "--config.optim.max_grad_norm=0.0",
             "--config.eval.before=False",
+            "--config.eval.after=False",
+            *LEARNABLE,
         ),
         env,
         check=False,
