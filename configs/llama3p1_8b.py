@@ -16,8 +16,8 @@ Should reach: a gain on both tries (the paper's function-calling table).
 Data: the synthetic generator of the xLAM schema by default. The paper's data is
 Salesforce/xlam-function-calling-60k (gated: accept its terms on the Hub), set as
 --config.task.train_source and --config.task.test_source (12,000 held out).
-`:local` runs the same pipeline on a laptop CPU with a tiny random model in a minute or
-two.
+`:local` runs the same pipeline on a laptop CPU with a tiny random model (a few
+minutes).
 """
 
 from reflax.config import paper_config

@@ -17,8 +17,8 @@ Should reach: vanilla 32.6 / 34.8 -> trained 48.6 / 52.9 (first / second try, %)
 Data: the synthetic generator of the xLAM schema by default. The paper's data is
 Salesforce/xlam-function-calling-60k (gated: accept its terms on the Hub), set as
 --config.task.train_source and --config.task.test_source (12,000 held out).
-`:local` runs the same pipeline on a laptop CPU with a tiny random model in a minute or
-two.
+`:local` runs the same pipeline on a laptop CPU with a tiny random model (a few
+minutes).
 """
 
 from reflax.config import paper_config

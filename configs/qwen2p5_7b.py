@@ -16,8 +16,8 @@ Should reach: vanilla 31.7 first try -> trained 41.6 / above 50.
 Data: the task's generator by default. The paper's data is TinyZero's Countdown-
 Tasks-3to4: --config.task.train_source=Jiayi-Pan/Countdown-Tasks-3to4
 --config.task.test_source=Jiayi-Pan/Countdown-Tasks-3to4 (15,000 held out).
-`:local` runs the same pipeline on a laptop CPU with a tiny random model in a minute or
-two.
+`:local` runs the same pipeline on a laptop CPU with a tiny random model (a few
+minutes).
 """
 
 from reflax.config import paper_config

@@ -17,8 +17,8 @@ Should reach: vanilla 66.4 first try -> trained 72.2 / 77.3, above vanilla Qwen2
 Data: the synthetic generator of the xLAM schema by default. The paper's data is
 Salesforce/xlam-function-calling-60k (gated: accept its terms on the Hub), set as
 --config.task.train_source and --config.task.test_source (12,000 held out).
-`:local` runs the same pipeline on a laptop CPU with a tiny random model in a minute or
-two.
+`:local` runs the same pipeline on a laptop CPU with a tiny random model (a few
+minutes).
 """
 
 from reflax.config import paper_config
