@@ -1,12 +1,14 @@
 """reflax: Reflect, Retry, Reward GRPO trainer in JAX/Flax."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="reflax",
     version="0.1.0",
-    description="Teach language models to reflect on failures: Reflect-Retry-Reward GRPO in JAX/Flax",
-    long_description=open("README.md").read(),
+    description="Reflect-Retry-Reward GRPO in JAX/Flax: models that learn from their failures",
+    long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["reflax", "reflax.*"]),
