@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
@@ -33,7 +32,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from reflax.models import Decoder, ModelConfig, abstract_model
+from reflax.models import Decoder, ModelConfig
+from reflax.models.hf import from_hf_state_dict
 from reflax.sampling import Sampler
 
 SEED = 0
@@ -56,32 +56,9 @@ def bench_hf_model() -> Qwen2ForCausalLM:
 
 
 def to_reflax(hf: Qwen2ForCausalLM) -> Decoder:
-    """The same weights in a reflax Decoder (HF [out, in] kernels transposed, layers stacked)."""
-    config = ModelConfig.from_hf(hf.config.to_dict())
-    sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-
-    def stack(name: str, transpose: bool = False) -> np.ndarray:
-        ws = [sd[f"model.layers.{i}.{name}"] for i in range(config.num_layers)]
-        return np.stack([w.T if transpose else w for w in ws])
-
-    layers = {
-        "attn_norm": stack("input_layernorm.weight"),
-        "mlp_norm": stack("post_attention_layernorm.weight"),
-        "q_bias": stack("self_attn.q_proj.bias"),
-        "k_bias": stack("self_attn.k_proj.bias"),
-        "v_bias": stack("self_attn.v_proj.bias"),
-    }
-    for name in ("q", "k", "v", "o"):
-        layers[f"{name}_proj"] = stack(f"self_attn.{name}_proj.weight", True)
-    for name in ("gate", "up", "down"):
-        layers[f"{name}_proj"] = stack(f"mlp.{name}_proj.weight", True)
-    pure = {"embed": sd["model.embed_tokens.weight"], "layers": layers}
-    pure["final_norm"] = sd["model.norm.weight"]
-    if not config.tie_word_embeddings:
-        pure["lm_head"] = sd["lm_head.weight"].T
-    graphdef, state = nnx.split(abstract_model(config))
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
-    return nnx.merge(graphdef, state)
+    """A reflax Decoder holding the weights of a transformers Qwen2 model."""
+    tensors = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    return from_hf_state_dict(ModelConfig.from_hf(hf.config.to_dict()), tensors)
 
 
 def timed(fn: Callable[[int], object], reps: int) -> tuple[float, list[float]]:

@@ -16,6 +16,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from reflax.models import Decoder, ModelConfig, abstract_model
 from reflax.models.decoder import KVCache
+from reflax.models.hf import from_hf_state_dict
 from reflax.sampling import (
     Sampler,
     StepCache,
@@ -42,31 +43,8 @@ SAMPLER_KW = dict(
 
 def to_reflax(hf: Qwen2ForCausalLM) -> Decoder:
     """A reflax Decoder holding the weights of a transformers Qwen2 model."""
-    config = ModelConfig.from_hf(hf.config.to_dict())
-    sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-
-    def stack(name: str, transpose: bool = False) -> np.ndarray:
-        ws = [sd[f"model.layers.{i}.{name}"] for i in range(config.num_layers)]
-        return np.stack([w.T if transpose else w for w in ws])
-
-    layers = {
-        "attn_norm": stack("input_layernorm.weight"),
-        "mlp_norm": stack("post_attention_layernorm.weight"),
-        "q_bias": stack("self_attn.q_proj.bias"),
-        "k_bias": stack("self_attn.k_proj.bias"),
-        "v_bias": stack("self_attn.v_proj.bias"),
-    }
-    for name in ("q", "k", "v", "o"):
-        layers[f"{name}_proj"] = stack(f"self_attn.{name}_proj.weight", True)
-    for name in ("gate", "up", "down"):
-        layers[f"{name}_proj"] = stack(f"mlp.{name}_proj.weight", True)
-    pure = {"embed": sd["model.embed_tokens.weight"], "layers": layers}
-    pure["final_norm"] = sd["model.norm.weight"]
-    if not config.tie_word_embeddings:
-        pure["lm_head"] = sd["lm_head.weight"].T
-    graphdef, state = nnx.split(abstract_model(config))  # no random init: shapes only
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
-    return nnx.merge(graphdef, state)
+    tensors = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    return from_hf_state_dict(ModelConfig.from_hf(hf.config.to_dict()), tensors)
 
 
 def tiny_hf(seed: int, init_range: float, tied: bool = False) -> Qwen2ForCausalLM:

@@ -35,7 +35,7 @@ import re
 import shutil
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -738,6 +738,26 @@ def _write_json(file: str, obj: Any) -> None:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
     shutil.move(tmp, file)
+
+
+def from_hf_state_dict(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> Decoder:
+    """A Decoder from in-memory HF tensors (e.g. a torch model's state dict as numpy).
+
+    For references and tests that already hold a transformers model; files go
+    through `load_pretrained`, which validates and shards.
+    """
+    graphdef, state = nnx.split(abstract_model(config))
+    pure: dict[str, Any] = {}
+    for spec in hf_param_specs(config):
+        arrays = [np.asarray(tensors[n]) for n in spec.hf_names]
+        arrays = [a.T if spec.transpose else a for a in arrays]
+        value = np.stack(arrays) if spec.stacked else arrays[0]
+        node = pure
+        for k in spec.key[:-1]:
+            node = node.setdefault(k, {})
+        node[spec.key[-1]] = jnp.asarray(value)
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
 
 
 def iter_hf_tensors(model: Decoder) -> Iterator[tuple[str, np.ndarray]]:
