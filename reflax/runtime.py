@@ -55,14 +55,6 @@ class Runtime:
     task: tasks.Task
     sampler: Sampler
 
-    @property
-    def model_config(self) -> ModelConfig:
-        return self.graphdef_model.config
-
-    @property
-    def graphdef_model(self) -> Any:
-        return nnx.merge(self.graphdef, self.params)
-
 
 def build_tokenizer(c: ConfigDict) -> ChatTokens:
     if c.tokenizer.char_alphabet:

@@ -27,47 +27,21 @@ from reflax.tokenizer import char_tokenizer
 ALPHABET = string.printable
 
 # transformers config kwargs of the tiny models; any can be overridden
+_SHARED = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=256,
+    rope_theta=10000.0,
+)
 BASE_CONFIGS: dict[str, dict[str, Any]] = {
-    "qwen2": dict(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-    ),
-    "llama": dict(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-    ),
-    "mistral": dict(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        sliding_window=None,
-        tie_word_embeddings=False,
-    ),
+    "qwen2": dict(_SHARED, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "llama": dict(_SHARED, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "mistral": dict(_SHARED, rms_norm_eps=1e-5, sliding_window=None, tie_word_embeddings=False),
 }
 
 LLAMA3_SPECIAL_TOKENS = (
