@@ -3,20 +3,23 @@
     python -m reflax.train --config=configs/countdown_toy.py --workdir=/tmp/toy
     python -m reflax.train --config=configs/countdown_toy.py:smoke --workdir=/tmp/smoke
 
-Hardware: 2 CPU cores, float32, no download. The task is two-number Countdown
-(numbers 1..12, targets 1..40: `[6, 3] to 9` -> `6+3`), so an answer is `x op y`
-and the decision is the operator. A character-level model (3 layers, width 96,
-~0.3M parameters) gets a short supervised warm start: half the steps teach the
-first attempt, half a whole episode after a wrong attempt (`6*3` -> `wrong` ->
-reflection `use 6-3` -> `again` -> retry `6-3`). The warm-start reflection names
-a random operator other than the failed one (`reflection_gold_fraction=0`), so
-the retry learns to follow its reflection but the vanilla reflections are
-uninformed guesses. Reflect-Retry-Reward GRPO then runs online (fresh first
-attempts each step) and rewards only the reflection tokens when the retry
-passes. The run ends by printing the before/after table on 1,000 held-out
-problems (greedy decoding).
-`:smoke` is a seconds-long version for tests. Results and ablations:
-experiments/toy_reproduction/README.md.
+Hardware: 2 CPU cores, float32, no download; about 11 minutes end to end. The task is
+two-number Countdown (numbers 1..60, targets 1..99: `[6, 3] to 9` -> `6+3`), so an
+answer is `x op y` and the decision is the operator; number multisets are split
+between train and test, and the 1,000 held-out problems are distinct. The tokenizer is
+character-level except that runs of up to two digits are one token (as Llama 3 groups
+three), so copying a number is copying one token. A random-init decoder (3 layers, width
+96, ~0.3M parameters) gets a supervised warm start: 20% of the steps teach the first
+attempt, 80% a whole episode after a wrong attempt (`6*3` -> `wrong` -> reflection
+`use minus` -> `again` -> retry `6-3`). The warm-start reflection names a random operator
+other than the failed one (`reflection_gold_fraction=0`), so the retry learns to follow
+its reflection while the vanilla reflections are uninformed. Reflect-Retry-Reward GRPO
+then runs online (fresh first attempts each step, temperature 0.7) and rewards only the
+reflection tokens when the retry passes. The run ends by printing the before/after table
+on the held-out problems (greedy decoding). Expect the second try to rise well above the
+vanilla model's while the first try stays within a few points (measured figures:
+experiments/toy_reproduction/README.md).
+`:smoke` is a seconds-long version for tests.
 """
 
 from ml_collections import ConfigDict
@@ -43,11 +46,13 @@ def get_config(arg: str | None = None) -> ConfigDict:
         max_position_embeddings=128,
     )
     c.tokenizer.char_alphabet = ALPHABET
+    c.tokenizer.digit_group = 2
     c.task.name = "countdown"
     c.task.kwargs.counts = (2,)
-    c.task.kwargs.num_range = (1, 12)
-    c.task.kwargs.target_range = (1, 40)
+    c.task.kwargs.num_range = (1, 60)
+    c.task.kwargs.target_range = (1, 99)
     c.task.kwargs.synthetic_test_fraction = 0.3
+    c.task.kwargs.synthetic_unique_test = True
     c.task.kwargs.prompt_template = "{nums} to {target}"
     c.task.kwargs.reflection_template = "wrong"
     c.task.kwargs.retry_template = "again"
@@ -59,31 +64,31 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.rollout.queries_per_step = 128
     c.rollout.groups_per_step = 16
     c.rollout.group_size = 8
-    c.rollout.temperature = 1.0
+    c.rollout.temperature = 0.7
     c.rollout.max_attempt_tokens = 8
     c.rollout.max_reflection_tokens = 12
     c.rollout.max_retry_tokens = 8
-    c.rollout.seq_len = 128
+    c.rollout.seq_len = 112
     c.rollout.cache_dtype = "float32"
 
     c.grpo.beta = 0.0
     c.grpo.logits_chunk = 512
-    c.optim.learning_rate = 5e-4
+    c.optim.learning_rate = 3e-4
     c.optim.warmup_ratio = 0.05
-    c.total_steps = 20
+    c.total_steps = 100
 
-    c.warm_start.steps = 400
+    c.warm_start.steps = 1000
     c.warm_start.batch_size = 32
     c.warm_start.learning_rate = 3e-3
     c.warm_start.seq_len = 128
     c.warm_start.answer_template = "{expression}"
     c.warm_start.episode_fraction = 0.8
     c.warm_start.wrong_template = "{wrong}"
-    c.warm_start.reflection_template = "use {hint}"
+    c.warm_start.reflection_template = "use {hint_word}"
     c.warm_start.retry_template = "{hint}"
     c.warm_start.reflection_gold_fraction = 0.0
 
-    c.checkpoint_every = 20
+    c.checkpoint_every = 50
     c.sample_every = 10
     c.eval.num_examples = 1000
     c.eval.batch_size = 256

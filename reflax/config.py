@@ -49,8 +49,9 @@ def base_config() -> ConfigDict:
             max_position_embeddings=4096,
         )
     )
-    # Tokenizer: `path` (default: model.path) or a character tokenizer over `char_alphabet`.
-    c.tokenizer = ConfigDict(dict(path="", char_alphabet=""))
+    # Tokenizer: `path` (default: model.path) or a character tokenizer over `char_alphabet`
+    # (`digit_group` > 1: runs of up to that many digits are one token, as in Llama 3).
+    c.tokenizer = ConfigDict(dict(path="", char_alphabet="", digit_group=1))
 
     c.task = ConfigDict()
     c.task.name = "countdown"

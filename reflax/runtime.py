@@ -58,7 +58,9 @@ class Runtime:
 
 def build_tokenizer(c: ConfigDict) -> ChatTokens:
     if c.tokenizer.char_alphabet:
-        return ChatTokens(char_tokenizer(c.tokenizer.char_alphabet))
+        return ChatTokens(
+            char_tokenizer(c.tokenizer.char_alphabet, digit_group=c.tokenizer.digit_group)
+        )
     path = c.tokenizer.path or c.model.path
     return ChatTokens(load_tokenizer(path))
 

@@ -230,24 +230,35 @@ def char_tokenizer(
     eos_token: str = "<|im_end|>",
     pad_token: str | None = "<|endoftext|>",
     bos_token: str | None = None,
+    digit_group: int = 1,
 ) -> PreTrainedTokenizerFast:
     """A character-level tokenizer: one id per character, built offline.
 
     Ids: the special tokens first (in order), then `<unk>`, then each distinct
     character of `alphabet`, then any other character the chat template's
     literal text needs (role names, newlines), so rendering never yields <unk>.
+    With `digit_group` = D > 1, a run of digits is split left to right into groups
+    of up to D digits, each one token (as Llama 3 does with D = 3): every string
+    of 1..D digits gets an id after the characters, so `12+7` is 3 tokens.
     Defaults are Qwen-instruct-like: eos `<|im_end|>`, pad `<|endoftext|>`.
     Saves and loads with `save_pretrained` / `AutoTokenizer.from_pretrained`.
     """
     for tok in (eos_token, pad_token, bos_token):
         if tok is not None and tok not in special_tokens:
             raise ValueError(f"{tok!r} is not one of the special tokens {list(special_tokens)}")
+    if not 1 <= digit_group <= 4:
+        raise ValueError(f"digit_group must be in [1, 4] (10**D ids per width), got {digit_group}")
     chars = alphabet + (_template_chars(chat_template, special_tokens) if chat_template else "")
     vocab = {t: i for i, t in enumerate([*special_tokens, UNK])}
     for ch in chars:
         vocab.setdefault(ch, len(vocab))
+    if digit_group > 1:
+        for width in range(1, digit_group + 1):
+            for n in range(10**width):
+                vocab.setdefault(str(n).zfill(width), len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    pattern = rf"\d{{1,{digit_group}}}|[\s\S]" if digit_group > 1 else r"[\s\S]"
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     tok.decoder = decoders.Fuse()  # concatenate characters, no separator
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
     named = {eos_token, pad_token, bos_token} - {None}

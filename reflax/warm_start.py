@@ -92,6 +92,9 @@ def _pair_expression(op: str, nums: list[int]) -> str:
     return f"{x}{op}{y}"
 
 
+_OP_WORDS = {"+": "plus", "-": "minus", "*": "times", "/": "over"}
+
+
 def _pair_fields(
     example: dict, rng: random.Random, verify: Any, gold_fraction: float
 ) -> dict[str, str]:
@@ -100,7 +103,8 @@ def _pair_fields(
     `expression`: the solution (`op`) written by `_pair_expression`; `wrong`: the same
     numbers with an operator that fails (`wrong_op`); `hint_op`: the operator a reflection
     names, the solution's with probability `gold_fraction`, otherwise a random operator
-    other than `wrong_op` (which may pass too); `hint`: the expression that follows it.
+    other than `wrong_op` (which may pass too); `hint`: the expression that follows it;
+    `hint_word` / `wrong_word`: those operators as words (plus, minus, times, over).
     """
     nums = list(example["nums"])
     op = next(ch for ch in "+-*/" if ch in example["solution"])
@@ -115,12 +119,14 @@ def _pair_fields(
         "wrong_op": wrong_op,
         "hint_op": hint_op,
         "hint": _pair_expression(hint_op, nums),
+        "hint_word": _OP_WORDS[hint_op],
+        "wrong_word": _OP_WORDS[wrong_op],
     }
 
 
 def derived_fields(rt: Runtime, example: dict, rng: random.Random) -> dict[str, str]:
     """Extra template fields for the task (countdown: expression, step, wrong; with two
-    numbers also op, wrong_op, hint_op, hint; see `_pair_fields`)."""
+    numbers also op, wrong_op, hint_op, hint, hint_word, wrong_word; see `_pair_fields`)."""
     if rt.config.task.name == "countdown" and "solution" in example:
         if len(example["nums"]) == 2:
             gold = rt.config.warm_start.get("reflection_gold_fraction", 1.0)

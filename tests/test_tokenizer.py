@@ -155,6 +155,22 @@ def test_char_tokenizer_round_trip(tmp_path):
         assert _template_ids(loaded, [{"role": "user", "content": "ab"}]) == chat_ids
 
 
+def test_digit_groups_are_single_tokens(tmp_path):
+    tok = char_tokenizer("0123456789+ ", digit_group=2)
+    pieces = lambda text: [tok.decode([i]) for i in tok.encode(text, add_special_tokens=False)]
+    assert pieces("12+7 05") == ["12", "+", "7", " ", "05"]
+    assert pieces("12345") == ["12", "34", "5"]  # runs split left to right, as in Llama 3
+    assert tok.unk_token_id not in tok.encode("99+100", add_special_tokens=False)
+    assert tok.decode(tok.encode("40+2", add_special_tokens=False)) == "40+2"
+    tok.save_pretrained(tmp_path / "tok")
+    loaded = load_tokenizer(tmp_path / "tok")
+    assert loaded.encode("12345", add_special_tokens=False) == tok.encode(
+        "12345", add_special_tokens=False
+    )
+    with pytest.raises(ValueError, match="digit_group"):
+        char_tokenizer("0123456789", digit_group=0)
+
+
 def test_char_tokenizer_rejects_unknown_special_names():
     with pytest.raises(ValueError, match="not one of the special tokens"):
         char_tokenizer("abc", eos_token="</s>")

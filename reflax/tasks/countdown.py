@@ -39,7 +39,10 @@ Generation (``load(split)`` without ``source``)
     stored ``solution`` has integer intermediates) and pick the target uniformly among the
     reachable integers inside ``target_range`` (redraw when none). A number multiset is held
     out for test iff its salted hash falls in the first ``synthetic_test_fraction`` of the
-    hash range, so generated train and test problems never share numbers.
+    hash range, so generated train and test problems never share numbers. Train problems
+    are drawn with replacement; with ``synthetic_unique_test=True`` the test split holds
+    each problem (target, number multiset) at most once, so a small number range still
+    gives distinct held-out problems (a request larger than the pool raises an error).
 
 Loading (``load(split, source=...)``)
     Rows need an integer ``target`` (an integral float is accepted) and ``nums``, a list of
@@ -304,6 +307,7 @@ class CountdownTask(Task):
         split_seed: int = 0,
         synthetic_size: int = 1_000,
         synthetic_test_fraction: float = 0.1,
+        synthetic_unique_test: bool = False,
     ) -> None:
         super().__init__(test_size=test_size, split_seed=split_seed)
         counts = tuple(counts)
@@ -327,6 +331,7 @@ class CountdownTask(Task):
         self.answer_fallback = answer_fallback
         self.synthetic_size = synthetic_size
         self.synthetic_test_fraction = synthetic_test_fraction
+        self.synthetic_unique_test = synthetic_unique_test
 
     # ------------------------------------------------------------------------- loading
     def parse_row(self, row: dict) -> dict | None:
@@ -351,16 +356,19 @@ class CountdownTask(Task):
         rng = random.Random(f"countdown:{split}:{seed}")
         salt = f"countdown-synthetic:{self.split_seed}"
         want_test = split == "test"
+        unique = want_test and self.synthetic_unique_test
         lo, hi = self.num_range
         t_lo, t_hi = self.target_range
         examples: list[dict] = []
-        attempts = 0
+        seen: set[tuple] = set()
+        misses = 0  # draws in a row that added nothing
         while len(examples) < num:
-            attempts += 1
-            if attempts > 1000 * (num + 10):
+            misses += 1
+            if misses > 100_000:
                 raise ValueError(
-                    "could not generate solvable problems with these ranges; widen "
-                    "num_range/target_range or raise synthetic_test_fraction"
+                    f"could not generate {num} {'distinct ' * unique}solvable "
+                    f"{split} problems with these ranges (got {len(examples)}); widen "
+                    "num_range/target_range or change synthetic_test_fraction"
                 )
             nums = [rng.randint(lo, hi) for _ in range(rng.choice(self.counts))]
             key = tuple(sorted(nums))
@@ -372,6 +380,11 @@ class CountdownTask(Task):
             if not targets:
                 continue
             target = rng.choice(targets)
+            if unique:
+                if (target, key) in seen:
+                    continue
+                seen.add((target, key))
+            misses = 0
             examples.append({"target": target, "nums": nums, "solution": reachable[target]})
         return examples
 
