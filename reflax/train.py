@@ -112,7 +112,8 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
     ckpt = Checkpointer(checkpoint_dir(workdir), keep=c.keep_checkpoints)
     latest = ckpt.latest_step()
     results: dict[str, Any] = {}
-    eval_examples = load_examples(rt, "test", c.eval.num_examples) if c.eval.num_examples else []
+    evaluating = c.eval.num_examples and (c.eval.before or c.eval.after)
+    eval_examples = load_examples(rt, "test", c.eval.num_examples) if evaluating else []
 
     def run_eval(name: str, params: Any) -> None:
         if eval_examples:
