@@ -193,7 +193,8 @@ def report(
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("success rate (moving average of 5 steps)")
-    axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(root, "success_vs_step.png"), dpi=110)
     if out and os.path.abspath(out) != os.path.abspath(root):
