@@ -3,7 +3,7 @@
     python -m reflax.train --config=configs/countdown_toy.py --workdir=/tmp/toy
     python -m reflax.train --config=configs/countdown_toy.py:smoke --workdir=/tmp/smoke
 
-Hardware: 2 CPU cores, float32, no download; about 11 minutes end to end. The task is
+Hardware: 2 CPU cores, float32, no download; about 13 minutes end to end. The task is
 two-number Countdown (numbers 1..60, targets 1..99: `[6, 3] to 9` -> `6+3`), so an
 answer is `x op y` and the decision is the operator; number multisets are split
 between train and test, and the 1,000 held-out problems are distinct. The tokenizer is
