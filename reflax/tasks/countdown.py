@@ -380,10 +380,9 @@ class CountdownTask(Task):
             if not targets:
                 continue
             target = rng.choice(targets)
-            if unique:
-                if (target, key) in seen:
-                    continue
-                seen.add((target, key))
+            if unique and (target, key) in seen:
+                continue
+            seen.add((target, key))
             misses = 0
             examples.append({"target": target, "nums": nums, "solution": reachable[target]})
         return examples
