@@ -50,8 +50,9 @@ def base_config() -> ConfigDict:
         )
     )
     # Tokenizer: `path` (default: model.path) or a character tokenizer over `char_alphabet`
-    # (`digit_group` > 1: runs of up to that many digits are one token, as in Llama 3).
-    c.tokenizer = ConfigDict(dict(path="", char_alphabet="", digit_group=1))
+    # (`digit_group` > 1: runs of up to that many digits are one token, as in Llama 3;
+    # each of `words` is one token, as BPE makes common words).
+    c.tokenizer = ConfigDict(dict(path="", char_alphabet="", digit_group=1, words=()))
 
     c.task = ConfigDict()
     c.task.name = "countdown"

@@ -59,7 +59,11 @@ class Runtime:
 def build_tokenizer(c: ConfigDict) -> ChatTokens:
     if c.tokenizer.char_alphabet:
         return ChatTokens(
-            char_tokenizer(c.tokenizer.char_alphabet, digit_group=c.tokenizer.digit_group)
+            char_tokenizer(
+                c.tokenizer.char_alphabet,
+                digit_group=c.tokenizer.digit_group,
+                words=tuple(c.tokenizer.words),
+            )
         )
     path = c.tokenizer.path or c.model.path
     return ChatTokens(load_tokenizer(path))

@@ -22,6 +22,7 @@ with a ChatML template, for tests and toy models.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -231,6 +232,7 @@ def char_tokenizer(
     pad_token: str | None = "<|endoftext|>",
     bos_token: str | None = None,
     digit_group: int = 1,
+    words: Sequence[str] = (),
 ) -> PreTrainedTokenizerFast:
     """A character-level tokenizer: one id per character, built offline.
 
@@ -240,6 +242,8 @@ def char_tokenizer(
     With `digit_group` = D > 1, a run of digits is split left to right into groups
     of up to D digits, each one token (as Llama 3 does with D = 3): every string
     of 1..D digits gets an id after the characters, so `12+7` is 3 tokens.
+    Each string in `words` is one token wherever it occurs (longest first, as a BPE
+    merge would make `assistant` or `minus` one token); ids come last.
     Defaults are Qwen-instruct-like: eos `<|im_end|>`, pad `<|endoftext|>`.
     Saves and loads with `save_pretrained` / `AutoTokenizer.from_pretrained`.
     """
@@ -248,6 +252,10 @@ def char_tokenizer(
             raise ValueError(f"{tok!r} is not one of the special tokens {list(special_tokens)}")
     if not 1 <= digit_group <= 4:
         raise ValueError(f"digit_group must be in [1, 4] (10**D ids per width), got {digit_group}")
+    words = sorted(set(words), key=lambda w: (-len(w), w))
+    bad = [w for w in words if len(w) < 2 or w in special_tokens]
+    if bad:
+        raise ValueError(f"words must be strings of 2+ characters, not special tokens: {bad}")
     chars = alphabet + (_template_chars(chat_template, special_tokens) if chat_template else "")
     vocab = {t: i for i, t in enumerate([*special_tokens, UNK])}
     for ch in chars:
@@ -256,8 +264,14 @@ def char_tokenizer(
         for width in range(1, digit_group + 1):
             for n in range(10**width):
                 vocab.setdefault(str(n).zfill(width), len(vocab))
+    for w in words:
+        vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    pattern = rf"\d{{1,{digit_group}}}|[\s\S]" if digit_group > 1 else r"[\s\S]"
+    pattern = "|".join(
+        [*(re.escape(w) for w in words)]
+        + ([rf"\d{{1,{digit_group}}}"] if digit_group > 1 else [])
+        + [r"[\s\S]"]
+    )
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     tok.decoder = decoders.Fuse()  # concatenate characters, no separator
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])

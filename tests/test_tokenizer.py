@@ -171,6 +171,25 @@ def test_digit_groups_are_single_tokens(tmp_path):
         char_tokenizer("0123456789", digit_group=0)
 
 
+def test_words_are_single_tokens_longest_first(tmp_path):
+    tok = char_tokenizer("abcdefghijklmnopqrstuvwxyz ", words=("use", "user", "minus"))
+    pieces = lambda text: [tok.decode([i]) for i in tok.encode(text, add_special_tokens=False)]
+    assert pieces("use minus") == ["use", " ", "minus"]
+    assert pieces("users amuse") == ["user", "s", " ", "a", "m", "use"]  # "user" before "use"
+    chat = [{"role": "user", "content": "use"}]
+    ids = _template_ids(tok, chat, add_generation_prompt=False)
+    assert tok.decode(ids) == "<|im_start|>user\nuse<|im_end|>\n"
+    assert len(ids) == 6  # start, user, newline, use, end, newline
+    tok.save_pretrained(tmp_path / "tok")
+    loaded = load_tokenizer(tmp_path / "tok")
+    assert loaded.encode("users amuse", add_special_tokens=False) == tok.encode(
+        "users amuse", add_special_tokens=False
+    )
+    for bad in (("x",), ("<|im_end|>",)):
+        with pytest.raises(ValueError, match="words"):
+            char_tokenizer("abc", words=bad)
+
+
 def test_char_tokenizer_rejects_unknown_special_names():
     with pytest.raises(ValueError, match="not one of the special tokens"):
         char_tokenizer("abc", eos_token="</s>")
