@@ -44,7 +44,11 @@ def evaluate(
     seed: int = 0,
     num_samples_kept: int = 5,
 ) -> dict[str, Any]:
-    """Accuracy before and after one reflect-and-retry, with 95% CIs and sample reflections."""
+    """Accuracy before and after one reflect-and-retry, with 95% CIs and sample reflections.
+
+    `samples` holds the first `num_samples_kept` failures: reflection, retry, whether the
+    retry passed, and the failed problem's index in `examples`.
+    """
     s = rollout_settings(rt.config)
     if s.method == "first_attempt":  # the second try always uses the model's own reflection
         s = dataclasses.replace(s, method="reflect")
@@ -59,9 +63,8 @@ def evaluate(
             rt.sampler, params, rt.tok, rt.task, chunk, key, s, greedy=greedy
         )
         first += sum(passed)
-        failures = [
-            Failure(ex, p, a) for ex, p, a, ok in zip(chunk, prompts, attempts, passed) if not ok
-        ]
+        failed = [i for i, ok in enumerate(passed) if not ok]
+        failures = [Failure(chunk[i], prompts[i], attempts[i]) for i in failed]
         groups = reflect_and_retry(
             rt.sampler,
             params,
@@ -74,9 +77,10 @@ def evaluate(
             greedy=greedy,
         )
         second += sum(int(g.rewards[0]) for g in groups)
-        for g in groups[: max(0, num_samples_kept - len(kept))]:
+        for i, g in zip(failed, groups[: max(0, num_samples_kept - len(kept))]):
             kept.append(
                 {
+                    "index": start + i,  # into `examples`
                     "reflection": g.texts["reflection"][0],
                     "retry": g.texts["retry"][0],
                     "passed": bool(g.rewards[0]),

@@ -45,7 +45,12 @@ def test_toy_smoke_train_then_evaluate(tmp_path: Path) -> None:
     assert (workdir / "samples.jsonl").read_text().strip()
     results = json.loads((workdir / "eval.json").read_text())
     for name in ("before", "after"):
-        assert 0.0 <= results[name]["first_try"] <= results[name]["second_try"] <= 1.0
+        r = results[name]
+        assert 0.0 <= r["first_try"] <= r["second_try"] <= 1.0
+        # Kept samples are the first failures, each pointing at its problem.
+        idx = [k["index"] for k in r["samples"]]
+        assert len(idx) == min(5, round(r["n"] * (1 - r["first_try"])))
+        assert idx == sorted(set(idx)) and all(0 <= i < r["n"] for i in idx)
 
     log = _run(
         [
