@@ -92,7 +92,12 @@ def _pair_expression(op: str, nums: list[int]) -> str:
     return f"{x}{op}{y}"
 
 
-_OP_WORDS = {"+": "plus", "-": "minus", "*": "times", "/": "over"}
+OP_WORDS = {"+": "plus", "-": "minus", "*": "times", "/": "over"}
+
+
+def solving_operators(example: dict, verify: Any) -> list[str]:
+    """The operators `op` for which `x op y` (as `_pair_expression` writes it) passes."""
+    return [o for o in "+-*/" if verify(example, _pair_expression(o, list(example["nums"])))]
 
 
 def _pair_fields(
@@ -108,7 +113,8 @@ def _pair_fields(
     """
     nums = list(example["nums"])
     op = next(ch for ch in "+-*/" if ch in example["solution"])
-    fails = [o for o in "+-*/" if not verify(example, _pair_expression(o, nums))]
+    solving = solving_operators(example, verify)
+    fails = [o for o in "+-*/" if o not in solving]
     wrong_op = rng.choice(fails) if fails else op
     others = [o for o in "+-*/" if o != wrong_op]
     hint_op = op if rng.random() < gold_fraction else rng.choice(others)
@@ -119,8 +125,8 @@ def _pair_fields(
         "wrong_op": wrong_op,
         "hint_op": hint_op,
         "hint": _pair_expression(hint_op, nums),
-        "hint_word": _OP_WORDS[hint_op],
-        "wrong_word": _OP_WORDS[wrong_op],
+        "hint_word": OP_WORDS[hint_op],
+        "wrong_word": OP_WORDS[wrong_op],
     }
 
 

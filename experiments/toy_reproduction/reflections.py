@@ -15,57 +15,40 @@ follows its reflection turns it into second-try accuracy.
 from __future__ import annotations
 
 import collections
-import os
 from collections.abc import Sequence
-from fractions import Fraction
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
+from run import CONFIG
 
 from reflax.config import validate
 from reflax.evaluate import evaluate
 from reflax.metrics import MetricsWriter
 from reflax.runtime import build, load_examples, restore_params
-from reflax.warm_start import warm_start
+from reflax.warm_start import OP_WORDS, solving_operators, warm_start
 
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "countdown_toy.py")
-OP_WORDS = ("plus", "minus", "times", "over")
+WORDS = tuple(OP_WORDS.values())
 
 config_flags.DEFINE_config_file("config", CONFIG, "the toy config and its overrides")
 flags.DEFINE_string("workdir", None, "a finished `reflax.train` run of the toy config")
 flags.mark_flag_as_required("workdir")
 
 
-def solving_ops(example: dict) -> set[str]:
-    """Operator words that solve a two-number problem, in either order of the numbers."""
-    a, b = (Fraction(n) for n in example["nums"])
-    t = example["target"]
-    found = set()
-    if a + b == t:
-        found.add("plus")
-    if t in (a - b, b - a):
-        found.add("minus")
-    if a * b == t:
-        found.add("times")
-    if (b and a / b == t) or (a and b / a == t):
-        found.add("over")
-    return found
-
-
 def analyse(rt, params, examples: Sequence[dict], batch_size: int = 256) -> dict:
     """The evaluation's greedy protocol, keeping every failure's reflection."""
     r = evaluate(rt, params, examples, batch_size=batch_size, num_samples_kept=len(examples))
-    rows = [(solving_ops(examples[k["index"]]), k["reflection"], k["passed"]) for k in r["samples"]]
+    rows = []  # (words of the operators that solve the problem, reflection, retry passed)
+    for k in r["samples"]:
+        solving = solving_operators(examples[k["index"]], rt.task.verify)
+        rows.append(({OP_WORDS[o] for o in solving}, k["reflection"], k["passed"]))
     n = max(len(rows), 1)
-    named = sum(any(w in ops and w in text.split() for w in OP_WORDS) for ops, text, _ in rows)
+    named = sum(any(w in ops and w in text.split() for w in WORDS) for ops, text, _ in rows)
     return {
         "failures": len(rows),
         "names_a_solving_op": named / n,
         "retry_success_given_failure": r["retry_success_given_failure"],
-        "constant_reflection_ceiling": {
-            w: sum(w in ops for ops, _, _ in rows) / n for w in OP_WORDS
-        },
+        "constant_reflection_ceiling": {w: sum(w in ops for ops, _, _ in rows) / n for w in WORDS},
         "reflections": collections.Counter(text for _, text, _ in rows).most_common(5),
     }
 

@@ -32,27 +32,36 @@ ABLATIONS = ("reflect_retry", "first_attempt", "fixed_reflection")
 FIXED_REFLECTION = "try another way"
 
 
+def train_command(workdir: str, seed: int, flags: list[str], config: str = CONFIG) -> list[str]:
+    """`python -m reflax.train` on `config` with a workdir, a seed and more config flags."""
+    return [
+        sys.executable,
+        "-m",
+        "reflax.train",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        f"--config.seed={seed}",
+        *flags,
+    ]
+
+
+def log_path(workdir: str) -> str:
+    """A run's output, beside its workdir."""
+    return os.path.join(os.path.dirname(workdir), os.path.basename(workdir) + ".log")
+
+
 def train(workdir: str, seed: int, method: str, extra: list[str]) -> float:
     """One CLI run; returns its wall time in seconds (0 when already done)."""
     if os.path.exists(os.path.join(workdir, "eval.json")):
         return 0.0
-    cmd = [
-        sys.executable,
-        "-m",
-        "reflax.train",
-        f"--config={CONFIG}",
-        f"--workdir={workdir}",
-        f"--config.seed={seed}",
-        f"--config.rollout.method={method}",
-        *extra,
-    ]
+    cmd = train_command(workdir, seed, [f"--config.rollout.method={method}", *extra])
     if method == "fixed_reflection":
         cmd.append(f"--config.rollout.fixed_reflection={FIXED_REFLECTION}")
     if method != "reflect":  # vanilla is the shared warm start, evaluated in the reflect run
         cmd.append("--config.eval.before=False")
     print("$", " ".join(cmd[1:]), flush=True)
     t0 = time.time()
-    with open(os.path.join(os.path.dirname(workdir), os.path.basename(workdir) + ".log"), "w") as f:
+    with open(log_path(workdir), "w") as f:
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     return time.time() - t0
 

@@ -1,7 +1,7 @@
 """RL variants of the toy config side by side, from one warm start per seed.
 
     python experiments/toy_reproduction/sweep.py --root /tmp/sweep \
-        --spec experiments/toy_reproduction/sweeps/gpu1.json --budget 450
+        --spec experiments/toy_reproduction/sweeps/gpu_design4_rl.json --budget 450
 
 A spec is JSON: `seeds`, `base` (config overrides for every run, warm start included)
 and `variants` (name -> overrides for the RL phase). Per seed, one `reflax.train` run
@@ -19,23 +19,15 @@ import argparse
 import os
 import shutil
 import subprocess
-import sys
 import time
 
-from run import CONFIG, ROOT, load_json, read_metrics
+from run import CONFIG, ROOT, cell, load_json, log_path, read_metrics, train_command
 
 
 def launch(config: str, root: str, name: str, seed: int, overrides: dict) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "reflax.train",
-        f"--config={config}",
-        f"--workdir={os.path.join(root, name)}",
-        f"--config.seed={seed}",
-        *(f"--config.{k}={v}" for k, v in overrides.items()),
-    ]
-    with open(os.path.join(root, name + ".log"), "w") as log:  # the child keeps its own handle
+    workdir = os.path.join(root, name)
+    cmd = train_command(workdir, seed, [f"--config.{k}={v}" for k, v in overrides.items()], config)
+    with open(log_path(workdir), "w") as log:  # the child keeps its own handle
         return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -54,10 +46,8 @@ def summary(root: str, name: str) -> str:
     if os.path.exists(os.path.join(wd, "eval.json")):
         for when, r in load_json(os.path.join(wd, "eval.json")).items():
             out.append(
-                f"{when} {100 * r['first_try']:.1f} / {100 * r['second_try']:.1f} "
-                f"(CI half-widths {100 * r['first_try_ci95']:.1f} / "
-                f"{100 * r['second_try_ci95']:.1f}), retry|fail "
-                f"{100 * r['retry_success_given_failure']:.1f}"
+                f"{when} first try {cell(r, 'first_try')}, second try {cell(r, 'second_try')}, "
+                f"retry|fail {100 * r['retry_success_given_failure']:.1f}"
             )
     if os.path.exists(os.path.join(wd, "metrics.jsonl")):
         rows = [r for r in read_metrics(wd) if "retry_success" in r]
