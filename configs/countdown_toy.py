@@ -3,7 +3,7 @@
     python -m reflax.train --config=configs/countdown_toy.py --workdir=/tmp/toy
     python -m reflax.train --config=configs/countdown_toy.py:smoke --workdir=/tmp/smoke
 
-Hardware: 2 CPU cores, float32, no download; about 13 minutes end to end. The task is
+Hardware: 2 CPU cores, float32, no download; about 14 minutes end to end. The task is
 two-number Countdown (numbers 1..60, targets 1..99: `[6, 3] to 9` -> `6+3`), so an
 answer is `x op y` and the decision is the operator; number multisets are split
 between train and test, and the 1,000 held-out problems are distinct. The tokenizer is
@@ -14,10 +14,14 @@ attempt, 80% a whole episode after a wrong attempt (`6*3` -> `wrong` -> reflecti
 `use minus` -> `again` -> retry `6-3`). The warm-start reflection names a random operator
 other than the failed one (`reflection_gold_fraction=0`), so the retry learns to follow
 its reflection while the vanilla reflections are uninformed. Reflect-Retry-Reward GRPO
-then runs online (fresh first attempts each step, temperature 0.7) and rewards only the
-reflection tokens when the retry passes. The run ends by printing the before/after table
-on the held-out problems (greedy decoding). Expect the second try to rise well above the
-vanilla model's while the first try stays within a few points (measured figures:
+then runs online and rewards only the reflection tokens when the retry passes. Each step
+decodes fresh first attempts greedily (`rollout.greedy_attempts`), so the reflections
+train on the failures greedy decoding makes, the ones the evaluation meets; reflections
+and retries are sampled at temperature 0.7. A KL to the warm-started model on the failed
+attempt (`grpo.anchor_beta`; no reward reaches those tokens) keeps the first attempt
+where it was. The run ends by printing the before/after table on the held-out problems
+(greedy decoding). Expect the first try to stay within a point and the second try to
+rise about 5 points or more above the vanilla model's (+4.7 to +19.5 on seeds 0-2;
 experiments/toy_reproduction/README.md).
 `:smoke` is a seconds-long version for tests.
 """
@@ -64,6 +68,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.rollout.queries_per_step = 128
     c.rollout.groups_per_step = 16
     c.rollout.group_size = 8
+    c.rollout.greedy_attempts = True
     c.rollout.temperature = 0.7
     c.rollout.max_attempt_tokens = 8
     c.rollout.max_reflection_tokens = 12
@@ -72,6 +77,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.rollout.cache_dtype = "float32"
 
     c.grpo.beta = 0.0
+    # KL to the warm-started model on the failed first attempt (no reward reaches it): the
+    # reflection updates move shared weights, and without it the first try drifts
+    c.grpo.anchor_beta = 1.0
     c.grpo.logits_chunk = 512
     c.optim.learning_rate = 3e-4
     c.optim.warmup_ratio = 0.05

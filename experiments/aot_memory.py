@@ -210,6 +210,7 @@ def abstract_batch(batch_size: int, seq_len: int) -> Batch:
         positions=sds(bt, jnp.int32),
         mask=sds(bt, jnp.bool_),
         loss_mask=sds(bt, jnp.float32),
+        anchor_mask=sds(bt, jnp.float32),
         advantages=sds((batch_size,), jnp.float32),
         old_logprobs=sds(bt, jnp.float32),
     )

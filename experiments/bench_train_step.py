@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         positions=jnp.broadcast_to(jnp.arange(SEQ, dtype=jnp.int32), (BATCH, SEQ)),
         mask=jnp.ones((BATCH, SEQ), bool),
         loss_mask=jnp.asarray(hb["loss_mask"]),
+        anchor_mask=jnp.zeros((BATCH, SEQ), jnp.float32),
         advantages=jnp.asarray(hb["advantages"]),
         old_logprobs=jnp.zeros((BATCH, SEQ), jnp.float32),
     )

@@ -68,6 +68,10 @@ def base_config() -> ConfigDict:
     c.rollout.failures = ""  # path written by `python -m reflax.collect_failures`
     c.rollout.attempts_per_query = 8  # collect_failures: first attempts sampled per query
     c.rollout.queries_per_step = 64  # online: first attempts sampled per step
+    # online: decode first attempts greedily, so the reflections train on the failures that
+    # greedy decoding (the evaluation's) makes rather than on unlucky samples (method
+    # first_attempt, plain GRPO, still samples its G attempts)
+    c.rollout.greedy_attempts = False
     c.rollout.groups_per_step = 32  # failed attempts per step (U); batch = U * G rows
     c.rollout.group_size = 8  # G reflections per failure (paper: 8-14)
     c.rollout.temperature = 0.9
@@ -83,6 +87,9 @@ def base_config() -> ConfigDict:
 
     c.grpo = ConfigDict()
     c.grpo.beta = 0.001
+    # KL to the reference on the failed first attempt in each row (tokens no reward trains);
+    # 0 is the paper. It keeps a shared-weight first attempt from drifting under reflection RL.
+    c.grpo.anchor_beta = 0.0
     c.grpo.epsilon = 0.2
     c.grpo.epsilon_high = 0.2
     c.grpo.loss_type = "token_mean"
@@ -113,6 +120,9 @@ def base_config() -> ConfigDict:
             warmup_ratio=0.05,
             seq_len=128,
             answer_template="",  # str.format over the example, e.g. "<answer>{solution}</answer>"
+            # share of the train problem families (task.family_key) kept out of the warm start
+            # for online RL, so RL meets problems as new as the held-out ones; 0 = all in both
+            holdout_fraction=0.0,
         )
     )
 
@@ -157,6 +167,11 @@ def validate(c: ConfigDict) -> ConfigDict:
     need(r.group_size >= 2, "rollout.group_size must be >= 2")
     need(r.groups_per_step >= 1, "rollout.groups_per_step must be >= 1")
     need(r.queries_per_step >= 1, "rollout.queries_per_step must be >= 1")
+    need(
+        not r.greedy_attempts or r.mode == "online",
+        "rollout.greedy_attempts applies to rollout.mode='online' only (offline failures come "
+        "from collect_failures)",
+    )
     need(r.temperature > 0, "rollout.temperature must be > 0 (GRPO needs samples)")
     need(0 < r.top_p <= 1, "rollout.top_p must be in (0, 1]")
     need(r.top_k >= 0, "rollout.top_k must be >= 0")
@@ -169,6 +184,7 @@ def validate(c: ConfigDict) -> ConfigDict:
     g = c.grpo
     need(g.loss_type in LOSS_TYPES, f"grpo.loss_type must be one of {LOSS_TYPES}")
     need(g.beta >= 0, "grpo.beta must be >= 0")
+    need(g.anchor_beta >= 0, "grpo.anchor_beta must be >= 0")
     need(g.epsilon > 0 and g.epsilon_high > 0, "grpo.epsilon and epsilon_high must be > 0")
     need(g.mu >= 1, "grpo.mu must be >= 1")
     need(g.micro_batches >= 1, "grpo.micro_batches must be >= 1")
@@ -180,6 +196,7 @@ def validate(c: ConfigDict) -> ConfigDict:
     need(c.optim.learning_rate > 0, "optim.learning_rate must be > 0")
     need(0 <= c.optim.warmup_ratio < 1, "optim.warmup_ratio must be in [0, 1)")
     need(c.warm_start.steps >= 0, "warm_start.steps must be >= 0")
+    need(0 <= c.warm_start.holdout_fraction < 1, "warm_start.holdout_fraction must be in [0, 1)")
     need(
         not c.warm_start.steps or bool(c.warm_start.answer_template),
         "warm_start.steps > 0 needs warm_start.answer_template",
@@ -214,6 +231,7 @@ def step_config(c: ConfigDict) -> StepConfig:
         epsilon=g.epsilon,
         epsilon_high=g.epsilon_high,
         beta=g.beta,
+        anchor_beta=g.anchor_beta,
         loss_type=g.loss_type,
         max_len=c.rollout.seq_len,
         micro_batches=g.micro_batches,

@@ -8,7 +8,9 @@ A *group* is one failed first attempt (query, attempt) and its G samples. The
 training row of sample g is `[query, attempt, reflect-instruction, reflection_g]`
 with `loss_mask` 1 exactly on the reflection's sampled ids (its stop token
 included: stopping is an action); its reward is the verdict on the retry that
-follows it. Methods other than "reflect" exist for ablations:
+follows it. `anchor_mask` is 1 on the failed attempt's sampled content, which no
+reward trains; `grpo.anchor_beta` > 0 keeps it near the reference there. Methods
+other than "reflect" exist for ablations:
 
   reflect           the paper: reward the reflection tokens only
   reflect_retry     reward reflection and retry tokens (the retry is in the row)
@@ -76,6 +78,7 @@ class Segment:
     ids: list[int]
     trainable: bool = False
     logprobs: list[float] | None = None  # sampler log-probs of `ids` when sampled
+    anchored: bool = False  # sampled but not rewarded: KL to the reference (grpo.anchor_beta)
 
 
 @dataclasses.dataclass
@@ -174,17 +177,23 @@ def reflect_and_retry(
     if not failures:
         return []
     G = s.group_size if num_samples is None else num_samples
-    prefixes = [
-        f.prompt_ids
-        + tok.close_assistant(f.attempt_ids)
-        + tok.user_turn_ids(task.reflection_instruction(f.example))
-        for f in failures
-    ]
+    # [prompt, attempt content (sampled: anchored), attempt close + reflect instruction]
+    prefix_parts = []
+    for f in failures:
+        turn = tok.close_assistant(f.attempt_ids)
+        turn = turn + tok.user_turn_ids(task.reflection_instruction(f.example))
+        content = _content(tok, f.attempt_ids)
+        if turn[: len(content)] != content:  # a template that rewrites content: anchor nothing
+            content = []
+        prefix_parts.append([f.prompt_ids, content, turn[len(content) :]])
+    if s.method == "fixed_reflection":
+        fixed = tok.encode(s.fixed_reflection)
+        for parts in prefix_parts:
+            parts[2] = parts[2] + tok.close_assistant(fixed)
+    prefixes = [sum(parts, []) for parts in prefix_parts]
     common = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, greedy=greedy)
     common.update(stop_ids=tok.stop_ids, pad_id=tok.pad_id)
     if s.method == "fixed_reflection":
-        fixed = tok.encode(s.fixed_reflection)
-        prefixes = [p + tok.close_assistant(fixed) for p in prefixes]
         retry_turns = [tok.user_turn_ids(task.retry_instruction(f.example)) for f in failures]
         retry = sampler.sample(
             state,
@@ -237,19 +246,20 @@ def reflect_and_retry(
             rewards.append(float(verdicts[i]))
             texts["reflection"].append(completion_text(tok, reflections[i]))
             texts["retry"].append(retry_texts[i])
-            prefix = Segment(prefixes[u])
+            prompt, attempt, closing_turn = prefix_parts[u]
+            prefix = [Segment(prompt), Segment(attempt, anchored=True), Segment(closing_turn)]
             if s.method == "reflect":
-                row = [prefix, Segment(reflections[i], True, refl_lps[i])]
+                row = [*prefix, Segment(reflections[i], True, refl_lps[i])]
             elif s.method == "reflect_retry":
                 closing = _after_sampled(tok, reflections[i], turns[i])
                 row = [
-                    prefix,
+                    *prefix,
                     Segment(reflections[i], True, refl_lps[i]),
                     Segment(closing),
                     Segment(retries[i], True, retry_lps[i]),
                 ]
             else:  # fixed_reflection
-                row = [prefix, Segment(turns[i]), Segment(retries[i], True, retry_lps[i])]
+                row = [*prefix, Segment(turns[i]), Segment(retries[i], True, retry_lps[i])]
             rows.append(row)
         groups.append(Group(f, rows, rewards, texts))
     return groups
@@ -324,6 +334,7 @@ def build_batch(
     tokens = np.full((B, seq_len), pad_id, np.int32)
     mask = np.zeros((B, seq_len), bool)
     loss_mask = np.zeros((B, seq_len), np.float32)
+    anchor_mask = np.zeros((B, seq_len), np.float32)
     old_lp = np.zeros((B, seq_len), np.float32)
     rewards = np.zeros((num_groups, group_size), np.float32)
     valid = np.zeros((num_groups,), bool)
@@ -346,6 +357,8 @@ def build_batch(
                     loss_mask[b, t : t + n] = 1.0
                     if sg.logprobs is not None:
                         old_lp[b, t : t + n] = sg.logprobs
+                elif sg.anchored:
+                    anchor_mask[b, t : t + n] = 1.0
                 t += n
             mask[b, :t] = True
         rewards[u] = grp.rewards
@@ -363,6 +376,7 @@ def build_batch(
         positions=positions,
         mask=mask,
         loss_mask=loss_mask,
+        anchor_mask=anchor_mask,
         advantages=adv,
         old_logprobs=old_lp,
     )

@@ -49,6 +49,8 @@ Loss (:func:`grpo_loss`)
     with ``eps_high = eps`` unless given (DAPO's clip-higher), and the k3 estimator
     ``k3 = exp(ref - lp) - (ref - lp) - 1`` (Schulman), whose log-difference is clipped like
     the ratio's. ``beta == 0`` or ``ref_logprobs is None`` drops the KL term.
+  * :func:`anchor_kl` is the same k3 on tokens that get no reward (``anchor_mask``, the
+    failed first attempt); the trainer adds ``anchor_beta`` times its sum to the numerator.
   * Every input is passed through ``jnp.where(loss_mask, x, 0)`` before use and the per-token
     loss through it again after, so the gradient w.r.t. ``logprobs`` at a masked position is
     exactly 0.0 even if the inputs there are NaN/Inf (advantages of rows without loss tokens
@@ -403,6 +405,29 @@ def grpo_loss(
         "clip_high_sum": jnp.sum(clip_high_bt.astype(jnp.float32)),
     }
     return numerator, denominator, metrics
+
+
+def anchor_kl(
+    logprobs: Array, ref_logprobs: Array, anchor_mask: Array, *, log_ratio_clip: float = 20.0
+) -> tuple[Array, Array]:
+    """k3 KL to the reference on tokens that get no reward, as ``(kl_sum, num_tokens)``.
+
+    Same estimator and clip as :func:`grpo_loss`'s KL term, on ``anchor_mask`` instead of
+    ``loss_mask``. The trainer adds ``anchor_beta * kl_sum`` to the loss numerator, so the
+    anchor shares the policy loss's normaliser (and its exact micro-batch accumulation).
+    Masked positions are selected away: NaN/Inf there reach neither value nor gradient.
+    """
+    if logprobs.shape != anchor_mask.shape or ref_logprobs.shape != logprobs.shape:
+        raise ValueError(
+            f"want logprobs/ref_logprobs/anchor_mask [B, T], got {logprobs.shape}, "
+            f"{ref_logprobs.shape}, {anchor_mask.shape}"
+        )
+    mask_bt = anchor_mask.astype(bool)
+    lp_bt = jnp.where(mask_bt, logprobs.astype(jnp.float32), 0.0)
+    ref_bt = jax.lax.stop_gradient(jnp.where(mask_bt, ref_logprobs.astype(jnp.float32), 0.0))
+    diff_bt = jnp.clip(ref_bt - lp_bt, -log_ratio_clip, log_ratio_clip)
+    kl_bt = jnp.where(mask_bt, jnp.exp(diff_bt) - diff_bt - 1.0, 0.0)
+    return jnp.sum(kl_bt), jnp.sum(mask_bt.astype(jnp.float32))
 
 
 def grpo_loss_value(*args: Any, **kwargs: Any) -> Array:

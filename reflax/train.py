@@ -52,7 +52,7 @@ from reflax.trainer import (
     make_train_step,
     shard_batch,
 )
-from reflax.warm_start import warm_start
+from reflax.warm_start import split_families, warm_start
 
 log = logging.getLogger("reflax.train")
 
@@ -71,6 +71,8 @@ class GroupSource:
         self.online = c.rollout.mode == "online" or c.rollout.method == "first_attempt"
         if self.online:
             self.items = load_examples(rt, "train", c.task.num_train, seed=c.seed)
+            if c.warm_start.steps:
+                self.items = split_families(rt, self.items)[1]
         else:
             self.items, _ = data.read_failures(c.rollout.failures)
         if not self.items:
@@ -88,7 +90,9 @@ class GroupSource:
         info: dict[str, float] = {}
         if self.online:
             examples = data.select(self.items, self.cursor.take(c.rollout.queries_per_step))
-            prompts, attempts, _, passed = first_attempts(*args, examples, rng, s, timer=self.timer)
+            prompts, attempts, _, passed = first_attempts(
+                *args, examples, rng, s, greedy=c.rollout.greedy_attempts, timer=self.timer
+            )
             failures = [
                 Failure(ex, p, a)
                 for ex, p, a, ok in zip(examples, prompts, attempts, passed)
@@ -136,7 +140,8 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
 
     tx = optim.make_optimizer(total_steps=c.total_steps * c.grpo.mu, **c.optim)
     lr_fn = optim.learning_rate_fn(total_steps=c.total_steps * c.grpo.mu, **c.optim)
-    ref = jax.tree.map(jnp.copy, rt.params) if c.grpo.beta > 0 else None
+    with_ref = c.grpo.beta > 0 or c.grpo.anchor_beta > 0
+    ref = jax.tree.map(jnp.copy, rt.params) if with_ref else None
     state = init_state(rt.params, tx, rt.mesh)
     source = GroupSource(rt, timer)
     start = 0

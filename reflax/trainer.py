@@ -31,6 +31,7 @@ class Batch(flax.struct.PyTreeNode):
     positions: jax.Array  # [B, T] int32
     mask: jax.Array  # [B, T] bool: real token
     loss_mask: jax.Array  # [B, T] float32: 1 on the tokens that get a gradient (reflections)
+    anchor_mask: jax.Array  # [B, T] float32: 1 on sampled tokens kept near the reference (KL only)
     advantages: jax.Array  # [B] float32
     old_logprobs: jax.Array  # [B, T] float32: log p_old(tokens[t]) at position t (mu > 1)
 
@@ -49,6 +50,7 @@ class StepConfig:
     epsilon: float = 0.2
     epsilon_high: float | None = None
     beta: float = 0.001
+    anchor_beta: float = 0.0  # KL to the reference on anchor_mask tokens (the first attempt)
     loss_type: str = "token_mean"
     max_len: int | None = None
     micro_batches: int = 1
@@ -66,7 +68,7 @@ def _sequence_logprobs(graphdef, params, batch: Batch, cfg: StepConfig):
         batch.tokens[:, 1:],
         temperature=cfg.temperature,
         chunk_size=cfg.logits_chunk,
-        mask=batch.loss_mask[:, 1:] > 0,
+        mask=(batch.loss_mask[:, 1:] > 0) | (batch.anchor_mask[:, 1:] > 0),
     )
     pad = jnp.zeros_like(lp[:, :1])
     return jnp.concatenate([pad, lp], 1), jnp.concatenate([pad, ent], 1)
@@ -84,7 +86,8 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: StepCo
     def loss_fn(params, mb: Batch, ref_params):
         lp, ent = _sequence_logprobs(graphdef, params, mb, cfg)
         ref_lp = None
-        if cfg.beta != 0.0 and ref_params is not None:
+        anchored = cfg.anchor_beta != 0.0 and ref_params is not None
+        if (cfg.beta != 0.0 or anchored) and ref_params is not None:
             ref_lp, _ = _sequence_logprobs(graphdef, ref_params, mb, cfg)
             ref_lp = jax.lax.stop_gradient(ref_lp)
         loss_mask = mb.loss_mask[:, 1:]
@@ -101,6 +104,11 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: StepCo
             max_len=cfg.max_len,
         )
         sums = dict(sums)
+        if anchored:
+            kl_sum, n_anchor = grpo.anchor_kl(lp[:, 1:], ref_lp[:, 1:], mb.anchor_mask[:, 1:])
+            num = num + cfg.anchor_beta * kl_sum
+            sums["anchor_kl_sum"] = jax.lax.stop_gradient(kl_sum)
+            sums["anchor_tokens"] = n_anchor
         sums["entropy_sum"] = grpo.masked_sum(ent[:, 1:], loss_mask > 0)
         sums["logprob_sum"] = grpo.masked_sum(lp[:, 1:], loss_mask > 0)
         return num, (den, sums)
@@ -145,6 +153,8 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: StepCo
             logprob=grpo.safe_divide(sums["logprob_sum"], sums["num_tokens"]),
             param_norm=optax.tree.norm(params),
         )
+        if "anchor_kl_sum" in sums:
+            metrics["anchor_kl"] = grpo.safe_divide(sums["anchor_kl_sum"], sums["anchor_tokens"])
         return new_state, metrics
 
     return train_step

@@ -17,6 +17,10 @@ plus `derived_fields`):
            reflect/retry format, and that a retry follows its reflection, so that
            RL on the reflection tokens has something to steer. A fraction
            `episode_fraction` of the rows are episodes (0 = answers only).
+
+With `holdout_fraction` > 0 the warm start sees only part of the train problem
+families and online RL the rest, as a pretrained model meets its failure set:
+problems it was never taught.
 """
 
 from __future__ import annotations
@@ -36,9 +40,11 @@ from reflax.checkpoint import Checkpointer, abstract_like
 from reflax.episodes import Group, Segment, _after_sampled, build_batch, prompt_ids
 from reflax.metrics import MetricsWriter, Progress
 from reflax.runtime import Runtime, load_examples
+from reflax.tasks import splits
 from reflax.trainer import StepConfig, init_state, jit_train_step, make_train_step, shard_batch
 
 log = logging.getLogger(__name__)
+_FAMILY_SALT = "reflax-warm-start-families"
 
 
 def _ended(rt: Runtime, text: str) -> list[int]:
@@ -161,6 +167,25 @@ def episode_segments(rt: Runtime, example: dict) -> list[Segment]:
     ]
 
 
+def split_families(rt: Runtime, examples: list[dict]) -> tuple[list[dict], list[dict]]:
+    """`(warm start's, RL's)` train problems: `warm_start.holdout_fraction` of the families
+    (`task.family_key`, by a stable salted hash) go to RL only; with 0 both get all."""
+    fraction = rt.config.warm_start.get("holdout_fraction", 0.0)
+    if not fraction:
+        return examples, examples
+    warm, rl = [], []
+    for ex in examples:
+        key = rt.task.family_key(ex)
+        held = splits.in_test_bucket(key, fraction=fraction, salt=_FAMILY_SALT)
+        (rl if held else warm).append(ex)
+    if not warm or not rl:
+        raise ValueError(
+            f"warm_start.holdout_fraction={fraction} leaves {len(warm)} warm-start and "
+            f"{len(rl)} RL problems of {len(examples)}; raise task.num_train or change it"
+        )
+    return warm, rl
+
+
 def warm_start(
     rt: Runtime, workdir: str, writer: MetricsWriter, *, restore_only: bool = False
 ) -> Any:
@@ -178,6 +203,7 @@ def warm_start(
             "from; start a fresh workdir"
         )
     examples = load_examples(rt, "train", rt.config.task.num_train, seed=rt.config.seed + 1)
+    examples, _ = split_families(rt, examples)
     rng = random.Random(rt.config.seed + 1)
     episode_fraction = c.get("episode_fraction", 0.0)
     answers, episodes = [], []

@@ -13,6 +13,7 @@ from reflax.episodes import (
     Failure,
     RolloutSettings,
     _after_sampled,
+    _content,
     build_batch,
     completion_text,
     prompt_ids,
@@ -81,6 +82,7 @@ def test_reflect_rows_and_logprobs(setup):
     batch, stats = build_batch(groups, num_groups=4, group_size=3, seq_len=256, pad_id=tok.pad_id)
     assert stats.groups == 3 and stats.padding_groups == 1
     tokens, loss_mask = np.asarray(batch.tokens), np.asarray(batch.loss_mask)
+    anchor_mask = np.asarray(batch.anchor_mask)
     for u, g in enumerate(groups):
         f = failures[u]
         prefix = (
@@ -90,13 +92,19 @@ def test_reflect_rows_and_logprobs(setup):
         )
         for k, row in enumerate(g.rows):
             b = u * 3 + k
-            reflection = row[1].ids
+            reflection = row[-1].ids
             n = len(prefix)
             assert tokens[b, :n].tolist() == prefix  # the exact ids the sampler saw
             assert tokens[b, n : n + len(reflection)].tolist() == reflection
             expected = np.zeros(256)
             expected[n : n + len(reflection)] = 1
             np.testing.assert_array_equal(loss_mask[b], expected)
+            # the anchor covers the failed attempt's sampled content, nothing else
+            p, content = len(f.prompt_ids), _content(tok, f.attempt_ids)
+            assert content and tokens[b, p : p + len(content)].tolist() == content
+            expected = np.zeros(256)
+            expected[p : p + len(content)] = 1
+            np.testing.assert_array_equal(anchor_mask[b], expected)
             assert g.rewards[k] == float(task.verify(f.example, g.texts["retry"][k]))
     assert not loss_mask[9:].any()  # the padding group
     # the trainer scores the train rows exactly as the sampler did
@@ -114,7 +122,8 @@ def test_retry_continues_the_exact_context(setup):
     contexts, expected = [], []
     for u, g in enumerate(groups):
         for k, row in enumerate(g.rows):
-            prefix, reflection = row[0].ids, row[1].ids
+            prefix = [i for sg in row[:-1] for i in sg.ids]
+            reflection = row[-1].ids
             turn = tok.close_assistant(reflection) + tok.user_turn_ids(
                 task.retry_instruction(failures[u].example)
             )
@@ -140,14 +149,16 @@ def test_ablation_masks(setup, method):
     batch, _ = build_batch(groups, num_groups=3, group_size=2, seq_len=512, pad_id=tok.pad_id)
     assert int(np.asarray(batch.mask).any(1).sum()) == 6  # no group dropped
     loss_mask = np.asarray(batch.loss_mask)
+    anchored = np.asarray(batch.anchor_mask).sum(1)
     for u, g in enumerate(groups):
         for k, row in enumerate(g.rows):
+            assert anchored[u * 2 + k] == len(_content(tok, failures[u].attempt_ids))
             trained = [sg for sg in row if sg.trainable]
             expected = sum(len(sg.ids) for sg in trained)
             assert loss_mask[u * 2 + k].sum() == expected
             if method == "fixed_reflection":
                 assert len(trained) == 1 and trained[0].ids == row[-1].ids  # the retry
-                assert tok.encode(s.fixed_reflection)[0] in row[0].ids
+                assert tok.encode(s.fixed_reflection)[0] in [i for sg in row for i in sg.ids]
             else:
                 assert len(trained) == 2  # reflection and retry, not the instruction turn
     lp = make_logprob_fn(graphdef, StepConfig(temperature=TEMPERATURE))(params, batch)

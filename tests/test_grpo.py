@@ -559,3 +559,23 @@ def test_masked_mean_and_safe_divide():
     np.testing.assert_allclose(grpo.masked_mean(x, m, axis=1), [2.0, 2.0])
     assert float(grpo.masked_mean(x, jnp.zeros_like(m))) == 0.0
     assert float(grpo.safe_divide(jnp.array(0.0), jnp.array(0.0))) == 0.0
+
+
+# ----------------------------------------------------------------------------- anchor
+
+
+def test_anchor_kl_matches_numpy_and_ignores_masked_nan():
+    lp, _, ref, _, mask = make_batch(11)
+    anchor = ~mask  # the anchored tokens are the ones the loss does not train
+    d = ref.astype(np.float64) - lp
+    want = ((np.exp(d) - d - 1) * anchor).sum()
+    kl, n = grpo.anchor_kl(jnp.asarray(lp), jnp.asarray(ref), jnp.asarray(anchor))
+    np.testing.assert_allclose(float(kl), want, rtol=1e-5)
+    assert float(n) == anchor.sum()
+    # gradient of the k3 sum w.r.t. lp is 1 - exp(ref - lp) on anchored tokens, 0 elsewhere
+    dirty = np.where(anchor, lp, np.nan).astype(np.float32)
+    grad = jax.grad(lambda x: grpo.anchor_kl(x, jnp.asarray(ref), jnp.asarray(anchor))[0])
+    g = np.asarray(grad(jnp.asarray(dirty)))
+    np.testing.assert_allclose(g, np.where(anchor, 1 - np.exp(d), 0.0), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="anchor_mask"):
+        grpo.anchor_kl(jnp.asarray(lp), jnp.asarray(ref), jnp.asarray(anchor[:, :-1]))

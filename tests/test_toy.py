@@ -42,6 +42,7 @@ def test_toy_smoke_train_then_evaluate(tmp_path: Path) -> None:
     metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert any("retry_success" in m for m in metrics)
     assert any("attempt_success" in m for m in metrics)
+    assert any("anchor_kl" in m for m in metrics)  # the config anchors the first attempt
     assert (workdir / "samples.jsonl").read_text().strip()
     results = json.loads((workdir / "eval.json").read_text())
     for name in ("before", "after"):

@@ -1,4 +1,6 @@
-"""The compiled GRPO train step: sharded == unsharded, exact micro-batching, NaN guard."""
+"""The compiled GRPO train step: sharded == unsharded, exact micro-batching, anchor, NaN guard."""
+
+from dataclasses import replace
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,7 @@ from reflax.trainer import (
     StepConfig,
     init_state,
     jit_train_step,
+    make_logprob_fn,
     make_train_step,
     shard_batch,
 )
@@ -35,13 +38,16 @@ def make_batch(seed=0, B=8, T=12):
     lengths = rng.integers(6, T + 1, B)
     mask = np.arange(T)[None] < lengths[:, None]
     loss_mask = np.zeros((B, T), np.float32)
+    anchor_mask = np.zeros((B, T), np.float32)
     for b, n in enumerate(lengths):
         loss_mask[b, n // 2 : n] = 1.0  # the "reflection" is the tail of each sequence
+        anchor_mask[b, 2 : n // 2 - 1] = 1.0  # the "attempt" sits before it
     return Batch(
         tokens=jnp.asarray(rng.integers(0, CFG.vocab_size, (B, T)) * mask, jnp.int32),
         positions=jnp.asarray(np.broadcast_to(np.arange(T), (B, T)), jnp.int32),
         mask=jnp.asarray(mask),
         loss_mask=jnp.asarray(loss_mask),
+        anchor_mask=jnp.asarray(anchor_mask),
         advantages=jnp.asarray(rng.normal(size=B), jnp.float32),
         old_logprobs=jnp.asarray(-rng.uniform(1, 5, (B, T)), jnp.float32),
     )
@@ -97,6 +103,35 @@ def test_micro_batches_are_exact(loss_type="seq_mean"):
     )
     np.testing.assert_allclose(m1[0]["loss"], m4[0]["loss"], rtol=1e-6)
     assert _max_diff(p1, p4) < 1e-5
+
+
+def test_anchor_adds_reference_kl_on_the_attempt(loss_type="token_mean"):
+    # loss = (policy loss + beta * KL on loss tokens + anchor_beta * KL sum on anchor tokens)
+    # / loss tokens, recomputed in NumPy from the step's own log-probs
+    model = create(CFG, seed=1)
+    graphdef, params = nnx.split(model)
+    ref = jax.tree.map(lambda x: x + 0.05 * jnp.sin(17.0 * x), params)  # a distinct reference
+    tx = optim.make_optimizer(total_steps=10, learning_rate=1e-2, warmup_ratio=0.0)
+    batch = make_batch(3)
+    cfg = StepConfig(beta=0.01, anchor_beta=0.5, logits_chunk=16, loss_type=loss_type)
+    _, m = jax.jit(make_train_step(graphdef, tx, cfg))(init_state(params, tx), batch, ref)
+    _, m0 = jax.jit(make_train_step(graphdef, tx, replace(cfg, anchor_beta=0.0)))(
+        init_state(params, tx), batch, ref
+    )
+    lp_fn = jax.jit(make_logprob_fn(graphdef, cfg))
+    lp = np.asarray(lp_fn(params, batch), np.float64)[:, 1:]
+    rlp = np.asarray(lp_fn(ref, batch), np.float64)[:, 1:]
+    loss_mask = np.asarray(batch.loss_mask)[:, 1:] > 0
+    anchor = np.asarray(batch.anchor_mask)[:, 1:] > 0
+    k3 = np.exp(rlp - lp) - (rlp - lp) - 1
+    assert anchor.sum() > 0 and not (anchor & loss_mask).any()
+    adv = np.asarray(batch.advantages, np.float64)[:, None]
+    policy = (-adv * loss_mask).sum() + 0.01 * (k3 * loss_mask).sum()
+    want = (policy + 0.5 * (k3 * anchor).sum()) / loss_mask.sum()
+    np.testing.assert_allclose(m["loss"], want, rtol=1e-4)
+    np.testing.assert_allclose(m0["loss"], policy / loss_mask.sum(), rtol=1e-4)
+    np.testing.assert_allclose(m["anchor_kl"], k3[anchor].mean(), rtol=1e-4)
+    assert "anchor_kl" not in m0
 
 
 def test_non_finite_loss_keeps_state():

@@ -1,15 +1,28 @@
-"""The supervised warm start's Countdown fields: reference answers, failing attempts and the
-reflection hints that episode rows teach."""
+"""The supervised warm start: Countdown fields (reference answers, failing attempts, the
+reflection hints that episode rows teach) and the warm-start/RL split of the problems."""
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import re
+import types
+from pathlib import Path
 
+import pytest
+from ml_collections import ConfigDict
+
+from reflax.config import validate
 from reflax.tasks.countdown import CountdownTask
-from reflax.warm_start import _countdown_fields, _pair_fields
+from reflax.warm_start import _countdown_fields, _pair_fields, split_families
 
 WORDS = {"plus": "+", "minus": "-", "times": "*", "over": "/"}
+_spec = importlib.util.spec_from_file_location(
+    "countdown_toy", Path(__file__).resolve().parents[1] / "configs" / "countdown_toy.py"
+)
+_toy = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_toy)
+toy_config = _toy.get_config
 
 
 def _task(counts: tuple[int, ...]) -> CountdownTask:
@@ -51,3 +64,44 @@ def test_countdown_fields_for_three_numbers():
         assert task.verify(ex, f["expression"])
         assert " " not in f["expression"] and f["step"].count("=") == 1
         assert sorted(map(int, re.findall(r"\d+", f["wrong"]))) == sorted(ex["nums"])
+
+
+def _rt(task, fraction: float):
+    cfg = ConfigDict({"warm_start": {"holdout_fraction": fraction}})
+    return types.SimpleNamespace(config=cfg, task=task)
+
+
+def test_split_families_keeps_each_number_set_on_one_side_and_loses_nothing():
+    task = _task((2,))
+    examples = task.load("train", num=2000, seed=3)
+    warm, rl = split_families(_rt(task, 0.5), examples)
+    assert len(warm) + len(rl) == len(examples)
+    assert sorted(map(repr, warm + rl)) == sorted(map(repr, examples))
+    fw = {task.family_key(ex) for ex in warm}
+    fr = {task.family_key(ex) for ex in rl}
+    assert not fw & fr  # the same numbers never teach the warm start and meet RL
+    assert 0.4 < len(fr) / len(fw | fr) < 0.6
+    # the split is a property of the problem, not of the draw or the order
+    again = split_families(_rt(task, 0.5), list(reversed(examples)))[1]
+    assert {task.family_key(ex) for ex in again} == fr
+    assert split_families(_rt(task, 0.0), examples) == (examples, examples)
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        split_families(_rt(task, 0.5), examples[:1])
+
+
+def test_new_rollout_and_warm_start_keys_are_validated():
+    c = toy_config()
+    validate(c)
+    c.warm_start.holdout_fraction = 1.0
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        validate(c)
+    c = toy_config()
+    c.rollout.mode = "offline"
+    c.rollout.failures = "failures.jsonl"
+    c.rollout.greedy_attempts = True
+    with pytest.raises(ValueError, match="greedy_attempts"):
+        validate(c)
+    c = toy_config()
+    c.grpo.anchor_beta = -1.0
+    with pytest.raises(ValueError, match="anchor_beta"):
+        validate(c)

@@ -196,7 +196,7 @@ def report(
                     alpha=0.9 if seed == seeds[0] else 0.5,
                     label=f"{method} s{seed}",
                 )
-    axes[0].set_title("first-attempt success (sampled, train problems)")
+    axes[0].set_title("first-attempt success (train problems)")
     axes[1].set_title("retry success after a failure (sampled)")
     for ax in axes:
         ax.set_xlabel("RL step")

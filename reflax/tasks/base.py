@@ -166,6 +166,14 @@ class Task(abc.ABC):
         """Identity used by the held-out split: equal keys never straddle train and test."""
         return json.dumps(example, sort_keys=True, default=str)
 
+    def family_key(self, example: dict) -> Hashable:
+        """Problems that teach each other's answers share a family (default: the split key).
+
+        The warm start and online RL split the train problems by family
+        (`warm_start.holdout_fraction`), so RL meets problems the warm start never taught.
+        """
+        return self.split_key(example)
+
     # ------------------------------------------------------------------------------ turns
     @abc.abstractmethod
     def prompt(self, example: dict) -> Prompt:

@@ -350,6 +350,10 @@ class CountdownTask(Task):
     def split_key(self, example: dict) -> Hashable:
         return (example["target"], tuple(sorted(example["nums"])))
 
+    def family_key(self, example: dict) -> Hashable:
+        # the same numbers with another target still teach their sums and products
+        return tuple(sorted(example["nums"]))
+
     def generate(self, split: str, *, num: int | None, seed: int) -> list[dict]:
         """``num`` (default ``synthetic_size``) solvable problems of ``split``."""
         num = self.synthetic_size if num is None else num
