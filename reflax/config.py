@@ -70,7 +70,8 @@ def base_config() -> ConfigDict:
     c.rollout.queries_per_step = 64  # online: first attempts sampled per step
     # online: decode first attempts greedily, so the reflections train on the failures that
     # greedy decoding (the evaluation's) makes rather than on unlucky samples (method
-    # first_attempt, plain GRPO, still samples its G attempts)
+    # first_attempt, plain GRPO, still samples its G attempts; offline failure sets come
+    # from collect_failures, which samples)
     c.rollout.greedy_attempts = False
     c.rollout.groups_per_step = 32  # failed attempts per step (U); batch = U * G rows
     c.rollout.group_size = 8  # G reflections per failure (paper: 8-14)
@@ -167,11 +168,6 @@ def validate(c: ConfigDict) -> ConfigDict:
     need(r.group_size >= 2, "rollout.group_size must be >= 2")
     need(r.groups_per_step >= 1, "rollout.groups_per_step must be >= 1")
     need(r.queries_per_step >= 1, "rollout.queries_per_step must be >= 1")
-    need(
-        not r.greedy_attempts or r.mode == "online",
-        "rollout.greedy_attempts applies to rollout.mode='online' only (offline failures come "
-        "from collect_failures)",
-    )
     need(r.temperature > 0, "rollout.temperature must be > 0 (GRPO needs samples)")
     need(0 < r.top_p <= 1, "rollout.top_p must be in (0, 1]")
     need(r.top_k >= 0, "rollout.top_k must be >= 0")

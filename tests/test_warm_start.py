@@ -89,17 +89,11 @@ def test_split_families_keeps_each_number_set_on_one_side_and_loses_nothing():
         split_families(_rt(task, 0.5), examples[:1])
 
 
-def test_new_rollout_and_warm_start_keys_are_validated():
+def test_new_warm_start_and_anchor_keys_are_validated():
     c = toy_config()
     validate(c)
     c.warm_start.holdout_fraction = 1.0
     with pytest.raises(ValueError, match="holdout_fraction"):
-        validate(c)
-    c = toy_config()
-    c.rollout.mode = "offline"
-    c.rollout.failures = "failures.jsonl"
-    c.rollout.greedy_attempts = True
-    with pytest.raises(ValueError, match="greedy_attempts"):
         validate(c)
     c = toy_config()
     c.grpo.anchor_beta = -1.0
