@@ -301,6 +301,12 @@ def token_logprobs_and_entropy(
 # ----------------------------------------------------------------------------- loss
 
 
+def _k3(lp: Array, ref: Array, log_ratio_clip: float) -> Array:
+    """Schulman's k3 estimate of KL(policy || ref) per token, log-difference clipped."""
+    diff = jnp.clip(ref - lp, -log_ratio_clip, log_ratio_clip)
+    return jnp.exp(diff) - diff - 1.0
+
+
 def grpo_loss(
     logprobs: Array,
     old_logprobs: Array | None,
@@ -369,8 +375,7 @@ def grpo_loss(
 
     if ref_logprobs is not None:
         ref_bt = jax.lax.stop_gradient(clean(ref_logprobs))
-        ref_diff_bt = jnp.clip(ref_bt - lp_bt, -log_ratio_clip, log_ratio_clip)
-        kl_bt = jnp.exp(ref_diff_bt) - ref_diff_bt - 1.0
+        kl_bt = _k3(lp_bt, ref_bt, log_ratio_clip)
     else:
         kl_bt = jnp.zeros_like(lp_bt)
     per_token_bt = pg_loss_bt
@@ -425,8 +430,7 @@ def anchor_kl(
     mask_bt = anchor_mask.astype(bool)
     lp_bt = jnp.where(mask_bt, logprobs.astype(jnp.float32), 0.0)
     ref_bt = jax.lax.stop_gradient(jnp.where(mask_bt, ref_logprobs.astype(jnp.float32), 0.0))
-    diff_bt = jnp.clip(ref_bt - lp_bt, -log_ratio_clip, log_ratio_clip)
-    kl_bt = jnp.where(mask_bt, jnp.exp(diff_bt) - diff_bt - 1.0, 0.0)
+    kl_bt = jnp.where(mask_bt, _k3(lp_bt, ref_bt, log_ratio_clip), 0.0)
     return jnp.sum(kl_bt), jnp.sum(mask_bt.astype(jnp.float32))
 
 

@@ -87,7 +87,7 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: StepCo
         lp, ent = _sequence_logprobs(graphdef, params, mb, cfg)
         ref_lp = None
         anchored = cfg.anchor_beta != 0.0 and ref_params is not None
-        if (cfg.beta != 0.0 or anchored) and ref_params is not None:
+        if anchored or (cfg.beta != 0.0 and ref_params is not None):
             ref_lp, _ = _sequence_logprobs(graphdef, ref_params, mb, cfg)
             ref_lp = jax.lax.stop_gradient(ref_lp)
         loss_mask = mb.loss_mask[:, 1:]

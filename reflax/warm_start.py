@@ -170,7 +170,7 @@ def episode_segments(rt: Runtime, example: dict) -> list[Segment]:
 def split_families(rt: Runtime, examples: list[dict]) -> tuple[list[dict], list[dict]]:
     """`(warm start's, RL's)` train problems: `warm_start.holdout_fraction` of the families
     (`task.family_key`, by a stable salted hash) go to RL only; with 0 both get all."""
-    fraction = rt.config.warm_start.get("holdout_fraction", 0.0)
+    fraction = rt.config.warm_start.holdout_fraction
     if not fraction:
         return examples, examples
     warm, rl = [], []
