@@ -20,7 +20,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from reflax import data, logs
+from reflax import data, distributed, logs
 from reflax.config import rollout_settings, validate
 from reflax.episodes import completion_text, first_attempts
 from reflax.metrics import Progress
@@ -88,6 +88,11 @@ def _define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
+    with distributed.exit_on_error():
+        _main(argv)
+
+
+def _main(argv: Sequence[str]) -> None:
     del argv
     logs.setup()
     FLAGS = flags.FLAGS
@@ -95,6 +100,7 @@ def main(argv: Sequence[str]) -> None:
     if c.rollout.mode == "offline" and not c.rollout.failures:
         c.rollout.failures = FLAGS.output  # the file this command is about to write
     c = validate(c)
+    distributed.initialize(distributed.ClusterSettings(**c.cluster))
     rt = build(c)
     examples = load_examples(rt, "train", FLAGS.num_queries or c.task.num_train, seed=c.seed)
     records, stats = collect_failures(
@@ -104,11 +110,13 @@ def main(argv: Sequence[str]) -> None:
         batch_size=FLAGS.batch_size,
         seed=c.seed,
     )
-    if jax.process_index() == 0:
+    if distributed.is_primary():  # one file for the whole cluster
         data.write_failures(FLAGS.output, records)
-    print(
-        " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items())
-    )
+        print(
+            " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -61,7 +61,11 @@ def base_config() -> ConfigDict:
     c.task.test_source = ""
     c.task.num_train = 0  # 0 = all
 
-    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    # across_hosts: the axis split first between hosts ("" = jax's order: data outermost)
+    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, across_hosts=""))
+    # Multi-host (reflax.distributed): how long joining may take, and how long a silent peer
+    # is waited for before the others stop with an error.
+    c.cluster = ConfigDict(dict(init_timeout_s=300, heartbeat_timeout_s=100))
 
     c.rollout = ConfigDict()
     c.rollout.mode = "offline"  # offline: failure set from collect_failures; online: fresh
@@ -91,6 +95,9 @@ def base_config() -> ConfigDict:
     # KL to the reference on the failed first attempt in each row (tokens no reward trains);
     # 0 is the paper. It keeps a shared-weight first attempt from drifting under reflection RL.
     c.grpo.anchor_beta = 0.0
+    # dtype of the KL reference's weights (a frozen copy of the initial model): bfloat16 halves
+    # its memory; the paper does not say, float32 keeps the reference exact
+    c.grpo.ref_dtype = "float32"
     c.grpo.epsilon = 0.2
     c.grpo.epsilon_high = 0.2
     c.grpo.loss_type = "token_mean"
@@ -153,15 +160,21 @@ def validate(c: ConfigDict) -> ConfigDict:
     need(c.total_steps > 0, "total_steps must be > 0")
     need(c.model.dtype in DTYPES, f"model.dtype must be one of {DTYPES}")
     need(c.model.param_dtype in DTYPES, f"model.param_dtype must be one of {DTYPES}")
+    need(c.grpo.ref_dtype in DTYPES, f"grpo.ref_dtype must be one of {DTYPES}")
     need(c.rollout.cache_dtype in DTYPES, f"rollout.cache_dtype must be one of {DTYPES}")
     if not c.model.path:
         need(
             bool(c.tokenizer.path or c.tokenizer.char_alphabet),
             "a model without model.path needs tokenizer.path or tokenizer.char_alphabet",
         )
-    unknown = set(c.mesh.keys()) - set(MESH_AXES)
+    sizes = {k: v for k, v in c.mesh.items() if k != "across_hosts"}
+    unknown = set(sizes) - set(MESH_AXES)
     need(not unknown, f"unknown mesh axes {sorted(unknown)}; use {MESH_AXES}")
-    need(sum(v == -1 for v in c.mesh.values()) <= 1, "at most one mesh axis may be -1")
+    need(sum(v == -1 for v in sizes.values()) <= 1, "at most one mesh axis may be -1")
+    need(
+        c.mesh.get("across_hosts", "") in ("",) + MESH_AXES,
+        f"mesh.across_hosts must be '' or one of {MESH_AXES}",
+    )
     r = c.rollout
     need(r.mode in MODES, f"rollout.mode must be one of {MODES}")
     need(r.method in METHODS, f"rollout.method must be one of {METHODS}")
@@ -196,6 +209,10 @@ def validate(c: ConfigDict) -> ConfigDict:
     need(
         not c.warm_start.steps or bool(c.warm_start.answer_template),
         "warm_start.steps > 0 needs warm_start.answer_template",
+    )
+    need(
+        c.cluster.init_timeout_s >= 1 and c.cluster.heartbeat_timeout_s >= 1,
+        "cluster.init_timeout_s and cluster.heartbeat_timeout_s must be >= 1",
     )
     need(c.checkpoint_every >= 1 and c.log_every >= 1, "checkpoint_every, log_every must be >= 1")
     need(c.eval.num_examples >= 0 and c.eval.batch_size >= 1, "bad eval sizes")

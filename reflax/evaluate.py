@@ -24,6 +24,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from reflax import distributed
 from reflax.config import rollout_settings
 from reflax.episodes import Failure, first_attempts, reflect_and_retry
 from reflax.runtime import Runtime
@@ -113,7 +114,8 @@ def table(results: dict[str, dict[str, Any]], title: str = "") -> str:
 
 
 def save_json(path: str | os.PathLike, results: dict[str, Any]) -> None:
-    if jax.process_index() == 0:
+    """Write the results (on the primary process only: one file for the whole cluster)."""
+    if distributed.is_primary():
         with open(path, "w") as f:
             json.dump(results, f, indent=2)
 
@@ -128,6 +130,11 @@ def _define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
+    with distributed.exit_on_error():
+        _main(argv)
+
+
+def _main(argv: Sequence[str]) -> None:
     del argv
     from reflax import logs
     from reflax.config import validate
@@ -136,6 +143,7 @@ def main(argv: Sequence[str]) -> None:
     logs.setup()
     FLAGS = flags.FLAGS
     c = validate(FLAGS.config)
+    distributed.initialize(distributed.ClusterSettings(**c.cluster))
     rt = build(c)
     n = FLAGS.num_examples if FLAGS.num_examples is not None else c.eval.num_examples
     examples = load_examples(rt, "test", n)
@@ -151,7 +159,8 @@ def main(argv: Sequence[str]) -> None:
         results[os.path.basename(os.path.normpath(FLAGS.hf)) or FLAGS.hf] = evaluate(
             other, other.params, examples, **kw
         )
-    print(table(results, f"{c.task.name}: held-out accuracy (%), n={len(examples)}"))
+    if distributed.is_primary():
+        print(table(results, f"{c.task.name}: held-out accuracy (%), n={len(examples)}"))
     if FLAGS.output:
         save_json(FLAGS.output, results)
 

@@ -23,28 +23,6 @@ from reflax.tokenizer import ChatTokens, char_tokenizer, load_tokenizer
 log = logging.getLogger(__name__)
 
 
-def maybe_initialize_distributed() -> None:
-    """Join a multi-host job (Cloud TPU pod slice, GPU cluster) when launched as one.
-
-    On TPU VMs and under SLURM/Open MPI jax finds the coordinator itself; elsewhere
-    set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
-    """
-    markers = (
-        "JAX_COORDINATOR_ADDRESS",
-        "TPU_WORKER_HOSTNAMES",
-        "SLURM_JOB_ID",
-        "OMPI_COMM_WORLD_SIZE",
-    )
-    if jax.distributed.is_initialized() if hasattr(jax.distributed, "is_initialized") else False:
-        return
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if any(os.environ.get(m) for m in markers) and (
-        "TPU_WORKER_HOSTNAMES" not in os.environ or "," in hosts
-    ):
-        jax.distributed.initialize()
-        log.info("process %d of %d", jax.process_index(), jax.process_count())
-
-
 @dataclasses.dataclass
 class Runtime:
     config: ConfigDict

@@ -87,6 +87,7 @@ from reflax.sharding import (
     batch_sharding,
     constrain,
     named_sharding,
+    put,
     replicated,
 )
 
@@ -619,18 +620,19 @@ class Sampler:
         if self.mesh is None:
             return jnp.asarray(x)
         if logical is None:
-            return jax.device_put(x, replicated(self.mesh))
-        return jax.device_put(x, named_sharding(self.mesh, logical, np.shape(x)))
+            return put(x, replicated(self.mesh))
+        return put(x, named_sharding(self.mesh, logical, np.shape(x)))
 
     def _out_shardings(self, batch: int, gen_len: int, cache_shape: tuple | None) -> Any:
         if self.mesh is None:
             return None
         m = self.mesh
+        # what the host reads comes back replicated, so every process (host) has all rows
         out = dict(
-            tokens=batch_sharding(m, (batch, gen_len)),
-            logprobs=batch_sharding(m, (batch, gen_len)),
-            lengths=batch_sharding(m, (batch,)),
-            done=batch_sharding(m, (batch,)),
+            tokens=replicated(m),
+            logprobs=replicated(m),
+            lengths=replicated(m),
+            done=replicated(m),
             seq_lens=batch_sharding(m, (batch,)),
         )
         if cache_shape is not None:

@@ -68,18 +68,26 @@ log = logging.getLogger(__name__)
 
 
 def make_mesh(
-    shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None
+    shape: Mapping[str, Any] | None = None, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
     """A (data, fsdp, tensor) mesh over all devices; one size may be -1 for "the rest".
+
+    `shape` may also name `across_hosts`: the axis whose first split separates the
+    processes (hosts). Left empty, jax's device order decides (on one host, or the
+    outermost axis across hosts). Data parallelism across hosts is the usual choice,
+    as it sends the least over the slower links between hosts.
 
     Axis types are Auto so that XLA's sharding propagation handles the
     matmuls (Explicit axes would demand a sharding on every op).
     """
     devices = list(devices if devices is not None else jax.devices())
     shape = dict(shape or {"data": 1, "fsdp": -1, "tensor": 1})
+    across = shape.pop("across_hosts", "") or ""
     unknown = set(shape) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
+    if across and across not in MESH_AXES:
+        raise ValueError(f"mesh.across_hosts must be one of {MESH_AXES}, got {across!r}")
     sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
     if sizes.count(-1) > 1:
         raise ValueError(f"at most one mesh axis may be -1, got {shape}")
@@ -92,9 +100,15 @@ def make_mesh(
             f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
             f"have {len(devices)}"
         )
-    return jax.make_mesh(
-        tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
-    )
+    types = (AxisType.Auto,) * len(MESH_AXES)
+    if not across:
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=types, devices=devices)
+    # devices in process order, the chosen axis outermost, then moved back to its place
+    k = MESH_AXES.index(across)
+    order = [k] + [i for i in range(len(MESH_AXES)) if i != k]
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    grid = np.array(ordered, dtype=object).reshape([sizes[i] for i in order])
+    return Mesh(grid.transpose(np.argsort(order)), MESH_AXES, axis_types=types)
 
 
 def _mesh_axis_size(mesh: Mesh, axes: Any) -> int:
@@ -185,5 +199,33 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
 
 
 def put(tree: Any, shardings: Any) -> Any:
-    """device_put a host pytree with matching shardings (each host passes the full value)."""
-    return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), tree, shardings)
+    """A host pytree, identical on every process, as global arrays with `shardings`.
+
+    Each addressable shard is cut from the host copy, so any mesh works, including
+    shards that span processes (multi-host). PRNG key arrays keep their type.
+    """
+    return jax.tree.map(_put_one, tree, shardings)
+
+
+def _put_one(x: Any, sharding: NamedSharding) -> jax.Array:
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        # the key data's trailing key-word dims are left whole by the sharding's spec
+        data = _put_one(np.asarray(jax.random.key_data(x)), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def fetch(tree: Any) -> Any:
+    """Global arrays -> numpy, on every process (an all-gather where shards are remote)."""
+
+    def one(x: Any) -> Any:
+        if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+            return np.asarray(jax.device_get(x))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)

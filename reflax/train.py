@@ -23,7 +23,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import ConfigDict, config_flags
 
-from reflax import data, logs, optim
+from reflax import data, distributed, logs, optim
 from reflax.checkpoint import Checkpointer, abstract_like
 from reflax.config import rollout_settings, step_config, validate
 from reflax.episodes import (
@@ -41,7 +41,6 @@ from reflax.runtime import (
     build,
     checkpoint_dir,
     load_examples,
-    maybe_initialize_distributed,
     state_to_dict,
 )
 from reflax.trainer import (
@@ -107,8 +106,13 @@ class GroupSource:
 
 
 def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
-    """Run (or resume) training; returns the final evaluation results."""
-    maybe_initialize_distributed()
+    """Run (or resume) training; returns the final evaluation results.
+
+    SIGTERM (a preemption notice) stops every process after the same step with a checkpoint
+    of it, and the run returns early; relaunching the same command resumes from there.
+    """
+    distributed.initialize(distributed.ClusterSettings(**c.cluster))
+    stop = distributed.StopRequest()  # from here on a SIGTERM is a request, not a kill
     os.makedirs(workdir, exist_ok=True)
     rt = build(c)
     writer = MetricsWriter(workdir)
@@ -141,8 +145,11 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
     tx = optim.make_optimizer(total_steps=c.total_steps * c.grpo.mu, **c.optim)
     lr_fn = optim.learning_rate_fn(total_steps=c.total_steps * c.grpo.mu, **c.optim)
     with_ref = c.grpo.beta > 0 or c.grpo.anchor_beta > 0
-    ref = jax.tree.map(jnp.copy, rt.params) if with_ref else None
+    # the KL reference: the initial weights, in grpo.ref_dtype (a copy: the state is donated)
+    ref_dtype = jnp.dtype(c.grpo.ref_dtype)
+    ref = jax.tree.map(lambda x: x.astype(ref_dtype, copy=True), rt.params) if with_ref else None
     state = init_state(rt.params, tx, rt.mesh)
+    rt.params = None  # the state holds the weights from here on; nothing reads the initial ones
     source = GroupSource(rt, timer)
     start = 0
     if latest is not None:
@@ -160,6 +167,7 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
     rng0 = jax.random.key(c.seed)
     compiled = None
     progress = Progress(c.total_steps, initial=start, desc="reflax")
+    preempted = False
     with jax.set_mesh(rt.mesh):
         for step in range(start, c.total_steps):
             rng = jax.random.fold_in(rng0, step)
@@ -200,7 +208,9 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
                 g = groups[0]
                 writer.write_texts(step + 1, {k: v[:2] for k, v in g.texts.items()})
             progress.update(1, reward=stats.mean_reward, loss=scalars["loss"])
-            if (step + 1) % c.checkpoint_every == 0 or step + 1 == c.total_steps:
+            # every process asks every step, so all stop after the same one
+            preempted = stop.agreed() and step + 1 < c.total_steps
+            if preempted or (step + 1) % c.checkpoint_every == 0 or step + 1 == c.total_steps:
                 meta = {
                     "rollout_step": step + 1,
                     "cursor": source.cursor.state(),
@@ -208,14 +218,28 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
                     "results": results,
                 }
                 ckpt.save(step + 1, state_to_dict(state), meta)
+            if preempted:
+                break
     progress.close()
     ckpt.wait()
+    if preempted:
+        stop.restore()
+        writer.close()
+        ckpt.close()
+        if distributed.is_primary():
+            print(
+                f"stopped by SIGTERM after step {step + 1}: checkpoint saved in "
+                f"{ckpt.step_dir(step + 1)}; relaunch the same command to resume",
+                flush=True,
+            )
+        return results
+    stop.restore()
     if c.eval.after:
         run_eval("after", state.params)
     if c.export_hf:
         model = nnx.merge(rt.graphdef, state.params)
         save_pretrained(model, os.path.join(workdir, "hf"), tokenizer=rt.tok.tokenizer)
-    if results:
+    if results and distributed.is_primary():
         print(table(results, f"{c.task.name}: held-out accuracy (%), n={len(eval_examples)}"))
         save_json(os.path.join(workdir, "eval.json"), results)
     writer.close()
@@ -233,7 +257,8 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logs.setup()
-    train(validate(flags.FLAGS.config), flags.FLAGS.workdir)
+    with distributed.exit_on_error():
+        train(validate(flags.FLAGS.config), flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,18 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from reflax import grpo
-from reflax.sharding import batch_sharding, named_sharding, param_logical_axes, param_shardings
+from reflax.sharding import (
+    batch_sharding,
+    named_sharding,
+    param_logical_axes,
+    param_shardings,
+    put,
+)
 
 
 class Batch(flax.struct.PyTreeNode):
@@ -232,17 +237,9 @@ def jit_train_step(
 def shard_batch(batch: Batch, mesh: Mesh | None) -> Batch:
     """Place a host batch (the full global batch, identical on every host) on the mesh.
 
-    Each process hands over only its own rows: with the batch axis sharded over
-    (data, fsdp) in device order, process p holds rows [p * B / P, (p + 1) * B / P).
+    Each shard is cut from the host copy, so this is exact for any mesh, also where a
+    batch shard spans processes (a tensor axis across hosts).
     """
     if mesh is None:
         return jax.tree.map(jnp.asarray, batch)
-    n, p = jax.process_count(), jax.process_index()
-
-    def put(x):
-        x = np.asarray(x)
-        rows = x.shape[0] // n
-        local = x[p * rows : (p + 1) * rows] if n > 1 else x
-        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.shape), local, x.shape)
-
-    return jax.tree.map(put, batch)
+    return put(batch, batch_shardings(batch, mesh))

@@ -54,14 +54,19 @@ def run(cmd, env, check=True, timeout=600):
     return p
 
 
-def final_params(workdir):
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    step = ckpt.latest_step()
-    path = os.path.join(ckpt.step_dir(step), "state")
+def final_params(workdir, sub="checkpoints"):
+    """(step, numpy params) of the latest checkpoint in workdir/sub, saved on any devices."""
     import orbax.checkpoint as ocp
 
-    tree = ocp.StandardCheckpointer().restore(path)
+    ckpt = Checkpointer(os.path.join(workdir, sub))
+    step = ckpt.latest_step()
+    path = os.path.join(ckpt.step_dir(step), "state")
     ckpt.close()
+    checkpointer = ocp.StandardCheckpointer()
+    meta = checkpointer.metadata(path).item_metadata
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+    tree = checkpointer.restore(path, target)
     return step, jax.tree.map(np.asarray, tree["params"])
 
 

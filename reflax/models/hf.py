@@ -49,7 +49,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from reflax.models import abstract_model
 from reflax.models.config import ModelConfig, UnsupportedModelError
 from reflax.models.decoder import Decoder, param_shapes
-from reflax.sharding import param_shardings
+from reflax.sharding import fetch, param_shardings
 
 log = logging.getLogger(__name__)
 
@@ -563,15 +563,6 @@ _SAVE_DTYPES = {np.dtype(v): k for k, v in _FLOAT_DTYPES.items()}
 _TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
-def _host_value(x: jax.Array) -> np.ndarray:
-    """The whole array on this host (all processes must call this for multi-host arrays)."""
-    if x.is_fully_addressable:
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 class _ShardedWriter:
     """Writes tensors, in a planned order, into one or more safetensors files as they come."""
 
@@ -768,7 +759,7 @@ def iter_hf_tensors(model: Decoder) -> Iterator[tuple[str, np.ndarray]]:
     """
     params = _model_params(model)
     for spec in hf_param_specs(model.config):
-        value = _host_value(params[spec.key])
+        value = fetch(params[spec.key])
         for i, name in enumerate(spec.hf_names):
             tensor = value[i] if spec.stacked else value
             yield name, tensor.T if spec.transpose else tensor
