@@ -185,6 +185,17 @@ def _define_flags() -> None:
     flags.DEFINE_bool("baseline", False, "also evaluate the config's initial model")
     flags.DEFINE_integer("num_examples", None, "held-out examples (default: eval.num_examples)")
     flags.DEFINE_string("output", None, "write the results as JSON here")
+    flags.DEFINE_enum(
+        "suite",
+        "task",
+        ["task", "forgetting"],
+        "task: the config's task (first/second try); "
+        "forgetting: general benchmarks through lm_eval, vanilla vs trained (reflax.forgetting)",
+    )
+    flags.DEFINE_list("forgetting_tasks", None, "lm_eval tasks (default: the paper's Table 3)")
+    flags.DEFINE_float("forgetting_limit", None, "examples per lm_eval task (<1: a fraction)")
+    flags.DEFINE_string("forgetting_include", None, "a directory of extra lm_eval task YAMLs")
+    flags.DEFINE_integer("forgetting_batch_size", 16, "rows per forward / sampler call")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -197,6 +208,11 @@ def main(argv: Sequence[str]) -> None:
     FLAGS = flags.FLAGS
     c = validate(FLAGS.config)
     rt = build(c)
+    if FLAGS.suite == "forgetting":
+        from reflax import forgetting
+
+        forgetting.main(rt, FLAGS)
+        return
     n = FLAGS.num_examples if FLAGS.num_examples is not None else c.eval.num_examples
     examples = load_examples(rt, "test", n)
     kw = dict(batch_size=c.eval.batch_size, greedy=c.eval.greedy, seed=c.seed)
