@@ -196,6 +196,7 @@ def _define_flags() -> None:
     flags.DEFINE_float("forgetting_limit", None, "examples per lm_eval task (<1: a fraction)")
     flags.DEFINE_string("forgetting_include", None, "a directory of extra lm_eval task YAMLs")
     flags.DEFINE_integer("forgetting_batch_size", 16, "rows per forward / sampler call")
+    flags.DEFINE_bool("forgetting_chat_template", False, "prompts through the chat template")
 
 
 def main(argv: Sequence[str]) -> None:

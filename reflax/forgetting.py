@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import logging
 import math
 import os
 from collections.abc import Sequence
@@ -58,8 +57,6 @@ from reflax.models.decoder import positions_from_mask
 from reflax.sampling import BucketSpec, Sampler, bucket_size, left_pad
 from reflax.sharding import batch_sharding, constrain
 from reflax.tokenizer import ChatTokens
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,6 +322,14 @@ class ReflaxLM(TemplateLM):
 
 
 # ------------------------------------------------------------------------------ the suite
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_path: str | None, include_defaults: bool) -> Any:
+    # indexing lm_eval's thousands of task YAMLs takes seconds: once per process
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
+
+
 def run_suite(
     lm: ReflaxLM,
     tasks: Sequence[str],
@@ -337,14 +342,12 @@ def run_suite(
 ) -> dict[str, Any]:
     """lm_eval's `simple_evaluate` of `lm` on `tasks`; its results dict (JSON-ready)."""
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include_path, include_defaults=include_defaults)
     results = simple_evaluate(
         model=lm,
         tasks=list(tasks),
         limit=limit,
-        task_manager=manager,
+        task_manager=_task_manager(include_path, include_defaults),
         log_samples=log_samples,
         **kwargs,
     )
@@ -429,6 +432,7 @@ def main(rt: Any, flags: Any) -> None:
         limit=int(limit) if limit is not None and limit >= 1 else limit,
         include_path=flags.forgetting_include,
         batch_size=flags.forgetting_batch_size,
+        apply_chat_template=flags.forgetting_chat_template,
     )
     print(forgetting_table(runs, tasks))
     output = flags.output or (
