@@ -2,12 +2,14 @@
 
     python -m reflax.evaluate --config=configs/qwen1p5b.py --checkpoint=WORKDIR
     python -m reflax.evaluate --config=configs/qwen1p5b.py --hf=WORKDIR/hf --baseline
+    python -m reflax.evaluate --config=configs/qwen1p5b.py --checkpoint=WORKDIR --suite=forgetting
 
 First try: the model answers the task (greedy by default). Second try: on a
 failure it writes one reflection and answers again; the second-try accuracy
 counts first-try successes plus successful retries, as in the paper. With
 `--baseline` the config's initial model (vanilla) is evaluated too and the two
-are printed side by side.
+are printed side by side. `--suite=forgetting` runs general benchmarks through
+lm_eval instead (`reflax.forgetting`).
 
 Error analysis: every answer is sorted by `Task.category` into "correct" or one of the
 task's failure categories (Countdown: malformed, wrong_numbers, missed_target; function
@@ -112,7 +114,7 @@ def evaluate(
             rt.task.category(ex, completion_text(rt.tok, a)) for ex, a in zip(chunk, attempts)
         ]
         tally["first_try"].update(verdicts)
-        for i, g in zip(failed, groups):
+        for i, g in zip(failed, groups):  # a failure's final outcome is its retry's
             verdicts[i] = rt.task.category(chunk[i], g.texts["retry"][0])
         tally["second_try"].update(verdicts)
         for i, g in zip(failed, groups[: max(0, num_samples_kept - len(kept))]):

@@ -196,7 +196,8 @@ def test_evaluate_counts_categories_per_try():
     retries = ["<answer>3+4</answer>", "<answer>3*4*2*1</answer>", "<answer>4*3</answer>"]
     tok = ChatTokens(chatml_tokenizer())
     c = base_config()
-    rt = Runtime(c, None, tok, None, None, CD, ScriptedSampler(tok, [first, reflections, retries]))
+    sampler = ScriptedSampler(tok, [first, reflections, retries])
+    rt = Runtime(config=c, mesh=None, tok=tok, graphdef=None, params=None, task=CD, sampler=sampler)
     r = evaluate(rt, None, examples, batch_size=8)
     want_first = {"correct": 1, "malformed": 1, "wrong_numbers": 0, "missed_target": 2}
     want_second = {"correct": 2, "malformed": 0, "wrong_numbers": 1, "missed_target": 1}
