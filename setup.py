@@ -32,7 +32,15 @@ setup(
     ],
     extras_require={
         # torch is only the numerical reference in tests and benchmarks (CPU wheel).
-        "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "torch>=2.4"],
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "ruff>=0.6",
+            "torch>=2.4",
+            "lm-eval>=0.4.13,<0.5",
+        ],
+        # the forgetting suite (reflax.forgetting); [math]: sympy etc. for lm_eval's MATH
+        "eval": ["lm-eval[math]>=0.4.13,<0.5"],
         "tpu": ["jax[tpu]>=0.10"],
         "cuda": ["jax[cuda12]>=0.10"],
     },

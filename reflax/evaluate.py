@@ -2,12 +2,21 @@
 
     python -m reflax.evaluate --config=configs/qwen1p5b.py --checkpoint=WORKDIR
     python -m reflax.evaluate --config=configs/qwen1p5b.py --hf=WORKDIR/hf --baseline
+    python -m reflax.evaluate --config=configs/qwen1p5b.py --checkpoint=WORKDIR --suite=forgetting
 
 First try: the model answers the task (greedy by default). Second try: on a
 failure it writes one reflection and answers again; the second-try accuracy
 counts first-try successes plus successful retries, as in the paper. With
 `--baseline` the config's initial model (vanilla) is evaluated too and the two
-are printed side by side.
+are printed side by side. `--suite=forgetting` runs general benchmarks through
+lm_eval instead (`reflax.forgetting`).
+
+Error analysis: every answer is sorted by `Task.category` into "correct" or one of the
+task's failure categories (Countdown: malformed, wrong_numbers, missed_target; function
+calling: malformed, wrong_call_count, wrong_tool, wrong_arguments). `errors.first_try`
+counts the first answers; `errors.second_try` counts each problem's final outcome (a
+first-try success, else its retry's category), so its "correct" matches `second_try`.
+Both hold counts and fractions of n, and the table prints them per model and try.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,13 +36,34 @@ from ml_collections import config_flags
 
 from reflax import distributed
 from reflax.config import rollout_settings
-from reflax.episodes import Failure, first_attempts, reflect_and_retry
+from reflax.episodes import Failure, completion_text, first_attempts, reflect_and_retry
 from reflax.runtime import Runtime
+from reflax.tasks.base import CORRECT
+
+TRIES = ("first_try", "second_try")
 
 
 def ci95(p: float, n: int) -> float:
     """Half-width of the normal-approximation 95% confidence interval of a proportion."""
     return 1.96 * math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
+
+
+def error_breakdown(
+    categories: Sequence[str], counts: dict[str, Counter], n: int
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Per try: counts and fractions of n of "correct" and each failure category, in order."""
+    names = [CORRECT, *categories]
+    out = {}
+    for try_, counter in counts.items():
+        unknown = set(counter) - set(names)
+        if unknown:
+            raise ValueError(f"categories {sorted(unknown)} are not among {names}")
+        c = {name: counter[name] for name in names}
+        out[try_] = {
+            "counts": c,
+            "fractions": {k: v / n if n else float("nan") for k, v in c.items()},
+        }
+    return out
 
 
 def evaluate(
@@ -48,7 +79,8 @@ def evaluate(
     """Accuracy before and after one reflect-and-retry, with 95% CIs and sample reflections.
 
     `samples` holds the first `num_samples_kept` failures: reflection, retry, whether the
-    retry passed, and the failed problem's index in `examples`.
+    retry passed, and the failed problem's index in `examples`. `errors` is the error
+    analysis of the module docstring.
     """
     s = rollout_settings(rt.config)
     if s.method == "first_attempt":  # the second try always uses the model's own reflection
@@ -56,6 +88,7 @@ def evaluate(
     rng = jax.random.key(seed)
     first = second = 0
     kept: list[dict[str, str]] = []
+    tally = {t: Counter() for t in TRIES}
     t0 = time.time()
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start : start + batch_size])
@@ -78,6 +111,13 @@ def evaluate(
             greedy=greedy,
         )
         second += sum(int(g.rewards[0]) for g in groups)
+        verdicts = [
+            rt.task.category(ex, completion_text(rt.tok, a)) for ex, a in zip(chunk, attempts)
+        ]
+        tally["first_try"].update(verdicts)
+        for i, g in zip(failed, groups):  # a failure's final outcome is its retry's
+            verdicts[i] = rt.task.category(chunk[i], g.texts["retry"][0])
+        tally["second_try"].update(verdicts)
         for i, g in zip(failed, groups[: max(0, num_samples_kept - len(kept))]):
             kept.append(
                 {
@@ -97,19 +137,41 @@ def evaluate(
         "first_try_ci95": ci95(p1, n),
         "second_try_ci95": ci95(p2, n),
         "retry_success_given_failure": second / (n - first) if n > first else float("nan"),
+        "errors": error_breakdown(rt.task.categories, tally, n),
         "seconds": time.time() - t0,
         "samples": kept,
     }
 
 
 def table(results: dict[str, dict[str, Any]], title: str = "") -> str:
-    """The paper's table: rows are models, columns first / second try (%, ±95% CI)."""
+    """The paper's table: rows are models, columns first / second try (%, ±95% CI); then,
+    when the results have an error analysis, the error table below it."""
     lines = [title] if title else []
     lines.append(f"{'model':<24} {'n':>6} {'first try':>16} {'second try':>16}")
     for name, r in results.items():
         f = f"{100 * r['first_try']:.1f} ± {100 * r['first_try_ci95']:.1f}"
         s = f"{100 * r['second_try']:.1f} ± {100 * r['second_try_ci95']:.1f}"
         lines.append(f"{name:<24} {r['n']:>6} {f:>16} {s:>16}")
+    errors = error_table(results)
+    return "\n".join(lines + ([""] + [errors] if errors else []))
+
+
+def error_table(results: dict[str, dict[str, Any]]) -> str:
+    """Rows (model, try), columns "correct" and each failure category (% of n); empty
+    when no result has an error analysis."""
+    rows = [(name, r["errors"]) for name, r in results.items() if r.get("errors")]
+    if not rows:
+        return ""
+    names = list(rows[0][1]["first_try"]["fractions"])
+    width = max(12, *(len(c) for c in names))
+    head = f"{'answers by category (%)':<36}" + "".join(f" {c:>{width}}" for c in names)
+    lines = [head]
+    for name, errors in rows:
+        for try_ in TRIES:
+            fractions = errors[try_]["fractions"]
+            cells = "".join(f" {100 * fractions.get(c, float('nan')):>{width}.1f}" for c in names)
+            label = f"{name}, {try_.replace('_', ' ')}"
+            lines.append(f"{label:<36}{cells}")
     return "\n".join(lines)
 
 
@@ -127,6 +189,18 @@ def _define_flags() -> None:
     flags.DEFINE_bool("baseline", False, "also evaluate the config's initial model")
     flags.DEFINE_integer("num_examples", None, "held-out examples (default: eval.num_examples)")
     flags.DEFINE_string("output", None, "write the results as JSON here")
+    flags.DEFINE_enum(
+        "suite",
+        "task",
+        ["task", "forgetting"],
+        "task: the config's task (first/second try); "
+        "forgetting: general benchmarks through lm_eval, vanilla vs trained (reflax.forgetting)",
+    )
+    flags.DEFINE_list("forgetting_tasks", None, "lm_eval tasks (default: the paper's Table 3)")
+    flags.DEFINE_float("forgetting_limit", None, "examples per lm_eval task (<1: a fraction)")
+    flags.DEFINE_string("forgetting_include", None, "a directory of extra lm_eval task YAMLs")
+    flags.DEFINE_integer("forgetting_batch_size", 16, "rows per forward / sampler call")
+    flags.DEFINE_bool("forgetting_chat_template", False, "prompts through the chat template")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -145,6 +219,11 @@ def _main(argv: Sequence[str]) -> None:
     c = validate(FLAGS.config)
     distributed.initialize(distributed.ClusterSettings(**c.cluster))
     rt = build(c)
+    if FLAGS.suite == "forgetting":
+        from reflax import forgetting
+
+        forgetting.main(rt, FLAGS)
+        return
     n = FLAGS.num_examples if FLAGS.num_examples is not None else c.eval.num_examples
     examples = load_examples(rt, "test", n)
     kw = dict(batch_size=c.eval.batch_size, greedy=c.eval.greedy, seed=c.seed)

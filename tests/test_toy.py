@@ -1,5 +1,6 @@
 """End to end through the real CLIs: the toy config's `:smoke` variant trains, exports and
-evaluates (warm start, Reflect-Retry-Reward steps, checkpoints, before/after table)."""
+evaluates (warm start, Reflect-Retry-Reward steps, checkpoints, before/after table with its
+error categories, the forgetting suite on a local lm_eval task)."""
 
 from __future__ import annotations
 
@@ -45,9 +46,14 @@ def test_toy_smoke_train_then_evaluate(tmp_path: Path) -> None:
     assert any("anchor_kl" in m for m in metrics)  # the config anchors the first attempt
     assert (workdir / "samples.jsonl").read_text().strip()
     results = json.loads((workdir / "eval.json").read_text())
+    assert "answers by category (%)" in log and "missed_target" in log  # the error table
     for name in ("before", "after"):
         r = results[name]
         assert 0.0 <= r["first_try"] <= r["second_try"] <= 1.0
+        for try_ in ("first_try", "second_try"):
+            counts = r["errors"][try_]["counts"]
+            assert sum(counts.values()) == r["n"]
+            assert counts["correct"] == round(r[try_] * r["n"])
         # Kept samples are the first failures, each pointing at its problem.
         idx = [k["index"] for k in r["samples"]]
         assert len(idx) == min(5, round(r["n"] * (1 - r["first_try"])))
@@ -62,3 +68,31 @@ def test_toy_smoke_train_then_evaluate(tmp_path: Path) -> None:
         ]
     )
     assert "vanilla" in log and "trained (step" in log and "second try" in log
+
+    # the forgetting suite, on a local lm_eval task: vanilla and trained side by side
+    rows = [
+        {"q": f"{a}+{b}=", "choices": [str(a + b), str(a * b)], "label": 0}
+        for a, b in ((2, 3), (3, 4))
+    ]
+    (tmp_path / "sums.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "sums.yaml").write_text(
+        "task: sums\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(tmp_path / 'sums.jsonl'))}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
+        "metric_list:\n  - metric: acc\n"
+    )
+    log = _run(
+        [
+            "reflax.evaluate",
+            f"--config={CONFIG}:smoke",
+            f"--checkpoint={workdir}",
+            "--suite=forgetting",
+            "--forgetting_tasks=sums",
+            f"--forgetting_include={tmp_path}",
+        ]
+    )
+    assert "< 1 point" in log and "vanilla" in log and "trained (step" in log
+    runs = json.loads((workdir / "forgetting.json").read_text())["runs"]
+    assert [k.split(" ")[0] for k in runs] == ["vanilla", "trained"]
+    assert all(0.0 <= r["results"]["sums"]["acc,none"] <= 1.0 for r in runs.values())

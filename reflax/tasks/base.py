@@ -3,7 +3,9 @@
 A task turns examples (plain dicts in the dataset's own schema) into chat prompts and
 judges completions with :meth:`Task.verify`, the only reward signal of the method, so
 ``verify`` must be exact, must never raise and must finish in bounded time whatever the
-model wrote.
+model wrote. :meth:`Task.diagnose` sorts a completion into ``"correct"`` or one of the
+task's failure ``categories`` (with a human reason, :meth:`Task.explain`), for the error
+analysis of :mod:`reflax.evaluate`; it says ``"correct"`` exactly when ``verify`` passes.
 
 Loading (:meth:`Task.load`) is shared by all tasks:
 
@@ -47,6 +49,8 @@ from reflax.tasks import sources, splits
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
+CORRECT = "correct"
+INCORRECT = "incorrect"
 
 INLINE_TOOLS_HEADER = (
     "# Tools\n\nYou can call the following tools. "
@@ -89,6 +93,8 @@ class Task(abc.ABC):
     """A verifiable task. Subclasses register themselves with ``@reflax.tasks.register``."""
 
     name: str = ""
+    # Failure categories of `diagnose`, in the order error tables list them.
+    categories: tuple[str, ...] = (INCORRECT,)
     # Split used when ``source`` is a Hub dataset id (the datasets used here ship only "train").
     hub_split: str = "train"
 
@@ -192,6 +198,21 @@ class Task(abc.ABC):
     def verify(self, example: dict, completion: str) -> bool:
         """Whether ``completion`` solves ``example``; never raises, bounded time."""
 
-    @abc.abstractmethod
+    def diagnose(self, example: dict, completion: str) -> tuple[str, str]:
+        """``(category, reason)``: ``(CORRECT, CORRECT)`` exactly when ``verify`` passes, else
+        one of ``categories`` and a short human reason. Never raises, bounded time.
+
+        Tasks override it with their own failure categories; this default knows only
+        ``"incorrect"``.
+        """
+        if self.verify(example, completion):
+            return CORRECT, CORRECT
+        return INCORRECT, INCORRECT
+
     def explain(self, example: dict, completion: str) -> str:
         """A short human reason why ``completion`` fails, or ``"correct"``."""
+        return self.diagnose(example, completion)[1]
+
+    def category(self, example: dict, completion: str) -> str:
+        """``"correct"`` or the failure category of ``completion`` (error analysis)."""
+        return self.diagnose(example, completion)[0]

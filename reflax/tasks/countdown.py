@@ -20,18 +20,27 @@ Verifier rules (each failing rule makes ``verify`` return False; ``explain`` nam
     * number literals are non-negative decimal integers; floats such as ``2.0`` are rejected
       (every given number is an integer and must appear as written); leading zeros are a
       syntax error as in Python;
-    * the multiset of literals equals the multiset of given numbers (each used exactly once)
-      -- checked on the raw text before parsing;
     * the text parses with ``ast.parse(mode="eval")`` into only BinOp nodes with + - * /
       (true division) over int constants, at most ``MAX_AST_NODES`` nodes (checked by an
       iterative walk before evaluation, which bounds the evaluation's recursion depth);
       ``**`` and ``//`` and unary operators are rejected -- unary minus in particular,
       because it would let the model negate a given number, which the task does not offer;
+    * the multiset of literals equals the multiset of given numbers (each used exactly once);
     * evaluation is exact, with ``fractions.Fraction``; non-integer intermediates are allowed
       (``(1 / 2) * 4`` is 2); division by zero fails; any intermediate whose numerator or
       denominator exceeds ``MAX_MAGNITUDE`` fails, so nothing can blow up;
     * the value equals the target exactly.
     Nothing is ever evaluated with ``eval``; any unexpected exception makes ``verify`` False.
+
+Failure categories (``category``; the rules are checked in the order above, so the first
+broken rule decides)
+    * ``malformed``: no answer, or an answer that breaks a format rule (length, ``=``,
+      characters, syntax, operators, size) -- whatever its numbers;
+    * ``wrong_numbers``: a well-formed expression whose literals are not exactly the given
+      numbers;
+    * ``missed_target``: a well-formed expression over exactly the given numbers whose value
+      is not the target (division by zero and overflowing intermediates included: the
+      expression has no value, so it misses the target).
 
 Generation (``load(split)`` without ``source``)
     Draw a count from ``counts`` and that many numbers from ``num_range``; search all binary
@@ -60,7 +69,7 @@ from collections.abc import Hashable, Sequence
 from fractions import Fraction
 
 from reflax.tasks import splits
-from reflax.tasks.base import Prompt, Task
+from reflax.tasks.base import CORRECT, Prompt, Task
 from reflax.tasks.registry import register
 
 MAX_ANSWER_CHARS = 1_000
@@ -97,8 +106,16 @@ _REJECTED_NODE_REASONS = {
 }
 
 
+MALFORMED, WRONG_NUMBERS, MISSED_TARGET = "malformed", "wrong_numbers", "missed_target"
+CATEGORIES = (MALFORMED, WRONG_NUMBERS, MISSED_TARGET)
+
+
 class _Reject(Exception):
     """Internal: the answer breaks a rule; the message is the human-readable reason."""
+
+    def __init__(self, reason: str, category: str = MALFORMED) -> None:
+        super().__init__(reason)
+        self.category = category
 
 
 # ------------------------------------------------------------------------------ checking
@@ -142,9 +159,6 @@ def _check_answer(answer: str, nums: Sequence[int], target: int) -> Fraction:
         bad = _DISALLOWED_CHAR.search(expression)
         char = bad.group() if bad else "?"
         raise _Reject(f"character {char!r} is not allowed (only digits, + - * / and parentheses)")
-    used = sorted(int(literal) for literal in _INT_LITERAL.findall(expression))
-    if used != sorted(nums):
-        raise _Reject(f"uses the numbers {used} but must use {sorted(nums)} each exactly once")
     try:
         tree = ast.parse(expression, mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):
@@ -169,6 +183,12 @@ def _check_answer(answer: str, nums: Sequence[int], target: int) -> Fraction:
                 raise _Reject(f"{node.value!r} is not a non-negative integer literal")
         else:
             raise _Reject(_REJECTED_NODE_REASONS.get(kind) or f"{kind.__name__} is not allowed")
+    used = sorted(int(literal) for literal in _INT_LITERAL.findall(expression))
+    if used != sorted(nums):
+        raise _Reject(
+            f"uses the numbers {used} but must use {sorted(nums)} each exactly once",
+            WRONG_NUMBERS,
+        )
     return _evaluate(tree.body)
 
 
@@ -187,33 +207,41 @@ def _evaluate(node: ast.expr) -> Fraction:
         value = left * right
     else:
         if right == 0:
-            raise _Reject("division by zero")
+            raise _Reject("division by zero", MISSED_TARGET)
         value = left / right
     if abs(value.numerator) > MAX_MAGNITUDE or value.denominator > MAX_MAGNITUDE:
-        raise _Reject("an intermediate value is too large")
+        raise _Reject("an intermediate value is too large", MISSED_TARGET)
     return value
+
+
+def diagnose(
+    nums: Sequence[int], target: int, completion: str, *, fallback: bool = False
+) -> tuple[str, str]:
+    """``(category, reason)`` for a completion: ``(CORRECT, CORRECT)`` or a failure
+    category of ``CATEGORIES`` with the human-readable reason; never raises."""
+    try:
+        if not isinstance(completion, str):
+            return MALFORMED, "the completion is not a string"
+        answer = extract_answer(completion, fallback=fallback)
+        if answer is None:
+            return MALFORMED, "no <answer> tag" if not fallback else "no answer found"
+        value = _check_answer(answer, nums, target)
+        if value != target:
+            shown = str(value) if value.denominator == 1 else f"{value} ({float(value):.4g})"
+            return MISSED_TARGET, f"the expression equals {shown}, not {target}"
+        return CORRECT, CORRECT
+    except _Reject as reject:
+        return reject.category, str(reject)
+    except Exception as error:  # model output is hostile input: never propagate
+        return MALFORMED, f"could not check the answer ({type(error).__name__})"
 
 
 def check(
     nums: Sequence[int], target: int, completion: str, *, fallback: bool = False
 ) -> tuple[bool, str]:
     """``(passed, reason)`` for a completion; never raises."""
-    try:
-        if not isinstance(completion, str):
-            return False, "the completion is not a string"
-        answer = extract_answer(completion, fallback=fallback)
-        if answer is None:
-            where = "no <answer> tag" if not fallback else "no answer found"
-            return False, where
-        value = _check_answer(answer, nums, target)
-        if value != target:
-            shown = str(value) if value.denominator == 1 else f"{value} ({float(value):.4g})"
-            return False, f"the expression equals {shown}, not {target}"
-        return True, "correct"
-    except _Reject as reject:
-        return False, str(reject)
-    except Exception as error:  # model output is hostile input: never propagate
-        return False, f"could not check the answer ({type(error).__name__})"
+    category, reason = diagnose(nums, target, completion, fallback=fallback)
+    return category == CORRECT, reason
 
 
 # ---------------------------------------------------------------------------- generation
@@ -291,6 +319,8 @@ def _check_template(name: str, template: str) -> str:
 @register("countdown")
 class CountdownTask(Task):
     """The Countdown numbers game; see the module docstring for every rule."""
+
+    categories = CATEGORIES
 
     def __init__(
         self,
@@ -410,15 +440,12 @@ class CountdownTask(Task):
         return self.retry_template.format(**self._fields(example))
 
     # ------------------------------------------------------------------------ checking
-    def _check(self, example: dict, completion: str) -> tuple[bool, str]:
+    def diagnose(self, example: dict, completion: str) -> tuple[str, str]:
         try:
             nums, target = example["nums"], example["target"]
         except Exception:
-            return False, "the example has no 'nums'/'target'"
-        return check(nums, target, completion, fallback=self.answer_fallback)
+            return MALFORMED, "the example has no 'nums'/'target'"
+        return diagnose(nums, target, completion, fallback=self.answer_fallback)
 
     def verify(self, example: dict, completion: str) -> bool:
-        return self._check(example, completion)[0]
-
-    def explain(self, example: dict, completion: str) -> str:
-        return self._check(example, completion)[1]
+        return self.diagnose(example, completion)[0] == CORRECT

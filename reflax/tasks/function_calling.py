@@ -54,6 +54,12 @@ Verifier rules
       no case or whitespace folding), null only equals null, lists element-wise in order,
       objects key-wise regardless of key order.
 
+Failure categories (``category``; the first that applies)
+    * ``malformed``: no parseable tool calls (the parsing rules above);
+    * ``wrong_call_count``: more or fewer calls than gold;
+    * ``wrong_tool``: as many calls as gold, but not the gold multiset of tool names;
+    * ``wrong_arguments``: the gold tool names, with missing, extra or wrong argument values.
+
 Loading
     A row needs a non-empty string ``query``, a non-empty ``tools`` list of objects with a
     string ``name`` (and ``parameters`` an object, if present), and ``answers`` decoding
@@ -76,7 +82,7 @@ from collections.abc import Hashable, Iterator
 from typing import Any
 
 from reflax.tasks import splits, xlam_synthetic
-from reflax.tasks.base import Prompt, Task
+from reflax.tasks.base import CORRECT, Prompt, Task
 from reflax.tasks.registry import register
 
 MAX_COMPLETION_CHARS = 32_000
@@ -98,6 +104,10 @@ DEFAULT_REFLECTION = (
 DEFAULT_RETRY = "Try again. {query}"
 
 Call = tuple[str, dict]
+
+MALFORMED, WRONG_CALL_COUNT = "malformed", "wrong_call_count"
+WRONG_TOOL, WRONG_ARGUMENTS = "wrong_tool", "wrong_arguments"
+CATEGORIES = (MALFORMED, WRONG_CALL_COUNT, WRONG_TOOL, WRONG_ARGUMENTS)
 
 
 class CallParseError(ValueError):
@@ -403,6 +413,18 @@ def _argument_diff(predicted: dict, gold: dict) -> str:
     return "; ".join(parts)
 
 
+def mismatch_category(predicted: list[Call], gold: list[Call]) -> str:
+    """``"correct"`` or the first failure category (module docstring) that separates the
+    parsed calls ``predicted`` from ``gold``."""
+    if Counter(_call_key(call) for call in predicted) == Counter(_call_key(c) for c in gold):
+        return CORRECT
+    if len(predicted) != len(gold):
+        return WRONG_CALL_COUNT
+    if Counter(name for name, _ in predicted) != Counter(name for name, _ in gold):
+        return WRONG_TOOL
+    return WRONG_ARGUMENTS
+
+
 def describe_mismatch(predicted: list[Call], gold: list[Call]) -> str:
     """A short explanation of how ``predicted`` differs from ``gold`` ("correct" if it does not)."""
     remaining = Counter(_call_key(call) for call in gold)
@@ -610,6 +632,8 @@ def _check_template(name: str, template: str) -> str:
 class FunctionCallingTask(Task):
     """xLAM function calling; see the module docstring for the parsing and matching rules."""
 
+    categories = CATEGORIES
+
     def __init__(
         self,
         *,
@@ -687,18 +711,18 @@ class FunctionCallingTask(Task):
         except Exception:  # hostile output or a malformed example: never raise
             return False
 
-    def explain(self, example: dict, completion: str) -> str:
+    def diagnose(self, example: dict, completion: str) -> tuple[str, str]:
         try:
             gold = parse_gold(example["answers"])
         except Exception as error:
-            return f"the example's answers are malformed ({error})"
+            return MALFORMED, f"the example's answers are malformed ({error})"
         try:
             predicted = parse_calls(completion)
         except CallParseError as error:
-            return f"could not parse tool calls: {error}"
+            return MALFORMED, f"could not parse tool calls: {error}"
         except Exception as error:
-            return f"could not parse tool calls ({type(error).__name__})"
+            return MALFORMED, f"could not parse tool calls ({type(error).__name__})"
         try:
-            return describe_mismatch(predicted, gold)
+            return mismatch_category(predicted, gold), describe_mismatch(predicted, gold)
         except Exception as error:
-            return f"could not compare the calls ({type(error).__name__})"
+            return MALFORMED, f"could not compare the calls ({type(error).__name__})"
