@@ -140,15 +140,15 @@ def hub(tmp_path, monkeypatch):
         pa.Table.from_pylist(_countdown_rows(15_030)),
         countdown / "train-00000-of-00001.parquet",
     )
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)  # no network
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     real = datasets.load_dataset
     calls = []
 
     def load_dataset(path, *args, **kwargs):
         calls.append(path)
         assert path in (XLAM, COUNTDOWN), path
-        return real(str(root / path), *args, **kwargs)
+        return real(str(root / path), *args, cache_dir=str(tmp_path / "cache"), **kwargs)
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     return calls
