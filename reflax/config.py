@@ -1,8 +1,10 @@
 """The run configuration: defaults, validation, and the objects built from it.
 
 A config file (`configs/*.py`) defines `get_config(arg=None)` that starts from
-`base_config()` and changes what its run needs. `validate` checks every value
-before any compute and reports all problems in one `ConfigError`.
+`base_config()` and changes what its run needs (the paper configs take their
+variants from `reflax.recipes`). `validate` checks every value, and that every key
+is one `base_config` declares, before any compute and reports all problems in one
+`ConfigError`.
 """
 
 from __future__ import annotations
