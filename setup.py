@@ -12,7 +12,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["reflax", "reflax.*"]),
-    package_data={"reflax.tasks": ["data/*.jsonl"]},
+    package_data={"reflax.tasks": ["data/*.jsonl", "data/*.json"]},
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",

@@ -12,7 +12,7 @@ three), so copying a number is copying one token. A random-init decoder (3 layer
 96, ~0.3M parameters) gets a supervised warm start: 20% of the steps teach the first
 attempt, 80% a whole episode after a wrong attempt (`6*3` -> `wrong` -> reflection
 `use minus` -> `again` -> retry `6-3`). The warm-start reflection names a random operator
-other than the failed one (`reflection_gold_fraction=0`), so the retry learns to follow
+other than the failed one (`task.kwargs.hint_gold_fraction=0`), so the retry learns to follow
 its reflection while the vanilla reflections are uninformed. Reflect-Retry-Reward GRPO
 then runs online and rewards only the reflection tokens when the retry passes. Each step
 decodes fresh first attempts greedily (`rollout.greedy_attempts`), so the reflections
@@ -61,6 +61,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.task.kwargs.reflection_template = "wrong"
     c.task.kwargs.retry_template = "again"
     c.task.kwargs.answer_fallback = True
+    c.task.kwargs.hint_gold_fraction = 0.0  # warm-start reflections name a random operator
     c.task.kwargs.synthetic_size = 8000
     c.task.num_train = 8000
 
@@ -94,7 +95,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.warm_start.wrong_template = "{wrong}"
     c.warm_start.reflection_template = "use {hint_word}"
     c.warm_start.retry_template = "{hint}"
-    c.warm_start.reflection_gold_fraction = 0.0
 
     c.checkpoint_every = 50
     c.sample_every = 10

@@ -1,8 +1,10 @@
 """The run configuration: defaults, validation, and the objects built from it.
 
 A config file (`configs/*.py`) defines `get_config(arg=None)` that starts from
-`base_config()` and changes what its run needs. `validate` checks every value
-before any compute and reports all problems in one `ConfigError`.
+`base_config()` and changes what its run needs (the paper configs take their
+variants from `reflax.recipes`). `validate` checks every value, and that every key
+is one `base_config` declares, before any compute and reports all problems in one
+`ConfigError`.
 """
 
 from __future__ import annotations
@@ -127,7 +129,13 @@ def base_config() -> ConfigDict:
             learning_rate=1e-3,
             warmup_ratio=0.05,
             seq_len=128,
-            answer_template="",  # str.format over the example, e.g. "<answer>{solution}</answer>"
+            # rows' text: str.format over the example and the task's `warm_start_fields`
+            answer_template="",  # the first attempt, e.g. "<answer>{solution}</answer>"
+            # share of the rows that are whole episodes after a wrong attempt (0 = answers only)
+            episode_fraction=0.0,
+            wrong_template="",  # an episode's failed first attempt (context, no loss)
+            reflection_template="",  # its reflection (loss)
+            retry_template="",  # its retry (loss)
             # share of the train problem families (task.family_key) kept out of the warm start
             # for online RL, so RL meets problems as new as the held-out ones; 0 = all in both
             holdout_fraction=0.0,
@@ -149,6 +157,24 @@ def base_config() -> ConfigDict:
     return c
 
 
+# Sub-configs whose keys are options of something else, checked there: the task's
+# constructor (reflax.tasks.get), the model's shape (ModelConfig), the mesh axes (below).
+FREE_KEYS = ("task.kwargs", "model.init", "mesh")
+
+
+def undeclared_keys(c: ConfigDict, base: ConfigDict | None = None, prefix: str = "") -> list[str]:
+    """Keys of `c` that `base_config()` does not declare (outside `FREE_KEYS`)."""
+    base = base_config() if base is None else base
+    found = []
+    for key, value in c.items():
+        path = prefix + key
+        if key not in base:
+            found.append(path)
+        elif isinstance(value, ConfigDict) and path not in FREE_KEYS:
+            found += undeclared_keys(value, base[key], path + ".")
+    return found
+
+
 def validate(c: ConfigDict) -> ConfigDict:
     """Check every value; raise one ConfigError listing all problems. Locks the config."""
     errors = []
@@ -157,6 +183,8 @@ def validate(c: ConfigDict) -> ConfigDict:
         if not ok:
             errors.append(msg)
 
+    unknown_keys = undeclared_keys(c)
+    need(not unknown_keys, f"keys not declared in base_config: {unknown_keys}")
     need(c.total_steps > 0, "total_steps must be > 0")
     need(c.model.dtype in DTYPES, f"model.dtype must be one of {DTYPES}")
     need(c.model.param_dtype in DTYPES, f"model.param_dtype must be one of {DTYPES}")
@@ -206,9 +234,17 @@ def validate(c: ConfigDict) -> ConfigDict:
     need(0 <= c.optim.warmup_ratio < 1, "optim.warmup_ratio must be in [0, 1)")
     need(c.warm_start.steps >= 0, "warm_start.steps must be >= 0")
     need(0 <= c.warm_start.holdout_fraction < 1, "warm_start.holdout_fraction must be in [0, 1)")
+    w = c.warm_start
     need(
-        not c.warm_start.steps or bool(c.warm_start.answer_template),
+        not w.steps or bool(w.answer_template),
         "warm_start.steps > 0 needs warm_start.answer_template",
+    )
+    need(0 <= w.episode_fraction <= 1, "warm_start.episode_fraction must be in [0, 1]")
+    need(
+        not (w.steps and w.episode_fraction)
+        or all((w.wrong_template, w.reflection_template, w.retry_template)),
+        "warm_start.episode_fraction > 0 needs warm_start.wrong_template, "
+        "reflection_template and retry_template",
     )
     need(
         c.cluster.init_timeout_s >= 1 and c.cluster.heartbeat_timeout_s >= 1,
@@ -255,61 +291,3 @@ def step_config(c: ConfigDict) -> StepConfig:
 
 def to_dict(c: ConfigDict) -> dict:
     return c.to_dict() if isinstance(c, ml_collections.ConfigDict) else dict(c)
-
-
-PRINTABLE = "".join(chr(i) for i in range(32, 127)) + "\n\t"
-
-
-def paper_config(model_path: str, task: str, arg: str | None = None) -> ConfigDict:
-    """The paper's recipe for one model (arXiv 2505.24726, section 4 and appendix).
-
-    GRPO on reflection tokens only; lr 5e-7 with 3% warmup and cosine decay;
-    effective batch 256 (32 failures x G=8 reflections); KL beta 0.001;
-    temperature 0.9; 1,000 steps (the paper saw a plateau near 1,000 of at most
-    ~1,750); offline failure set. `arg`:
-      None / "tpu"  the real run (bf16 compute, f32 master weights, remat)
-      "local"       the same pipeline on a laptop CPU: a tiny random model with a
-                    character tokenizer, online attempts, a few steps
-    """
-    if task not in ("countdown", "function_calling"):
-        raise ValueError(f"unknown task {task!r}")
-    c = base_config()
-    c.model.path = model_path
-    c.task.name = task
-    c.rollout.mode = "offline"
-    c.rollout.failures = ""  # set with --config.rollout.failures=... after collect_failures
-    c.rollout.attempts_per_query = 8
-    c.rollout.max_attempt_tokens = 256 if task == "function_calling" else 512
-    c.rollout.max_reflection_tokens = 256
-    c.rollout.max_retry_tokens = 256 if task == "function_calling" else 512
-    c.rollout.seq_len = 2048 if task == "function_calling" else 1024
-    c.total_steps = 1000
-    c.eval.num_examples = 1000
-    # 256 rows of 1-2k tokens: 8 micro-batches fit a v5e-8 with fsdp=8 (experiments/aot_memory.py)
-    c.grpo.micro_batches = 8
-    if arg in (None, "", "tpu"):
-        return c
-    if arg != "local":
-        raise ValueError(f"unknown variant {arg!r}; use 'local' or nothing")
-    c.model.path = ""
-    c.model.dtype = c.model.param_dtype = c.rollout.cache_dtype = "float32"
-    c.model.remat = False
-    c.tokenizer.char_alphabet = PRINTABLE
-    c.mesh.fsdp = -1
-    c.task.kwargs.synthetic_size = 64
-    c.task.num_train = 64
-    c.rollout.mode = "online"
-    c.rollout.queries_per_step = 4
-    c.rollout.groups_per_step = 2
-    c.rollout.group_size = 4
-    c.rollout.max_attempt_tokens = 16
-    c.rollout.max_reflection_tokens = 16
-    c.rollout.max_retry_tokens = 16
-    c.rollout.seq_len = 2048 if task == "function_calling" else 512
-    c.optim.learning_rate = 1e-4
-    c.grpo.micro_batches = 1
-    c.total_steps = 3
-    c.checkpoint_every = 2
-    c.eval.num_examples = 8
-    c.eval.batch_size = 8
-    return c

@@ -51,7 +51,7 @@ from reflax.trainer import (
     make_train_step,
     shard_batch,
 )
-from reflax.warm_start import split_families, warm_start
+from reflax.warm_start import train_problems, warm_start
 
 log = logging.getLogger("reflax.train")
 
@@ -69,9 +69,7 @@ class GroupSource:
         self.rt, self.s = rt, rollout_settings(c)
         self.online = c.rollout.mode == "online" or c.rollout.method == "first_attempt"
         if self.online:
-            self.items = load_examples(rt, "train", c.task.num_train, seed=c.seed)
-            if c.warm_start.steps:
-                self.items = split_families(rt, self.items)[1]
+            self.items = train_problems(rt, "rl")
         else:
             self.items, _ = data.read_failures(c.rollout.failures)
         if not self.items:

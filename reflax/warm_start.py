@@ -8,7 +8,7 @@ The result is checkpointed in <workdir>/warm_start, so a resumed run (and its
 KL reference) starts from the same weights.
 
 Two kinds of rows (keys of `warm_start`; templates are str.format over the example
-plus `derived_fields`):
+plus the task's `Task.warm_start_fields`, e.g. Countdown's `expression`, `wrong`, `hint`):
 
   answer   prompt -> `answer_template` (a first attempt)
   episode  prompt -> a wrong attempt (`wrong_template`, context only) -> reflection
@@ -25,11 +25,9 @@ problems it was never taught.
 
 from __future__ import annotations
 
-import ast
 import logging
 import os
 import random
-from fractions import Fraction
 from typing import Any
 
 import jax
@@ -58,93 +56,6 @@ def _ended(rt: Runtime, text: str) -> list[int]:
 def answer_ids(rt: Runtime, example: dict) -> list[int]:
     """The reference answer as a complete assistant turn ending in the stop id."""
     return _ended(rt, rt.config.warm_start.answer_template.format(**example))
-
-
-_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
-
-
-def _countdown_fields(example: dict, rng: random.Random, verify: Any) -> dict[str, str]:
-    """`expression`: the solution without spaces; `step`: its first operation on two given
-    numbers, as `a*b=v`; `wrong`: a random expression over the numbers that fails."""
-    expression = example["solution"].replace(" ", "")
-    stack = [ast.parse(expression, mode="eval").body]
-    step = expression
-    while stack:  # the first binary operation whose operands are both given numbers
-        node = stack.pop()
-        if isinstance(node, ast.BinOp):
-            if isinstance(node.left, ast.Constant) and isinstance(node.right, ast.Constant):
-                a, b = Fraction(node.left.value), Fraction(node.right.value)
-                op = _OPS[type(node.op)]
-                v = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else a}[op]
-                step = f"{a}{op}{b}={v}"
-                break
-            stack += [node.right, node.left]
-    wrong = expression
-    for _ in range(20):  # left-to-right expressions in the answer format; a few may pass
-        nums = list(example["nums"])
-        rng.shuffle(nums)
-        cand = str(nums[0]) + "".join(rng.choice("+-*") + str(n) for n in nums[1:])
-        if not verify(example, cand):
-            wrong = cand
-            break
-    return {"expression": expression, "step": step, "wrong": wrong}
-
-
-def _pair_expression(op: str, nums: list[int]) -> str:
-    """Two numbers joined by `op`; `-` and `/` put the larger first (targets are positive)."""
-    x, y = nums
-    if op in "-/":
-        x, y = max(x, y), min(x, y)
-    return f"{x}{op}{y}"
-
-
-OP_WORDS = {"+": "plus", "-": "minus", "*": "times", "/": "over"}
-
-
-def solving_operators(example: dict, verify: Any) -> list[str]:
-    """The operators `op` for which `x op y` (as `_pair_expression` writes it) passes."""
-    return [o for o in "+-*/" if verify(example, _pair_expression(o, list(example["nums"])))]
-
-
-def _pair_fields(
-    example: dict, rng: random.Random, verify: Any, gold_fraction: float
-) -> dict[str, str]:
-    """Two-number countdown: the answer is `x op y`, so the choice is the operator.
-
-    `expression`: the solution (`op`) written by `_pair_expression`; `wrong`: the same
-    numbers with an operator that fails (`wrong_op`); `hint_op`: the operator a reflection
-    names, the solution's with probability `gold_fraction`, otherwise a random operator
-    other than `wrong_op` (which may pass too); `hint`: the expression that follows it;
-    `hint_word` / `wrong_word`: those operators as words (plus, minus, times, over).
-    """
-    nums = list(example["nums"])
-    op = next(ch for ch in "+-*/" if ch in example["solution"])
-    solving = solving_operators(example, verify)
-    fails = [o for o in "+-*/" if o not in solving]
-    wrong_op = rng.choice(fails) if fails else op
-    others = [o for o in "+-*/" if o != wrong_op]
-    hint_op = op if rng.random() < gold_fraction else rng.choice(others)
-    return {
-        "expression": _pair_expression(op, nums),
-        "op": op,
-        "wrong": _pair_expression(wrong_op, nums),
-        "wrong_op": wrong_op,
-        "hint_op": hint_op,
-        "hint": _pair_expression(hint_op, nums),
-        "hint_word": OP_WORDS[hint_op],
-        "wrong_word": OP_WORDS[wrong_op],
-    }
-
-
-def derived_fields(rt: Runtime, example: dict, rng: random.Random) -> dict[str, str]:
-    """Extra template fields for the task (countdown: expression, step, wrong; with two
-    numbers also op, wrong_op, hint_op, hint, hint_word, wrong_word; see `_pair_fields`)."""
-    if rt.config.task.name == "countdown" and "solution" in example:
-        if len(example["nums"]) == 2:
-            gold = rt.config.warm_start.get("reflection_gold_fraction", 1.0)
-            return _pair_fields(example, rng, rt.task.verify, gold)
-        return _countdown_fields(example, rng, rt.task.verify)
-    return {}
 
 
 def episode_segments(rt: Runtime, example: dict) -> list[Segment]:
@@ -186,6 +97,19 @@ def split_families(rt: Runtime, examples: list[dict]) -> tuple[list[dict], list[
     return warm, rl
 
 
+def train_problems(rt: Runtime, stage: str) -> list[dict]:
+    """The train problems the warm start (`stage="warm_start"`) or online RL (`"rl"`) uses:
+    all of them, or with a warm start its side of `split_families`."""
+    if stage not in ("warm_start", "rl"):
+        raise ValueError(f"stage must be 'warm_start' or 'rl', got {stage!r}")
+    c = rt.config
+    warm = stage == "warm_start"
+    examples = load_examples(rt, "train", c.task.num_train, seed=c.seed + warm)
+    if not c.warm_start.steps:
+        return examples
+    return split_families(rt, examples)[0 if warm else 1]
+
+
 def warm_start(
     rt: Runtime, workdir: str, writer: MetricsWriter, *, restore_only: bool = False
 ) -> Any:
@@ -202,13 +126,12 @@ def warm_start(
             f"{ckpt.directory} is missing: the run's checkpoints need the warm start they began "
             "from; start a fresh workdir"
         )
-    examples = load_examples(rt, "train", rt.config.task.num_train, seed=rt.config.seed + 1)
-    examples, _ = split_families(rt, examples)
+    examples = train_problems(rt, "warm_start")
     rng = random.Random(rt.config.seed + 1)
-    episode_fraction = c.get("episode_fraction", 0.0)
+    episode_fraction = c.episode_fraction
     answers, episodes = [], []
     for ex in examples:
-        ex = {**ex, **derived_fields(rt, ex, rng)}
+        ex = {**ex, **rt.task.warm_start_fields(ex, rng)}
         try:
             answers.append(
                 [Segment(prompt_ids(rt.tok, rt.task, ex)), Segment(answer_ids(rt, ex), True)]

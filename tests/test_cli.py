@@ -1,6 +1,8 @@
 """The CLIs end to end on the smoke config: resume after kill -9, NaN stop, bad config,
-collect_failures -> offline training. Each run is a real subprocess."""
+collect_failures -> offline training; and a paper config's `:local` variant. Each run is a
+real subprocess."""
 
+import json
 import os
 import signal
 import subprocess
@@ -186,3 +188,23 @@ def test_collect_failures_then_offline_training(tmp_path, env):
     )
     rows = [r for r in read_jsonl(os.path.join(w, "metrics.jsonl")) if "loss" in r]
     assert len(rows) == 1 and rows[0]["groups"] >= 1
+
+
+def test_paper_config_local_variant_end_to_end(tmp_path, env):
+    # a paper config loads by path from any directory and runs its whole pipeline
+    w = str(tmp_path / "local")
+    config = os.path.join(ROOT, "configs", "qwen2p5_1p5b.py")
+    p = subprocess.run(
+        cli("train", f"--config={config}:local", f"--workdir={w}"),
+        cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert p.returncode == 0, p.stderr[-4000:]
+    steps = [r["step"] for r in read_jsonl(os.path.join(w, "metrics.jsonl")) if "loss" in r]
+    assert steps == [1, 2, 3]
+    with open(os.path.join(w, "eval.json")) as f:
+        assert json.load(f)["after"]["n"] == 8
+    assert os.path.isdir(os.path.join(w, "hf"))

@@ -3,6 +3,7 @@
 import json
 import logging
 import random
+import string
 import time
 from pathlib import Path
 
@@ -492,6 +493,22 @@ def test_registry_builds_function_calling():
 def test_generator_reproduces_the_committed_sample():
     records = xlam_synthetic.generate_records(200, seed=0)
     assert xlam_synthetic.to_jsonl(records) == SAMPLE.read_text(encoding="utf-8")
+
+
+def test_catalogue_is_the_data_file_and_its_templates_name_every_argument():
+    data = json.loads(xlam_synthetic.CATALOGUE_FILE.read_text(encoding="utf-8"))
+    tools = xlam_synthetic.catalogue()
+    assert [t.name for t in tools] == [t["name"] for t in data["tools"]]
+    for tool in tools:
+        assert tool.xlam()["parameters"].keys() == {p.name for p in tool.params}
+        required = {p.name for p in tool.params if not p.optional}
+        for template in tool.templates:
+            named = {f for _, f, _, _ in string.Formatter().parse(template) if f}
+            assert named == required | {"opts"}, (tool.name, template)
+        for param in tool.params:  # every optional argument can be said in a query
+            assert not param.optional or param.phrase is not None, (tool.name, param.name)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        xlam_synthetic._sampler({"gauss": [0, 1]}, data["values"])
 
 
 def test_sample_loads_cleanly_and_every_gold_verifies():

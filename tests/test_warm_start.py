@@ -1,5 +1,6 @@
-"""The supervised warm start: Countdown fields (reference answers, failing attempts, the
-reflection hints that episode rows teach) and the warm-start/RL split of the problems."""
+"""The supervised warm start: Countdown's warm-start fields (reference answers, failing
+attempts, the reflection hints that episode rows teach), the warm-start/RL split of the
+problems and the warm-start keys' validation."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from ml_collections import ConfigDict
 
 from reflax.config import validate
 from reflax.tasks.countdown import CountdownTask
-from reflax.warm_start import _countdown_fields, _pair_fields, split_families
+from reflax.warm_start import split_families, train_problems
 
 WORDS = {"plus": "+", "minus": "-", "times": "*", "over": "/"}
 _spec = importlib.util.spec_from_file_location(
@@ -25,18 +26,22 @@ _spec.loader.exec_module(_toy)
 toy_config = _toy.get_config
 
 
-def _task(counts: tuple[int, ...]) -> CountdownTask:
+def _task(counts: tuple[int, ...], gold: float = 1.0) -> CountdownTask:
     return CountdownTask(
-        counts=counts, num_range=(1, 30), target_range=(1, 99), answer_fallback=True
+        counts=counts,
+        num_range=(1, 30),
+        target_range=(1, 99),
+        answer_fallback=True,
+        hint_gold_fraction=gold,
     )
 
 
 def test_pair_fields_answer_passes_wrong_fails_and_hint_avoids_the_failure():
-    task = _task((2,))
+    task = _task((2,), gold=0.0)
     rng = random.Random(0)
     hint_ops = set()
     for ex in task.load("train", num=300, seed=0):
-        f = _pair_fields(ex, rng, task.verify, gold_fraction=0.0)
+        f = task.warm_start_fields(ex, rng)
         assert task.verify(ex, f["expression"])
         if f["wrong_op"] != f["op"]:  # equal only when no operator fails
             assert not task.verify(ex, f["wrong"])
@@ -49,10 +54,10 @@ def test_pair_fields_answer_passes_wrong_fails_and_hint_avoids_the_failure():
 
 
 def test_pair_fields_gold_hint_names_the_solution():
-    task = _task((2,))
+    task = _task((2,), gold=1.0)
     rng = random.Random(1)
     for ex in task.load("train", num=100, seed=1):
-        f = _pair_fields(ex, rng, task.verify, gold_fraction=1.0)
+        f = task.warm_start_fields(ex, rng)
         assert f["hint_op"] == f["op"] and task.verify(ex, f["hint"])
 
 
@@ -60,14 +65,28 @@ def test_countdown_fields_for_three_numbers():
     task = _task((3,))
     rng = random.Random(2)
     for ex in task.load("train", num=50, seed=2):
-        f = _countdown_fields(ex, rng, task.verify)
+        f = task.warm_start_fields(ex, rng)
         assert task.verify(ex, f["expression"])
         assert " " not in f["expression"] and f["step"].count("=") == 1
         assert sorted(map(int, re.findall(r"\d+", f["wrong"]))) == sorted(ex["nums"])
 
 
-def _rt(task, fraction: float):
-    cfg = ConfigDict({"warm_start": {"holdout_fraction": fraction}})
+def test_loaded_rows_have_no_warm_start_fields(tmp_path):
+    # Hub rows carry no solution: nothing to teach, and no task-specific key is invented
+    task = _task((3,))
+    assert task.warm_start_fields({"target": 24, "nums": [2, 3, 4]}, random.Random(0)) == {}
+    with pytest.raises(ValueError, match="hint_gold_fraction"):
+        _task((2,), gold=1.5)
+
+
+def _rt(task, fraction: float, steps: int = 1, num_train: int = 0):
+    cfg = ConfigDict(
+        {
+            "seed": 0,
+            "warm_start": {"holdout_fraction": fraction, "steps": steps},
+            "task": {"num_train": num_train, "train_source": ""},
+        }
+    )
     return types.SimpleNamespace(config=cfg, task=task)
 
 
@@ -89,6 +108,18 @@ def test_split_families_keeps_each_number_set_on_one_side_and_loses_nothing():
         split_families(_rt(task, 0.5), examples[:1])
 
 
+def test_train_problems_gives_rl_the_families_the_warm_start_never_saw():
+    task = _task((2,))
+    rt = _rt(task, 0.5, num_train=1000)
+    warm, rl = train_problems(rt, "warm_start"), train_problems(rt, "rl")
+    assert warm and rl
+    assert not {task.family_key(ex) for ex in warm} & {task.family_key(ex) for ex in rl}
+    # without a warm start RL gets every train problem
+    assert len(train_problems(_rt(task, 0.5, steps=0, num_train=1000), "rl")) == 1000
+    with pytest.raises(ValueError, match="stage"):
+        train_problems(rt, "eval")
+
+
 def test_new_warm_start_and_anchor_keys_are_validated():
     c = toy_config()
     validate(c)
@@ -98,4 +129,19 @@ def test_new_warm_start_and_anchor_keys_are_validated():
     c = toy_config()
     c.grpo.anchor_beta = -1.0
     with pytest.raises(ValueError, match="anchor_beta"):
+        validate(c)
+
+
+def test_every_warm_start_key_is_declared_and_validated():
+    c = toy_config()
+    c.warm_start.episode_fraction = 1.5
+    with pytest.raises(ValueError, match="episode_fraction must be in"):
+        validate(c)
+    c = toy_config()
+    c.warm_start.retry_template = ""
+    with pytest.raises(ValueError, match="retry_template"):
+        validate(c)
+    c = toy_config()
+    c.warm_start.reflection_gold_fraction = 0.0  # undeclared keys are typos, not defaults
+    with pytest.raises(ValueError, match=r"not declared.*warm_start.reflection_gold_fraction"):
         validate(c)

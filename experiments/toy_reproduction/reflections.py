@@ -26,7 +26,8 @@ from reflax.config import validate
 from reflax.evaluate import evaluate
 from reflax.metrics import MetricsWriter
 from reflax.runtime import build, load_examples, restore_params
-from reflax.warm_start import OP_WORDS, solving_operators, warm_start
+from reflax.tasks.countdown import OP_WORDS, solving_operators
+from reflax.warm_start import warm_start
 
 WORDS = tuple(OP_WORDS.values())
 

@@ -180,6 +180,11 @@ class Task(abc.ABC):
         """
         return self.split_key(example)
 
+    def warm_start_fields(self, example: dict, rng: random.Random) -> dict[str, str]:
+        """Extra ``str.format`` fields for the warm-start templates (:mod:`reflax.warm_start`),
+        e.g. a reference answer written the way the model should; none by default."""
+        return {}
+
     # ------------------------------------------------------------------------------ turns
     @abc.abstractmethod
     def prompt(self, example: dict) -> Prompt:

@@ -53,6 +53,16 @@ Generation (``load(split)`` without ``source``)
     each problem (target, number multiset) at most once, so a small number range still
     gives distinct held-out problems (a request larger than the pool raises an error).
 
+Warm start (``warm_start_fields``, the templates' fields for :mod:`reflax.warm_start`)
+    A generated problem gives ``expression`` (its solution without spaces), ``step`` (the
+    solution's first operation on two given numbers, ``a*b=v``) and ``wrong`` (a
+    left-to-right expression over the numbers that fails). Two-number problems, where the
+    answer is ``x op y`` and the choice is the operator, give instead ``expression``,
+    ``op``, ``wrong`` / ``wrong_op`` (an operator that fails), ``hint_op`` (the operator a
+    reflection names: the solution's with probability ``hint_gold_fraction``, otherwise a
+    random one other than ``wrong_op``), ``hint`` (the expression that follows it) and
+    ``hint_word`` / ``wrong_word`` (plus, minus, times, over).
+
 Loading (``load(split, source=...)``)
     Rows need an integer ``target`` (an integral float is accepted) and ``nums``, a list of
     2 to ``MAX_NUMBERS`` non-negative integers each below ``MAX_MAGNITUDE``; other rows are
@@ -67,6 +77,7 @@ import random
 import re
 from collections.abc import Hashable, Sequence
 from fractions import Fraction
+from typing import Any
 
 from reflax.tasks import splits
 from reflax.tasks.base import CORRECT, Prompt, Task
@@ -296,6 +307,74 @@ def reachable_targets(nums: Sequence[int]) -> dict[int, str]:
     return results
 
 
+# ------------------------------------------------------------------- warm-start fields
+OP_WORDS = {"+": "plus", "-": "minus", "*": "times", "/": "over"}
+
+
+def _solution_fields(example: dict, rng: random.Random, verify: Any) -> dict[str, str]:
+    """`expression`: the solution without spaces; `step`: its first operation on two given
+    numbers, as `a*b=v`; `wrong`: a random expression over the numbers that fails."""
+    expression = example["solution"].replace(" ", "")
+    stack = [ast.parse(expression, mode="eval").body]
+    step = expression
+    while stack:  # the first binary operation whose operands are both given numbers
+        node = stack.pop()
+        if isinstance(node, ast.BinOp):
+            if isinstance(node.left, ast.Constant) and isinstance(node.right, ast.Constant):
+                a, b = Fraction(node.left.value), Fraction(node.right.value)
+                op = _OPERATORS[type(node.op)]
+                v = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else a}[op]
+                step = f"{a}{op}{b}={v}"
+                break
+            stack += [node.right, node.left]
+    wrong = expression
+    for _ in range(20):  # left-to-right expressions in the answer format; a few may pass
+        nums = list(example["nums"])
+        rng.shuffle(nums)
+        cand = str(nums[0]) + "".join(rng.choice("+-*") + str(n) for n in nums[1:])
+        if not verify(example, cand):
+            wrong = cand
+            break
+    return {"expression": expression, "step": step, "wrong": wrong}
+
+
+def pair_expression(op: str, nums: list[int]) -> str:
+    """Two numbers joined by `op`; `-` and `/` put the larger first (targets are positive)."""
+    x, y = nums
+    if op in "-/":
+        x, y = max(x, y), min(x, y)
+    return f"{x}{op}{y}"
+
+
+def solving_operators(example: dict, verify: Any) -> list[str]:
+    """The operators `op` for which `x op y` (as `pair_expression` writes it) passes."""
+    return [o for o in "+-*/" if verify(example, pair_expression(o, list(example["nums"])))]
+
+
+def _pair_fields(
+    example: dict, rng: random.Random, verify: Any, gold_fraction: float
+) -> dict[str, str]:
+    """Two-number fields (module docstring, Warm start); `wrong_op` is `op` only when no
+    operator fails, and `hint_op`, when not gold, may pass too."""
+    nums = list(example["nums"])
+    op = next(ch for ch in "+-*/" if ch in example["solution"])
+    solving = solving_operators(example, verify)
+    fails = [o for o in "+-*/" if o not in solving]
+    wrong_op = rng.choice(fails) if fails else op
+    others = [o for o in "+-*/" if o != wrong_op]
+    hint_op = op if rng.random() < gold_fraction else rng.choice(others)
+    return {
+        "expression": pair_expression(op, nums),
+        "op": op,
+        "wrong": pair_expression(wrong_op, nums),
+        "wrong_op": wrong_op,
+        "hint_op": hint_op,
+        "hint": pair_expression(hint_op, nums),
+        "hint_word": OP_WORDS[hint_op],
+        "wrong_word": OP_WORDS[wrong_op],
+    }
+
+
 # ---------------------------------------------------------------------------------- task
 def _check_range(name: str, value: tuple[int, int], minimum: int) -> tuple[int, int]:
     lo, hi = value
@@ -338,6 +417,7 @@ class CountdownTask(Task):
         synthetic_size: int = 1_000,
         synthetic_test_fraction: float = 0.1,
         synthetic_unique_test: bool = False,
+        hint_gold_fraction: float = 1.0,
     ) -> None:
         super().__init__(test_size=test_size, split_seed=split_seed)
         counts = tuple(counts)
@@ -362,6 +442,9 @@ class CountdownTask(Task):
         self.synthetic_size = synthetic_size
         self.synthetic_test_fraction = synthetic_test_fraction
         self.synthetic_unique_test = synthetic_unique_test
+        if not 0.0 <= hint_gold_fraction <= 1.0:
+            raise ValueError(f"hint_gold_fraction must lie in [0, 1], got {hint_gold_fraction}")
+        self.hint_gold_fraction = hint_gold_fraction
 
     # ------------------------------------------------------------------------- loading
     def parse_row(self, row: dict) -> dict | None:
@@ -420,6 +503,17 @@ class CountdownTask(Task):
             misses = 0
             examples.append({"target": target, "nums": nums, "solution": reachable[target]})
         return examples
+
+    def warm_start_fields(self, example: dict, rng: random.Random) -> dict[str, str]:
+        """Generated problems (with a ``solution``): ``expression``, ``step`` and ``wrong``
+        (module docstring, Warm start); with two numbers ``expression``, ``op``, ``wrong``,
+        ``wrong_op``, ``hint_op``, ``hint``, ``hint_word`` and ``wrong_word``. Loaded rows
+        have no solution and no fields."""
+        if "solution" not in example:
+            return {}
+        if len(example["nums"]) == 2:
+            return _pair_fields(example, rng, self.verify, self.hint_gold_fraction)
+        return _solution_fields(example, rng, self.verify)
 
     # --------------------------------------------------------------------------- turns
     def _fields(self, example: dict) -> dict:
