@@ -239,7 +239,7 @@ def compile_train_step(
     graphdef, params = nnx.split(
         abstract_model(config, param_dtype=param_dtype, dtype=dtype, remat=remat)
     )
-    tx = optim.make_optimizer(total_steps=1000, learning_rate=5e-7, warmup_ratio=0.03)
+    tx, _ = optim.make_optimizer(total_steps=1000, learning_rate=5e-7, warmup_ratio=0.03)
     state = jax.eval_shape(
         lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
         params,

@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         advantages=jnp.asarray(hb["advantages"]),
         old_logprobs=jnp.zeros((BATCH, SEQ), jnp.float32),
     )
-    tx = optim.make_optimizer(
+    tx, _ = optim.make_optimizer(
         total_steps=1000, learning_rate=LR, warmup_steps=0, max_grad_norm=MAX_GRAD_NORM
     )
     cfg = StepConfig(

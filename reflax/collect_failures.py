@@ -21,8 +21,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from reflax import data, distributed, logs
-from reflax.config import rollout_settings, validate
-from reflax.episodes import completion_text, first_attempts
+from reflax.config import validate
+from reflax.episodes import RolloutSettings, completion_text, first_attempts
 from reflax.metrics import Progress
 from reflax.runtime import Runtime, build, load_examples
 
@@ -32,7 +32,7 @@ log = logging.getLogger("reflax.collect_failures")
 def collect_failures(
     rt: Runtime, examples: Sequence[dict], *, attempts: int, batch_size: int, seed: int = 0
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    s = rollout_settings(rt.config)
+    s = RolloutSettings.from_config(rt.config)
     rng = jax.random.key(seed)
     records: list[dict[str, Any]] = []
     solved_all = 0

@@ -12,10 +12,14 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import ConfigDict
 
-from reflax.episodes import DEFAULT_FIXED_REFLECTION, METHODS, RolloutSettings
-from reflax.sharding import MESH_AXES
-from reflax.trainer import StepConfig
-
+# A leaf module: it imports nothing of reflax, and the modules that build objects from a
+# config (episodes.RolloutSettings, trainer.StepConfig, sharding) take their choices from here.
+MESH_AXES = ("data", "fsdp", "tensor")
+METHODS = ("reflect", "reflect_retry", "fixed_reflection", "first_attempt")
+DEFAULT_FIXED_REFLECTION = (
+    "My previous answer was wrong. I will read the task again carefully, check every "
+    "requirement, and make sure my new answer satisfies all of them."
+)
 DTYPES = ("float32", "bfloat16", "float16")
 LOSS_TYPES = ("token_mean", "seq_mean", "constant")
 MODES = ("online", "offline")
@@ -256,37 +260,6 @@ def validate(c: ConfigDict) -> ConfigDict:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     c.lock()
     return c
-
-
-def rollout_settings(c: ConfigDict) -> RolloutSettings:
-    r = c.rollout
-    return RolloutSettings(
-        group_size=r.group_size,
-        temperature=r.temperature,
-        top_k=r.top_k,
-        top_p=r.top_p,
-        max_attempt_tokens=r.max_attempt_tokens,
-        max_reflection_tokens=r.max_reflection_tokens,
-        max_retry_tokens=r.max_retry_tokens,
-        method=r.method,
-        fixed_reflection=r.fixed_reflection,
-    )
-
-
-def step_config(c: ConfigDict) -> StepConfig:
-    g = c.grpo
-    return StepConfig(
-        temperature=c.rollout.temperature,
-        epsilon=g.epsilon,
-        epsilon_high=g.epsilon_high,
-        beta=g.beta,
-        anchor_beta=g.anchor_beta,
-        loss_type=g.loss_type,
-        max_len=c.rollout.seq_len,
-        micro_batches=g.micro_batches,
-        logits_chunk=g.logits_chunk,
-        use_old_logprobs=g.mu > 1,
-    )
 
 
 def to_dict(c: ConfigDict) -> dict:

@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from reflax import grpo
+from reflax.config import DEFAULT_FIXED_REFLECTION, METHODS
 from reflax.metrics import Timer
 from reflax.sampling import Sampler
 from reflax.tasks import Task
@@ -37,12 +38,6 @@ from reflax.tokenizer import ChatTokens
 from reflax.trainer import Batch
 
 log = logging.getLogger(__name__)
-
-METHODS = ("reflect", "reflect_retry", "fixed_reflection", "first_attempt")
-DEFAULT_FIXED_REFLECTION = (
-    "My previous answer was wrong. I will read the task again carefully, check every "
-    "requirement, and make sure my new answer satisfies all of them."
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +51,22 @@ class RolloutSettings:
     max_retry_tokens: int = 256
     method: str = "reflect"
     fixed_reflection: str = DEFAULT_FIXED_REFLECTION
+
+    @classmethod
+    def from_config(cls, c: Any) -> RolloutSettings:
+        """From a run config's `rollout` section."""
+        r = c.rollout
+        return cls(
+            group_size=r.group_size,
+            temperature=r.temperature,
+            top_k=r.top_k,
+            top_p=r.top_p,
+            max_attempt_tokens=r.max_attempt_tokens,
+            max_reflection_tokens=r.max_reflection_tokens,
+            max_retry_tokens=r.max_retry_tokens,
+            method=r.method,
+            fixed_reflection=r.fixed_reflection,
+        )
 
     def __post_init__(self):
         if self.method not in METHODS:

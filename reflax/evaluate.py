@@ -35,8 +35,13 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from reflax import distributed
-from reflax.config import rollout_settings
-from reflax.episodes import Failure, completion_text, first_attempts, reflect_and_retry
+from reflax.episodes import (
+    Failure,
+    RolloutSettings,
+    completion_text,
+    first_attempts,
+    reflect_and_retry,
+)
 from reflax.runtime import Runtime
 from reflax.tasks.base import CORRECT
 
@@ -82,7 +87,7 @@ def evaluate(
     retry passed, and the failed problem's index in `examples`. `errors` is the error
     analysis of the module docstring.
     """
-    s = rollout_settings(rt.config)
+    s = RolloutSettings.from_config(rt.config)
     if s.method == "first_attempt":  # the second try always uses the model's own reflection
         s = dataclasses.replace(s, method="reflect")
     rng = jax.random.key(seed)

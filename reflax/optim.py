@@ -1,6 +1,7 @@
 """Optimizer and learning-rate schedule.
 
-``make_optimizer(**config.optim)`` builds::
+``make_optimizer(total_steps=..., **config.optim)`` returns the transformation and the
+schedule it follows (for logging)::
 
     clip_by_global_norm(max_grad_norm) -> AdamW(schedule, b1, b2, eps, weight_decay, mask)
 
@@ -36,7 +37,7 @@ _NO_DECAY_NAME_PARTS = ("norm", "bias")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    """Keyword arguments accepted by :func:`make_optimizer` and :func:`learning_rate_fn`."""
+    """Keyword arguments accepted by :func:`make_optimizer`."""
 
     total_steps: int
     learning_rate: float = 5e-7
@@ -111,18 +112,6 @@ def weight_decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decide, params)
 
 
-def learning_rate_fn(**optim_kwargs: Any) -> optax.Schedule:
-    """The schedule :func:`make_optimizer` uses, from the same keyword arguments (for logging)."""
-    cfg = OptimConfig(**optim_kwargs)
-    return make_schedule(
-        learning_rate=cfg.learning_rate,
-        total_steps=cfg.total_steps,
-        warmup_ratio=cfg.warmup_ratio,
-        warmup_steps=cfg.warmup_steps,
-        min_lr_ratio=cfg.min_lr_ratio,
-    )
-
-
 def make_optimizer(
     *,
     total_steps: int,
@@ -135,8 +124,11 @@ def make_optimizer(
     b2: float = 0.999,
     eps: float = 1e-8,
     max_grad_norm: float | None = 1.0,
-) -> optax.GradientTransformation:
-    """Global-norm clipping followed by masked AdamW on the warmup-cosine schedule."""
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(Global-norm clipping then masked AdamW on the warmup-cosine schedule, that schedule).
+
+    The schedule is the one the transformation follows, returned for logging the rate.
+    """
     schedule = make_schedule(
         learning_rate=learning_rate,
         total_steps=total_steps,
@@ -153,5 +145,5 @@ def make_optimizer(
         mask=weight_decay_mask,
     )
     if max_grad_norm is None or max_grad_norm <= 0:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw)
+        return adamw, schedule
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw), schedule

@@ -103,7 +103,7 @@ def restore_params(rt: Runtime, workdir: str, step: int | None = None) -> tuple[
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}")
-    tx = make_optimizer(total_steps=rt.config.total_steps * rt.config.grpo.mu, **rt.config.optim)
+    tx, _ = make_optimizer(total_steps=rt.config.total_steps * rt.config.grpo.mu, **rt.config.optim)
     abstract = jax.eval_shape(lambda p: init_state(p, tx), rt.params)
     shardings = state_shardings(abstract, rt.mesh)
     target = jax.tree.map(

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from reflax.config import MESH_AXES
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None for replicated)
 LOGICAL_RULES: dict[str, Any] = {

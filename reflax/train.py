@@ -25,9 +25,10 @@ from ml_collections import ConfigDict, config_flags
 
 from reflax import data, distributed, logs, optim
 from reflax.checkpoint import Checkpointer, abstract_like
-from reflax.config import rollout_settings, step_config, validate
+from reflax.config import validate
 from reflax.episodes import (
     Failure,
+    RolloutSettings,
     build_batch,
     first_attempt_groups,
     first_attempts,
@@ -44,6 +45,7 @@ from reflax.runtime import (
     state_to_dict,
 )
 from reflax.trainer import (
+    StepConfig,
     TrainState,
     init_state,
     jit_train_step,
@@ -66,7 +68,7 @@ class GroupSource:
     def __init__(self, rt: Runtime, timer: Timer | None = None):
         c = rt.config
         self.timer = timer
-        self.rt, self.s = rt, rollout_settings(c)
+        self.rt, self.s = rt, RolloutSettings.from_config(c)
         self.online = c.rollout.mode == "online" or c.rollout.method == "first_attempt"
         if self.online:
             self.items = train_problems(rt, "rl")
@@ -140,8 +142,7 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
     if c.eval.before and latest is None:
         run_eval("before", rt.params)
 
-    tx = optim.make_optimizer(total_steps=c.total_steps * c.grpo.mu, **c.optim)
-    lr_fn = optim.learning_rate_fn(total_steps=c.total_steps * c.grpo.mu, **c.optim)
+    tx, lr_fn = optim.make_optimizer(total_steps=c.total_steps * c.grpo.mu, **c.optim)
     with_ref = c.grpo.beta > 0 or c.grpo.anchor_beta > 0
     # the KL reference: the initial weights, in grpo.ref_dtype (a copy: the state is donated)
     ref_dtype = jnp.dtype(c.grpo.ref_dtype)
@@ -158,7 +159,7 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
         results.update(meta.get("results", {}))
         log.info("resumed from %s at step %d", ckpt.step_dir(latest), start)
 
-    cfg = step_config(c)
+    cfg = StepConfig.from_config(c)
     step_fn = make_train_step(rt.graphdef, tx, cfg)
     logprob_fn = jax.jit(make_logprob_fn(rt.graphdef, cfg))
     U, G, T = c.rollout.groups_per_step, c.rollout.group_size, c.rollout.seq_len

@@ -62,6 +62,23 @@ class StepConfig:
     logits_chunk: int = 128
     use_old_logprobs: bool = False  # mu > 1: ratio against the stored old log-probs
 
+    @classmethod
+    def from_config(cls, c: Any) -> StepConfig:
+        """From a run config's `grpo` section (and the rollout's temperature and length)."""
+        g = c.grpo
+        return cls(
+            temperature=c.rollout.temperature,
+            epsilon=g.epsilon,
+            epsilon_high=g.epsilon_high,
+            beta=g.beta,
+            anchor_beta=g.anchor_beta,
+            loss_type=g.loss_type,
+            max_len=c.rollout.seq_len,
+            micro_batches=g.micro_batches,
+            logits_chunk=g.logits_chunk,
+            use_old_logprobs=g.mu > 1,
+        )
+
 
 def _sequence_logprobs(graphdef, params, batch: Batch, cfg: StepConfig):
     """log p(tokens[t+1] | tokens[<=t]) and entropy, aligned to tokens: [B, T] (position 0 is 0)."""

@@ -151,7 +151,7 @@ def warm_start(
         min(c.seq_len, -(-max(sum(len(sg.ids) for sg in r) for r in rows) // 32) * 32)
         for rows, _ in kinds
     ]
-    tx = optim.make_optimizer(
+    tx, _ = optim.make_optimizer(
         total_steps=c.steps,
         learning_rate=c.learning_rate,
         warmup_ratio=c.warmup_ratio,

@@ -101,7 +101,7 @@ def test_exit_on_error_reraises_in_a_single_process():
 def test_bfloat16_reference_matches_float32_to_its_precision():
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     graphdef, params = nnx.split(create(CFG, mesh=mesh, seed=1))
-    tx = optim.make_optimizer(total_steps=10, learning_rate=1e-2, warmup_ratio=0.0)
+    tx, _ = optim.make_optimizer(total_steps=10, learning_rate=1e-2, warmup_ratio=0.0)
     cfg = StepConfig(beta=0.1, anchor_beta=0.5)
     batch = shard_batch(make_batch(), mesh)
     metrics = {}

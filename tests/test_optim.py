@@ -53,18 +53,21 @@ def test_schedule_warmup_steps_override_and_no_warmup():
         optim.make_schedule(learning_rate=1.0, total_steps=0)
 
 
-def test_learning_rate_fn_takes_optimizer_kwargs():
+def test_make_optimizer_returns_its_schedule():
     config = dict(learning_rate=1e-6, total_steps=100, warmup_ratio=0.1, weight_decay=0.01)
-    lr = optim.learning_rate_fn(**config)
+    tx, lr = optim.make_optimizer(**config)
     np.testing.assert_allclose(lr(10), 1e-6, rtol=1e-6)
-    assert isinstance(optim.make_optimizer(**config), optax.GradientTransformation)
+    assert isinstance(tx, optax.GradientTransformation)
+    # the transformation follows that schedule: Adam's first update is -lr(0) * sign(g)
+    tx, lr = optim.make_optimizer(total_steps=10, learning_rate=1.0, warmup_steps=0)
+    p = {"w": jnp.ones((2, 2))}
+    updates, _ = tx.update({"w": jnp.full((2, 2), 3.0)}, tx.init(p), p)
+    np.testing.assert_allclose(updates["w"], -lr(0), rtol=1e-5)
 
 
 def test_unknown_kwargs_raise_type_error():
     with pytest.raises(TypeError):
         optim.make_optimizer(total_steps=10, learning_rat=1e-6)
-    with pytest.raises(TypeError):
-        optim.learning_rate_fn(total_steps=10, betas=(0.9, 0.99))
     with pytest.raises(TypeError):
         optim.make_optimizer(learning_rate=1e-6)  # total_steps is required
 
@@ -113,7 +116,7 @@ def test_weight_decay_mask_on_nnx_params():
 def test_weight_decay_applies_only_to_masked_params_through_nnx_optimizer():
     model = _Tiny(nnx.Rngs(0))
     before = jax.tree.map(np.asarray, nnx.as_pure(nnx.state(model, nnx.Param)))
-    tx = optim.make_optimizer(
+    tx, _ = optim.make_optimizer(
         learning_rate=0.1, total_steps=10, warmup_steps=0, weight_decay=0.5, max_grad_norm=1.0
     )
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -141,7 +144,7 @@ def test_global_norm_clipping(scale):
     }
     norm = float(optax.tree.norm(grads))
     grads = jax.tree.map(lambda g: g * scale / norm, grads)  # global norm == scale
-    tx = optim.make_optimizer(learning_rate=1e-3, total_steps=10, b1=0.9, max_grad_norm=1.0)
+    tx, _ = optim.make_optimizer(learning_rate=1e-3, total_steps=10, b1=0.9, max_grad_norm=1.0)
     state = tx.init(params)
     _, state = tx.update(grads, state, params)
     mu = _first_moment(state)  # (1 - b1) * clipped grad after one step
@@ -155,14 +158,14 @@ def test_global_norm_clipping(scale):
 def test_clipping_can_be_disabled():
     params = {"w": jnp.ones((2, 2))}
     grads = {"w": jnp.full((2, 2), 50.0)}
-    tx = optim.make_optimizer(learning_rate=1e-3, total_steps=10, max_grad_norm=None)
+    tx, _ = optim.make_optimizer(learning_rate=1e-3, total_steps=10, max_grad_norm=None)
     _, state = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(_first_moment(state)["w"], 0.1 * 50.0, rtol=1e-6)
 
 
 def test_adamw_update_matches_numpy():
     peak, total, wd, b1, b2, eps = 1e-2, 20, 0.1, 0.8, 0.95, 1e-6
-    tx = optim.make_optimizer(
+    tx, _ = optim.make_optimizer(
         learning_rate=peak,
         total_steps=total,
         warmup_steps=2,

@@ -56,7 +56,7 @@ def make_batch(seed=0, B=8, T=12):
 def run_steps(mesh, cfg: StepConfig, steps=2, beta=True):
     model = create(CFG, mesh=mesh, seed=1)
     graphdef, params = nnx.split(model)
-    tx = optim.make_optimizer(total_steps=10, learning_rate=1e-2, warmup_ratio=0.0)
+    tx, _ = optim.make_optimizer(total_steps=10, learning_rate=1e-2, warmup_ratio=0.0)
     ref = jax.tree.map(jnp.copy, params) if beta else None
     state = init_state(params, tx, mesh)
     step = make_train_step(graphdef, tx, cfg)
@@ -111,7 +111,7 @@ def test_anchor_adds_reference_kl_on_the_attempt(loss_type="token_mean"):
     model = create(CFG, seed=1)
     graphdef, params = nnx.split(model)
     ref = jax.tree.map(lambda x: x + 0.05 * jnp.sin(17.0 * x), params)  # a distinct reference
-    tx = optim.make_optimizer(total_steps=10, learning_rate=1e-2, warmup_ratio=0.0)
+    tx, _ = optim.make_optimizer(total_steps=10, learning_rate=1e-2, warmup_ratio=0.0)
     batch = make_batch(3)
     cfg = StepConfig(beta=0.01, anchor_beta=0.5, logits_chunk=16, loss_type=loss_type)
     _, m = jax.jit(make_train_step(graphdef, tx, cfg))(init_state(params, tx), batch, ref)
@@ -137,7 +137,7 @@ def test_anchor_adds_reference_kl_on_the_attempt(loss_type="token_mean"):
 def test_non_finite_loss_keeps_state():
     model = create(CFG, seed=1)
     graphdef, params = nnx.split(model)
-    tx = optim.make_optimizer(total_steps=10, learning_rate=1e-2, warmup_ratio=0.0)
+    tx, _ = optim.make_optimizer(total_steps=10, learning_rate=1e-2, warmup_ratio=0.0)
     state = init_state(params, tx)
     step = jax.jit(make_train_step(graphdef, tx, StepConfig(beta=0.0)))
     batch = make_batch()
