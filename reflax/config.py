@@ -90,6 +90,7 @@ def base_config() -> ConfigDict:
     c.grpo.beta = 0.001
     # KL to the reference on the failed first attempt in each row (tokens no reward trains);
     # 0 is the paper. It keeps a shared-weight first attempt from drifting under reflection RL.
+    # It weighs the mean k3 over the step's anchor tokens, whatever grpo.loss_type is.
     c.grpo.anchor_beta = 0.0
     c.grpo.epsilon = 0.2
     c.grpo.epsilon_high = 0.2

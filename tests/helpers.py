@@ -229,3 +229,40 @@ def cpu_mesh(data: int = 2, fsdp: int = 2, tensor: int = 2) -> Any:
 def masked_max_diff(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     """Max |a - b| over the positions where mask is True (a, b [B, T, ...], mask [B, T])."""
     return float(np.max(np.abs(np.asarray(a)[mask] - np.asarray(b)[mask])))
+
+
+def np_grpo_loss(lp, old, ref, adv, mask, *, eps, eps_high, beta, loss_type, max_len=None):
+    """float64 NumPy reference of TRL's GRPOTrainer._compute_loss (old=None: mu = 1), with
+    rows without loss tokens handled as documented in reflax.grpo -> (loss, metrics)."""
+    lp, adv = np.asarray(lp, np.float64), np.asarray(adv, np.float64)
+    mask = np.asarray(mask, np.float64)
+    old = lp if old is None else np.asarray(old, np.float64)
+    eps_high = eps if eps_high is None else eps_high
+    coef1 = np.exp(lp - old)
+    coef2 = np.clip(coef1, 1 - eps, 1 + eps_high)
+    a = adv[:, None]
+    per_token = -np.minimum(coef1 * a, coef2 * a)
+    kl = None
+    if ref is not None:
+        d = np.asarray(ref, np.float64) - lp
+        kl = np.exp(d) - d - 1
+        if beta != 0:
+            per_token = per_token + beta * kl
+    n_b = mask.sum(1)
+    if loss_type == "token_mean":
+        loss = (per_token * mask).sum() / mask.sum()
+    elif loss_type == "seq_mean":
+        seq = (per_token * mask).sum(1) / np.maximum(n_b, 1)
+        loss = seq[n_b > 0].mean()
+    else:
+        loss = (per_token * mask).sum() / (lp.shape[0] * (max_len or lp.shape[1]))
+    m = mask > 0
+    metrics = {
+        "num_tokens": mask.sum(),
+        "num_seqs": float((n_b > 0).sum()),
+        "ratio_mean": coef1[m].mean(),
+        "kl": kl[m].mean() if kl is not None else 0.0,
+        "clip_frac_low": ((coef1 < 1 - eps) & (a < 0))[m].mean(),
+        "clip_frac_high": ((coef1 > 1 + eps_high) & (a > 0))[m].mean(),
+    }
+    return loss, metrics
