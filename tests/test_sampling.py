@@ -19,12 +19,14 @@ from reflax.models.decoder import KVCache
 from reflax.models.hf import from_hf_state_dict
 from reflax.sampling import (
     Sampler,
+    SamplingSettings,
     StepCache,
     bucket_size,
     decode_step,
     left_pad,
     prefill,
     resize_cache,
+    sample_logits,
     step_weights,
 )
 from reflax.sharding import make_mesh, param_shardings, put
@@ -79,9 +81,10 @@ def sampler(model) -> Sampler:
 
 
 def hf_greedy(
-    hf: Qwen2ForCausalLM, prompts: list[list[int]], n: int, eos: int | None
+    hf: Qwen2ForCausalLM, prompts: list[list[int]], n: int, eos: int | None, **kw
 ) -> np.ndarray:
-    """transformers' greedy `generate` on a left-padded batch -> new tokens [B, <= n]."""
+    """transformers' greedy `generate` on a left-padded batch -> new tokens [B, <= n]
+    (`kw`: more `generate` arguments)."""
     P = max(map(len, prompts))
     ids, mask = left_pad(prompts, P)
     with torch.no_grad():
@@ -92,6 +95,7 @@ def hf_greedy(
             max_new_tokens=n,
             eos_token_id=eos,
             pad_token_id=0,
+            **kw,
         )
     return out[:, P:].numpy()
 
@@ -206,6 +210,110 @@ def test_top_k_top_p_truncation(model, sampler):
         # top_p is a traced value: changing it reuses the program
         before = sampler.num_compilations if before is None else before
         assert sampler.num_compilations == before
+
+
+def test_tail_tokens_are_drawn_at_their_rate():
+    """A 150k vocabulary: one token holds almost all the mass and comes first; each of the
+    others has 2.5e-8, a fraction of the ulp of a float32 running sum near 1. Together they
+    hold 3.75e-3 and must be drawn at that rate, and so must the tokens that a float32
+    cumulative sum over the vocabulary cannot tell from their predecessor (equal running
+    sums), which inverse-CDF sampling on it never draws. The reported log-prob is the drawn
+    token's log-softmax."""
+    V, rows, chunks = 150_000, 256, 64  # 16384 draws, 256 rows of [V] logits at a time
+    p_tail = 2.5e-8
+    probs = np.full(V, p_tail)
+    probs[0] = 1.0 - p_tail * (V - 1)
+    logits = jnp.asarray(np.log(probs), jnp.float32)
+    cdf = np.asarray(jnp.cumsum(jnp.exp(logits - logits.max())))
+    hidden = np.flatnonzero(np.diff(cdf) == 0) + 1  # a CDF in float32 never lands on these
+    assert len(hidden) > V // 2
+    settings = SamplingSettings.make(
+        temperature=1.0, top_k=0, top_p=1.0, greedy=False, vocab_size=V
+    )
+
+    @jax.jit
+    def draw(chunk):
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), chunk * rows + i))(
+            jnp.arange(rows)
+        )
+        batch = jnp.broadcast_to(logits, (rows, V))
+        return sample_logits(batch, keys, jnp.float32(1.0), jnp.float32(1.0), settings)
+
+    tokens, logprobs = map(np.concatenate, zip(*(jax.device_get(draw(c)) for c in range(chunks))))
+    n = rows * chunks
+    for name, subset in (("tail", np.arange(1, V)), ("hidden", hidden)):
+        hits = int(np.isin(tokens, subset).sum())
+        expected = n * probs[subset].sum()  # 61.4 and about 4/5 of it
+        assert abs(hits - expected) <= 5 * np.sqrt(expected), (name, hits, expected)
+    drawn = tokens[tokens != 0]
+    assert np.bincount(drawn).max() <= 2  # spread over the tail, no favourite
+    assert drawn.min() < V // 4 and drawn.max() > 3 * V // 4
+    scale = np.abs(np.log(probs)).max()
+    assert np.abs(logprobs - np.log(probs[tokens])).max() <= 1e-5 * scale
+
+
+FORBID_STOP = [3, 17]  # stop ids, forbidden before MIN_NEW tokens
+MIN_NEW = 4
+
+
+def test_banned_ids_and_min_new_tokens(model, sampler):
+    """Banned ids never appear; stop ids not before min_new_tokens; the log-probs stay the
+    full-vocabulary log_softmax (what the GRPO step recomputes)."""
+    prompt = PROMPTS[0]
+    probs = next_token_probs(model, prompt, T_CHI)
+    banned = np.argsort(-probs)[:3].tolist()  # the likeliest first tokens
+    stop = FORBID_STOP + [int(np.argsort(-probs)[3])]  # a likely stop: rows end early after
+    out = sampler.sample(
+        model,
+        [prompt],
+        num_samples=256,
+        max_new_tokens=8,
+        rng=4,
+        temperature=T_CHI,
+        stop_ids=stop,
+        banned_ids=banned,
+        min_new_tokens=MIN_NEW,
+    )
+    assert not np.isin(out.tokens, banned).any()
+    assert not np.isin(out.tokens[:, :MIN_NEW], stop).any()
+    assert (out.lengths >= MIN_NEW).all() and out.done.any()  # some rows stop right after
+    drawn = out.tokens[:, 0]
+    np.testing.assert_allclose(out.logprobs[:, 0], np.log(probs[drawn]), rtol=1e-5)
+    kept = np.where(np.isin(np.arange(VOCAB), banned + stop), 0.0, probs)
+    assert chi_square_pvalue(drawn, kept / kept.sum()) > 1e-3  # renormalised over the rest
+    with pytest.raises(ValueError, match="banned_ids"):
+        sampler.sample(model, [prompt], max_new_tokens=2, rng=0, banned_ids=[VOCAB])
+    with pytest.raises(ValueError, match="forbid every token"):
+        sampler.sample(model, [prompt], max_new_tokens=2, rng=0, banned_ids=range(VOCAB))
+
+
+def test_greedy_forbidding_matches_transformers(hf_model, model, sampler):
+    """transformers' generate with bad_words_ids (single ids) and min_new_tokens."""
+    n = 10
+    free = hf_greedy(hf_model, PROMPTS, n, eos=None)
+    banned = sorted({int(free[0, 1]), int(free[1, 0])})  # tokens greedy decoding would pick
+    eos = int(free[2, 1])  # an early stop of row 2, forbidden before MIN_NEW tokens
+    ref = hf_greedy(
+        hf_model,
+        PROMPTS,
+        n,
+        eos=eos,
+        bad_words_ids=[[b] for b in banned],
+        min_new_tokens=MIN_NEW,
+    )
+    out = sampler.sample(
+        model,
+        PROMPTS,
+        max_new_tokens=n,
+        rng=0,
+        greedy=True,
+        stop_ids=[eos],
+        banned_ids=banned,
+        min_new_tokens=MIN_NEW,
+    )
+    np.testing.assert_array_equal(out.tokens[:, : ref.shape[1]], ref)
+    assert not np.isin(out.tokens, banned).any()
+    assert (ref != free[:, : ref.shape[1]]).any()  # the constraints changed the output
 
 
 # Settings shared by several tests, so that they reuse one compiled program.
