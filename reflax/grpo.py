@@ -86,7 +86,7 @@ Loss (:func:`grpo_loss`)
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -186,34 +186,6 @@ def _logprobs_entropy_f32(logits: Array, targets: Array) -> tuple[Array, Array]:
     logprobs = target_logit[..., 0] - lse
     probs = jnp.exp(logits - lse[..., None])
     entropy = lse - jnp.sum(probs * logits, axis=-1)
-    return logprobs, entropy
-
-
-def token_logprobs_and_entropy_from_logits(
-    logits: Array,
-    targets: Array,
-    *,
-    temperature: float = 1.0,
-    mask: Array | None = None,
-) -> tuple[Array, Array]:
-    """Log-prob of ``targets`` and softmax entropy from materialised logits.
-
-    Args:
-      logits: ``[B, T, V]`` (any float dtype; computed in float32).
-      targets: ``[B, T]`` int token ids in ``[0, V)``.
-      temperature: logits are divided by it.
-      mask: optional ``[B, T]``; where false the outputs are 0 and no gradient flows.
-
-    Returns:
-      ``(logprobs [B, T], entropy [B, T])`` float32.
-    """
-    z = logits.astype(jnp.float32) / temperature
-    if mask is not None:
-        z = jnp.where(mask.astype(bool)[..., None], z, 0.0)
-    logprobs, entropy = _logprobs_entropy_f32(z, targets)
-    if mask is not None:
-        logprobs = jnp.where(mask.astype(bool), logprobs, 0.0)
-        entropy = jnp.where(mask.astype(bool), entropy, 0.0)
     return logprobs, entropy
 
 
@@ -449,12 +421,6 @@ def anchor_kl(
     ref_bt = jax.lax.stop_gradient(jnp.where(mask_bt, ref_logprobs.astype(jnp.float32), 0.0))
     kl_bt = jnp.where(mask_bt, _k3(lp_bt, ref_bt, log_ratio_clip), 0.0)
     return jnp.sum(kl_bt), jnp.sum(mask_bt.astype(jnp.float32))
-
-
-def grpo_loss_value(*args: Any, **kwargs: Any) -> Array:
-    """Convenience: ``safe_divide(numerator, denominator)`` of :func:`grpo_loss` for one batch."""
-    numerator, denominator, _ = grpo_loss(*args, **kwargs)
-    return safe_divide(numerator, denominator)
 
 
 def finalize_metrics(metric_sums: dict[str, Array]) -> dict[str, Array]:
