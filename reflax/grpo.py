@@ -65,7 +65,9 @@ Loss (:func:`grpo_loss`)
   * The loss is returned as ``(numerator, denominator)``: summing both over micro-batches (and
     devices) and dividing once, with :func:`safe_divide`, gives exactly the full-batch loss,
     because no denominator depends on the parameters. Per micro-batch, differentiate the
-    numerator, sum the gradients, divide by the summed denominator.
+    numerator, sum the gradients, divide by the summed denominator; or, as the trainer does,
+    count the whole batch's denominator first (:func:`loss_denominator`, from the mask alone)
+    and differentiate each micro-batch's ``numerator / denominator``.
 
       ``token_mean`` (default; DAPO / TRL ``"bnpo"``):
           sum of masked per-token losses / number of masked tokens.

@@ -304,6 +304,17 @@ def test_gradient_accumulation_is_exact():
         np.testing.assert_allclose(acc_m[key], full_m[key], rtol=1e-6, err_msg=key)
 
 
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+def test_loss_denominator_is_grpo_loss_denominator_and_additive(loss_type):
+    lp, old, ref, adv, mask = map(jnp.asarray, make_batch(12))  # row 2 has no tokens
+    _, den, _ = grpo.grpo_loss(lp, old, ref, adv, mask, loss_type=loss_type, max_len=11)
+    full = grpo.loss_denominator(mask, loss_type=loss_type, max_len=11)
+    parts = [
+        grpo.loss_denominator(mask[i : i + 2], loss_type=loss_type, max_len=11) for i in (0, 2, 4)
+    ]
+    assert float(full) == float(den) == float(sum(parts)) > 0
+
+
 def test_masked_positions_get_exactly_zero_gradient():
     rng = np.random.default_rng(7)
     b, t, v = 6, 9, 13
