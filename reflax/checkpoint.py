@@ -57,8 +57,13 @@ _ADVICE = (
 )
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, corrupt, or does not match the requested state."""
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, corrupt, or does not match what is asked of it.
+
+    The one error of every checkpoint reflax reads: orbax train states (`Checkpointer`),
+    a run's warm start and HF safetensors directories (`reflax.models.hf`). The message
+    names the culprit (directory, file or tensor).
+    """
 
 
 # ---------------------------------------------------------------------------------------------

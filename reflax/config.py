@@ -100,6 +100,7 @@ def base_config() -> ConfigDict:
     c.grpo.beta = 0.001
     # KL to the reference on the failed first attempt in each row (tokens no reward trains);
     # 0 is the paper. It keeps a shared-weight first attempt from drifting under reflection RL.
+    # It weighs the mean k3 over the step's anchor tokens, whatever grpo.loss_type is.
     c.grpo.anchor_beta = 0.0
     # dtype of the KL reference's weights (a frozen copy of the initial model): bfloat16 halves
     # its memory; the paper does not say, float32 keeps the reference exact

@@ -50,7 +50,13 @@ Loss (:func:`grpo_loss`)
     ``k3 = exp(ref - lp) - (ref - lp) - 1`` (Schulman), whose log-difference is clipped like
     the ratio's. ``beta == 0`` or ``ref_logprobs is None`` drops the KL term.
   * :func:`anchor_kl` is the same k3 on tokens that get no reward (``anchor_mask``, the
-    failed first attempt); the trainer adds ``anchor_beta`` times its sum to the numerator.
+    failed first attempt). The anchor has its own normaliser, the number of anchor tokens
+    of the whole step, under every ``loss_type``: the trainer's objective is
+    ``num / den + anchor_beta * sum(anchor k3) / anchor tokens``, so ``anchor_beta``
+    weighs the mean per-token KL on the attempt whatever the policy loss's normaliser is
+    (sharing ``den`` would make its strength depend on the reflection lengths, the row
+    count or ``max_len``). Both normalisers depend only on the masks, so the trainer counts
+    them over the whole step before its micro-batch scan, which keeps accumulation exact.
   * Every input is passed through ``jnp.where(loss_mask, x, 0)`` before use and the per-token
     loss through it again after, so the gradient w.r.t. ``logprobs`` at a masked position is
     exactly 0.0 even if the inputs there are NaN/Inf (advantages of rows without loss tokens
@@ -59,7 +65,9 @@ Loss (:func:`grpo_loss`)
   * The loss is returned as ``(numerator, denominator)``: summing both over micro-batches (and
     devices) and dividing once, with :func:`safe_divide`, gives exactly the full-batch loss,
     because no denominator depends on the parameters. Per micro-batch, differentiate the
-    numerator, sum the gradients, divide by the summed denominator.
+    numerator, sum the gradients, divide by the summed denominator; or, as the trainer does,
+    count the whole batch's denominator first (:func:`loss_denominator`, from the mask alone)
+    and differentiate each micro-batch's ``numerator / denominator``.
 
       ``token_mean`` (default; DAPO / TRL ``"bnpo"``):
           sum of masked per-token losses / number of masked tokens.
@@ -80,7 +88,7 @@ Loss (:func:`grpo_loss`)
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -180,34 +188,6 @@ def _logprobs_entropy_f32(logits: Array, targets: Array) -> tuple[Array, Array]:
     logprobs = target_logit[..., 0] - lse
     probs = jnp.exp(logits - lse[..., None])
     entropy = lse - jnp.sum(probs * logits, axis=-1)
-    return logprobs, entropy
-
-
-def token_logprobs_and_entropy_from_logits(
-    logits: Array,
-    targets: Array,
-    *,
-    temperature: float = 1.0,
-    mask: Array | None = None,
-) -> tuple[Array, Array]:
-    """Log-prob of ``targets`` and softmax entropy from materialised logits.
-
-    Args:
-      logits: ``[B, T, V]`` (any float dtype; computed in float32).
-      targets: ``[B, T]`` int token ids in ``[0, V)``.
-      temperature: logits are divided by it.
-      mask: optional ``[B, T]``; where false the outputs are 0 and no gradient flows.
-
-    Returns:
-      ``(logprobs [B, T], entropy [B, T])`` float32.
-    """
-    z = logits.astype(jnp.float32) / temperature
-    if mask is not None:
-        z = jnp.where(mask.astype(bool)[..., None], z, 0.0)
-    logprobs, entropy = _logprobs_entropy_f32(z, targets)
-    if mask is not None:
-        logprobs = jnp.where(mask.astype(bool), logprobs, 0.0)
-        entropy = jnp.where(mask.astype(bool), entropy, 0.0)
     return logprobs, entropy
 
 
@@ -351,8 +331,6 @@ def grpo_loss(
         raise ValueError(f"advantages must be [B={logprobs.shape[0]}], got {advantages.shape}")
     eps_low = float(epsilon)
     eps_high = eps_low if epsilon_high is None else float(epsilon_high)
-    batch, length = logprobs.shape
-
     mask_bt = loss_mask.astype(bool)
     mask_f_bt = mask_bt.astype(jnp.float32)
 
@@ -385,17 +363,11 @@ def grpo_loss(
 
     tokens_b = jnp.sum(mask_f_bt, axis=1)  # [B]
     has_tokens_b = tokens_b > 0
-    if loss_type == "token_mean":
-        numerator = jnp.sum(per_token_bt)
-        denominator = jnp.sum(tokens_b)
-    elif loss_type == "seq_mean":
-        seq_loss_b = jnp.sum(per_token_bt, axis=1) / jnp.maximum(tokens_b, 1.0)
-        numerator = jnp.sum(seq_loss_b)
-        denominator = jnp.sum(has_tokens_b.astype(jnp.float32))
+    if loss_type == "seq_mean":
+        numerator = jnp.sum(jnp.sum(per_token_bt, axis=1) / jnp.maximum(tokens_b, 1.0))
     else:
-        norm_len = length if max_len is None else int(max_len)
         numerator = jnp.sum(per_token_bt)
-        denominator = jnp.asarray(float(batch * norm_len), jnp.float32)
+    denominator = loss_denominator(loss_mask, loss_type=loss_type, max_len=max_len)
 
     sg = jax.lax.stop_gradient
     clip_low_bt = (ratio_bt < 1.0 - eps_low) & (adv_b1 < 0) & mask_bt
@@ -412,14 +384,33 @@ def grpo_loss(
     return numerator, denominator, metrics
 
 
+def loss_denominator(
+    loss_mask: Array, *, loss_type: LossType = "token_mean", max_len: int | None = None
+) -> Array:
+    """The ``loss_type``'s normaliser of a ``[B, T]`` loss mask (module docstring).
+
+    It depends on the mask only, never on the parameters, so the sum over micro-batches
+    equals the value on the whole batch.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    mask_bt = loss_mask.astype(bool)
+    if loss_type == "token_mean":
+        return jnp.sum(mask_bt.astype(jnp.float32))
+    if loss_type == "seq_mean":
+        return jnp.sum(jnp.any(mask_bt, axis=1).astype(jnp.float32))
+    batch, length = mask_bt.shape
+    return jnp.asarray(float(batch * (length if max_len is None else int(max_len))), jnp.float32)
+
+
 def anchor_kl(
     logprobs: Array, ref_logprobs: Array, anchor_mask: Array, *, log_ratio_clip: float = 20.0
 ) -> tuple[Array, Array]:
     """k3 KL to the reference on tokens that get no reward, as ``(kl_sum, num_tokens)``.
 
     Same estimator and clip as :func:`grpo_loss`'s KL term, on ``anchor_mask`` instead of
-    ``loss_mask``. The trainer adds ``anchor_beta * kl_sum`` to the loss numerator, so the
-    anchor shares the policy loss's normaliser (and its exact micro-batch accumulation).
+    ``loss_mask``. The trainer adds ``anchor_beta * kl_sum / anchor tokens of the step`` to
+    the loss: the anchor's own normaliser, the same under every ``loss_type``.
     Masked positions are selected away: NaN/Inf there reach neither value nor gradient.
     """
     if logprobs.shape != anchor_mask.shape or ref_logprobs.shape != logprobs.shape:
@@ -432,12 +423,6 @@ def anchor_kl(
     ref_bt = jax.lax.stop_gradient(jnp.where(mask_bt, ref_logprobs.astype(jnp.float32), 0.0))
     kl_bt = jnp.where(mask_bt, _k3(lp_bt, ref_bt, log_ratio_clip), 0.0)
     return jnp.sum(kl_bt), jnp.sum(mask_bt.astype(jnp.float32))
-
-
-def grpo_loss_value(*args: Any, **kwargs: Any) -> Array:
-    """Convenience: ``safe_divide(numerator, denominator)`` of :func:`grpo_loss` for one batch."""
-    numerator, denominator, _ = grpo_loss(*args, **kwargs)
-    return safe_divide(numerator, denominator)
 
 
 def finalize_metrics(metric_sums: dict[str, Array]) -> dict[str, Array]:

@@ -95,14 +95,14 @@ def checkpoint_dir(workdir: str) -> str:
 
 def restore_params(rt: Runtime, workdir: str, step: int | None = None) -> tuple[Any, int]:
     """Parameters of a run's latest (or given) checkpoint, restored into their shards."""
-    from reflax.checkpoint import Checkpointer
+    from reflax.checkpoint import Checkpointer, CheckpointError
     from reflax.optim import make_optimizer
     from reflax.trainer import init_state, state_shardings
 
     ckpt = Checkpointer(checkpoint_dir(workdir))
     step = ckpt.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}")
+        raise CheckpointError(f"no checkpoint in {checkpoint_dir(workdir)}")
     tx, _ = make_optimizer(total_steps=rt.config.total_steps * rt.config.grpo.mu, **rt.config.optim)
     abstract = jax.eval_shape(lambda p: init_state(p, tx), rt.params)
     shardings = state_shardings(abstract, rt.mesh)

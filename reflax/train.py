@@ -48,6 +48,7 @@ from reflax.trainer import (
     StepConfig,
     TrainState,
     init_state,
+    jit_logprob_fn,
     jit_train_step,
     make_logprob_fn,
     make_train_step,
@@ -161,7 +162,6 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
 
     cfg = StepConfig.from_config(c)
     step_fn = make_train_step(rt.graphdef, tx, cfg)
-    logprob_fn = jax.jit(make_logprob_fn(rt.graphdef, cfg))
     U, G, T = c.rollout.groups_per_step, c.rollout.group_size, c.rollout.seq_len
     rng0 = jax.random.key(c.seed)
     compiled = None
@@ -178,12 +178,16 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
             batch = shard_batch(host, rt.mesh)
             if compiled is None:
                 compiled = jit_train_step(step_fn, state, batch, rt.mesh, ref is not None)
+                lp_fn = make_logprob_fn(rt.graphdef, cfg)
+                logprob_fn = jit_logprob_fn(lp_fn, state.params, batch, rt.mesh)
             with timer("train_step"):
                 if c.grpo.mu > 1:
                     batch = batch.replace(old_logprobs=logprob_fn(state.params, batch))
+                finite = True
                 for _ in range(c.grpo.mu):
                     state, m = compiled(state, batch, ref)
-                m = jax.device_get(m)
+                    finite = m["finite"] & finite  # every inner step's, not only the last's
+                m = jax.device_get({**m, "finite": finite})
             if not bool(m["finite"]):
                 raise NonFiniteLossError(
                     f"non-finite loss ({m['loss']}) or gradient norm ({m['grad_norm']}) at step "

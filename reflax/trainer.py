@@ -2,8 +2,15 @@
 
 `train_step(state, batch, ref_params) -> (state, metrics)` is a pure function
 jitted once with in/out shardings; the state is donated. A batch is a pytree of
-fixed-shape arrays (see `Batch`); micro-batches are scanned inside the step and
-the loss is accumulated as numerator and denominator, so accumulation is exact.
+fixed-shape arrays (see `Batch`); micro-batches are scanned inside the step. The
+loss's normalisers (the loss_type's denominator and the anchor's token count) depend
+on the masks only, so they are counted over the whole batch before the scan and every
+micro-batch's objective is divided by them: accumulation is exact.
+
+A step with no loss tokens and no anchor tokens (no failures this step, or every group
+dropped as too long) has nothing to learn from: it leaves the state untouched (AdamW's
+moments and count, hence the learning-rate schedule, and `step`) and reports
+`applied=False, empty=True`, as a non-finite loss does with `finite=False`.
 """
 
 from __future__ import annotations
@@ -105,7 +112,9 @@ def _split_micro(x: jax.Array, m: int) -> jax.Array:
 def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: StepConfig) -> Callable:
     """The pure step; jit it with `jit_train_step` (or plain jax.jit on one device)."""
 
-    def loss_fn(params, mb: Batch, ref_params):
+    def loss_fn(params, mb: Batch, ref_params, norm):
+        # norm: (den, anchor_tokens) of the whole step; the objective is this micro-batch's
+        # share of num / den + anchor_beta * anchor_kl_sum / anchor_tokens
         lp, ent = _sequence_logprobs(graphdef, params, mb, cfg)
         ref_lp = None
         anchored = cfg.anchor_beta != 0.0 and ref_params is not None
@@ -113,7 +122,7 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: StepCo
             ref_lp, _ = _sequence_logprobs(graphdef, ref_params, mb, cfg)
             ref_lp = jax.lax.stop_gradient(ref_lp)
         loss_mask = mb.loss_mask[:, 1:]
-        num, den, sums = grpo.grpo_loss(
+        num, _, sums = grpo.grpo_loss(
             lp[:, 1:],
             mb.old_logprobs[:, 1:] if cfg.use_old_logprobs else None,
             None if ref_lp is None else ref_lp[:, 1:],
@@ -126,43 +135,53 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: StepCo
             max_len=cfg.max_len,
         )
         sums = dict(sums)
+        objective = grpo.safe_divide(num, norm[0])
         if anchored:
             kl_sum, n_anchor = grpo.anchor_kl(lp[:, 1:], ref_lp[:, 1:], mb.anchor_mask[:, 1:])
-            num = num + cfg.anchor_beta * kl_sum
+            objective = objective + cfg.anchor_beta * grpo.safe_divide(kl_sum, norm[1])
             sums["anchor_kl_sum"] = jax.lax.stop_gradient(kl_sum)
             sums["anchor_tokens"] = n_anchor
         sums["entropy_sum"] = grpo.masked_sum(ent[:, 1:], loss_mask > 0)
         sums["logprob_sum"] = grpo.masked_sum(lp[:, 1:], loss_mask > 0)
-        return num, (den, sums)
+        return objective, sums
 
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch, ref_params: Any = None):
         micro = jax.tree.map(lambda x: _split_micro(x, cfg.micro_batches), batch)
+        anchored = cfg.anchor_beta != 0.0 and ref_params is not None
+        # the whole step's normalisers, from the masks alone (parameter-free)
+        den = grpo.loss_denominator(
+            batch.loss_mask[:, 1:], loss_type=cfg.loss_type, max_len=cfg.max_len
+        )
+        anchor_tokens = jnp.sum((batch.anchor_mask[:, 1:] > 0).astype(jnp.float32))
+        norm = (den, anchor_tokens)
 
         def accumulate(carry, mb):
-            grads, num, den, sums = carry
-            (n, (d, s)), g = value_and_grad(state.params, mb, ref_params)
+            grads, loss, sums = carry
+            (o, s), g = value_and_grad(state.params, mb, ref_params, norm)
             add = lambda a, b: jax.tree.map(jnp.add, a, b)
-            return (add(grads, g), num + n, den + d, add(sums, s)), None
+            return (add(grads, g), loss + o, add(sums, s)), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         first = jax.tree.map(lambda x: x[0], micro)
-        _, (_, sums_shape) = jax.eval_shape(loss_fn, state.params, first, ref_params)
+        _, sums_shape = jax.eval_shape(loss_fn, state.params, first, ref_params, norm)
         sums0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), sums0)
-        (grads, num, den, sums), _ = jax.lax.scan(accumulate, init, micro)
+        init = (zeros, jnp.zeros((), jnp.float32), sums0)
+        (grads, loss, sums), _ = jax.lax.scan(accumulate, init, micro)
 
-        grads = jax.tree.map(lambda g: g / jnp.maximum(den, 1e-8), grads)
-        loss = grpo.safe_divide(num, den)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # A non-finite loss or gradient leaves the state untouched; the loop stops on the flag.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        # Nothing to learn from: AdamW would still decay its moments, move the parameters
+        # along the old momentum and advance the schedule, so the state stays as it is.
+        empty = (sums["num_tokens"] == 0) & ((anchor_tokens == 0) | (not anchored))
+        applied = finite & ~empty
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(applied, a, b), new, old)
         new_state = TrainState(
-            step=state.step + finite.astype(jnp.int32),
+            step=state.step + applied.astype(jnp.int32),
             params=keep(params, state.params),
             opt_state=keep(opt_state, state.opt_state),
         )
@@ -171,9 +190,11 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: StepCo
             loss=loss,
             grad_norm=grad_norm,
             finite=finite,
+            applied=applied,
+            empty=empty,
             entropy=grpo.safe_divide(sums["entropy_sum"], sums["num_tokens"]),
             logprob=grpo.safe_divide(sums["logprob_sum"], sums["num_tokens"]),
-            param_norm=optax.tree.norm(params),
+            param_norm=optax.tree.norm(new_state.params),
         )
         if "anchor_kl_sum" in sums:
             metrics["anchor_kl"] = grpo.safe_divide(sums["anchor_kl_sum"], sums["anchor_tokens"])
@@ -249,6 +270,16 @@ def jit_train_step(
         out_shardings=(s, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=(0,),
     )
+
+
+def jit_logprob_fn(logprob_fn: Callable, params: Any, batch: Batch, mesh: Mesh | None) -> Callable:
+    """jax.jit of a `make_logprob_fn` function with explicit in/out shardings: parameters as
+    the train state's, the batch as the train step's, log-probs [B, T] as its old_logprobs."""
+    if mesh is None:
+        return jax.jit(logprob_fn)
+    p = param_shardings(jax.eval_shape(lambda x: x, params), mesh)
+    b = batch_shardings(batch, mesh)
+    return jax.jit(logprob_fn, in_shardings=(p, b), out_shardings=b.old_logprobs)
 
 
 def shard_batch(batch: Batch, mesh: Mesh | None) -> Batch:

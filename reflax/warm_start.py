@@ -34,7 +34,7 @@ import jax
 import numpy as np
 
 from reflax import data, optim
-from reflax.checkpoint import Checkpointer, abstract_like
+from reflax.checkpoint import Checkpointer, CheckpointError, abstract_like
 from reflax.episodes import Group, Segment, _after_sampled, build_batch, prompt_ids
 from reflax.metrics import MetricsWriter, Progress
 from reflax.runtime import Runtime, load_examples
@@ -122,7 +122,7 @@ def warm_start(
         log.info("warm start restored from %s", ckpt.directory)
         return restored["params"]
     if restore_only:
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"{ckpt.directory} is missing: the run's checkpoints need the warm start they began "
             "from; start a fresh workdir"
         )

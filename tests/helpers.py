@@ -1,4 +1,5 @@
-"""Shared test utilities: tiny HF checkpoints written offline, reference logits, tokenizers.
+"""Shared test utilities: tiny HF checkpoints written offline, reference logits and GRPO
+numerics, tokenizers, float comparisons relative to the size of what is compared.
 
 Nothing can be downloaded in tests, so checkpoints are random transformers
 models saved with `save_pretrained` and tokenizers are character-level ones
@@ -8,6 +9,7 @@ built with `reflax.tokenizer.char_tokenizer`.
     path = tiny_hf_checkpoint(tmp_path, "llama", num_key_value_heads=1, attention_bias=True)
     tokens, mask = padded_batch(vocab=100, lengths=[5, 8], length=8, left=[True, False])
     ref = torch_logits(path, tokens, mask)                 # [B, T, V] float32, transformers
+    assert_close_scaled(ours[mask], ref[mask], 1e-5)       # bound relative to max |ref|
 """
 
 from __future__ import annotations
@@ -226,6 +228,67 @@ def cpu_mesh(data: int = 2, fsdp: int = 2, tensor: int = 2) -> Any:
     return make_mesh({"data": data, "fsdp": fsdp, "tensor": tensor})
 
 
-def masked_max_diff(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
-    """Max |a - b| over the positions where mask is True (a, b [B, T, ...], mask [B, T])."""
-    return float(np.max(np.abs(np.asarray(a)[mask] - np.asarray(b)[mask])))
+def assert_close_scaled(
+    actual: Any, desired: Any, rtol: float, *, scale: float | None = None, err_msg: str = ""
+) -> None:
+    """max |actual - desired| <= rtol * scale, with scale = max |desired| unless given.
+
+    The bound is relative to the size of what is compared (logits, log-probs, gradients),
+    never an absolute constant, and not per element (an entry that cancels to near 0 would
+    need a bound of its own): float32 rounding follows the summation order, which differs
+    between CPUs (Intel / AMD), compilers and shardings.
+    """
+    actual, desired = np.asarray(actual, np.float64), np.asarray(desired, np.float64)
+    assert actual.shape == desired.shape, (actual.shape, desired.shape, err_msg)
+    scale = float(np.abs(desired).max()) if scale is None else float(scale)
+    assert scale > 0, f"{err_msg}: nothing to compare against, the check would be vacuous"
+    diff = float(np.abs(actual - desired).max())
+    assert diff <= rtol * scale, f"{err_msg}: max |diff| {diff:.3g} > {rtol:g} * {scale:.3g}"
+
+
+def np_grpo_loss(lp, old, ref, adv, mask, *, eps, eps_high, beta, loss_type, max_len=None):
+    """float64 NumPy reference of TRL's GRPOTrainer._compute_loss (old=None: mu = 1), with
+    rows without loss tokens handled as documented in reflax.grpo -> (loss, metrics)."""
+    lp, adv = np.asarray(lp, np.float64), np.asarray(adv, np.float64)
+    mask = np.asarray(mask, np.float64)
+    old = lp if old is None else np.asarray(old, np.float64)
+    eps_high = eps if eps_high is None else eps_high
+    coef1 = np.exp(lp - old)
+    coef2 = np.clip(coef1, 1 - eps, 1 + eps_high)
+    a = adv[:, None]
+    per_token = -np.minimum(coef1 * a, coef2 * a)
+    kl = None
+    if ref is not None:
+        d = np.asarray(ref, np.float64) - lp
+        kl = np.exp(d) - d - 1
+        if beta != 0:
+            per_token = per_token + beta * kl
+    n_b = mask.sum(1)
+    if loss_type == "token_mean":
+        loss = (per_token * mask).sum() / mask.sum()
+    elif loss_type == "seq_mean":
+        seq = (per_token * mask).sum(1) / np.maximum(n_b, 1)
+        loss = seq[n_b > 0].mean()
+    else:
+        loss = (per_token * mask).sum() / (lp.shape[0] * (max_len or lp.shape[1]))
+    m = mask > 0
+    metrics = {
+        "num_tokens": mask.sum(),
+        "num_seqs": float((n_b > 0).sum()),
+        "ratio_mean": coef1[m].mean(),
+        "kl": kl[m].mean() if kl is not None else 0.0,
+        "clip_frac_low": ((coef1 < 1 - eps) & (a < 0))[m].mean(),
+        "clip_frac_high": ((coef1 > 1 + eps_high) & (a > 0))[m].mean(),
+    }
+    return loss, metrics
+
+
+def logprobs_entropy_from_logits(logits: Any, targets: Any, temperature: float = 1.0) -> Any:
+    """Unfused jnp reference of reflax.grpo's fused LM-head log-probs: log_softmax(logits / T)
+    at targets and the softmax entropy, ``[B, T, V], [B, T] -> ([B, T], [B, T])``."""
+    import jax
+    import jax.numpy as jnp
+
+    logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32) / temperature, axis=-1)
+    lp = jnp.take_along_axis(logp, jnp.asarray(targets)[..., None], axis=-1)[..., 0]
+    return lp, -jnp.sum(jnp.exp(logp) * logp, axis=-1)

@@ -346,6 +346,23 @@ def test_restore_from_empty_directory(tmp_path):
         Checkpointer(tmp_path / "empty").restore({})
 
 
+def test_one_checkpoint_error_everywhere(tmp_path):
+    # a run's missing checkpoints and a missing HF checkpoint raise the same error class
+    from types import SimpleNamespace
+
+    from reflax.models.hf import load_pretrained
+    from reflax.runtime import restore_params
+    from reflax.warm_start import warm_start
+
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
+        restore_params(None, str(tmp_path / "run"))
+    rt = SimpleNamespace(config=SimpleNamespace(warm_start=None))
+    with pytest.raises(CheckpointError, match="warm_start is missing"):
+        warm_start(rt, str(tmp_path / "run"), None, restore_only=True)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_pretrained(str(tmp_path / "no_model"))
+
+
 def test_async_save(tmp_path, mesh222):
     state = _make_state(mesh222)
     before = _host(state)

@@ -56,8 +56,8 @@ def run(cmd, env, check=True, timeout=600):
     return p
 
 
-def final_params(workdir, sub="checkpoints"):
-    """(step, numpy params) of the latest checkpoint in workdir/sub, saved on any devices."""
+def final_state(workdir, sub="checkpoints"):
+    """(step, state tree as NumPy) of the latest checkpoint in workdir/sub, from any devices."""
     import orbax.checkpoint as ocp
 
     ckpt = Checkpointer(os.path.join(workdir, sub))
@@ -69,7 +69,12 @@ def final_params(workdir, sub="checkpoints"):
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
     tree = checkpointer.restore(path, target)
-    return step, jax.tree.map(np.asarray, tree["params"])
+    return step, jax.tree.map(np.asarray, tree)
+
+
+def final_params(workdir, sub="checkpoints"):
+    step, tree = final_state(workdir, sub)
+    return step, tree["params"]
 
 
 def test_resume_after_kill_equals_uninterrupted(tmp_path, env):
@@ -208,3 +213,29 @@ def test_paper_config_local_variant_end_to_end(tmp_path, env):
     with open(os.path.join(w, "eval.json")) as f:
         assert json.load(f)["after"]["n"] == 8
     assert os.path.isdir(os.path.join(w, "hf"))
+
+
+def test_mu2_on_eight_devices(tmp_path, env):
+    # grpo.mu = 2 through the CLI on an 8-device mesh: the old-log-prob pass and both inner
+    # steps run with explicit shardings, and each inner step is one optimizer update
+    e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    w = str(tmp_path / "mu2")
+    run(
+        cli(
+            "train",
+            f"--config={SMOKE}",
+            f"--workdir={w}",
+            "--config.grpo.mu=2",
+            "--config.total_steps=2",
+            "--config.warm_start.steps=0",
+            "--config.eval.before=False",
+            "--config.eval.after=False",
+            "--config.export_hf=False",
+        ),
+        e,
+    )
+    rows = [r for r in read_jsonl(os.path.join(w, "metrics.jsonl")) if "loss" in r]
+    assert len(rows) == 2 and all(r["finite"] == 1.0 for r in rows)
+    assert all(r["applied"] == 1.0 and r["empty"] == 0.0 for r in rows)
+    step, state = final_state(w)
+    assert step == 2 and int(state["step"]) == 2 * 2  # mu optimizer updates per rollout step

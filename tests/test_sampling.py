@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from helpers import assert_close_scaled
 from scipy import stats
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -19,12 +20,14 @@ from reflax.models.decoder import KVCache
 from reflax.models.hf import from_hf_state_dict
 from reflax.sampling import (
     Sampler,
+    SamplingSettings,
     StepCache,
     bucket_size,
     decode_step,
     left_pad,
     prefill,
     resize_cache,
+    sample_logits,
     step_weights,
 )
 from reflax.sharding import make_mesh, param_shardings, put
@@ -78,10 +81,21 @@ def sampler(model) -> Sampler:
     return Sampler(model, **SAMPLER_KW)
 
 
+# Log-probs of logits / T are compared up to LP_RTOL * (largest |logit| / T): their float32
+# error follows the logits' size, and its constant depends on the summation order (the CPU).
+LP_RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def logit_scale(model) -> float:
+    return float(max(np.abs(x).max() for x in full_logits(model, PROMPTS)))
+
+
 def hf_greedy(
-    hf: Qwen2ForCausalLM, prompts: list[list[int]], n: int, eos: int | None
+    hf: Qwen2ForCausalLM, prompts: list[list[int]], n: int, eos: int | None, **kw
 ) -> np.ndarray:
-    """transformers' greedy `generate` on a left-padded batch -> new tokens [B, <= n]."""
+    """transformers' greedy `generate` on a left-padded batch -> new tokens [B, <= n]
+    (`kw`: more `generate` arguments)."""
     P = max(map(len, prompts))
     ids, mask = left_pad(prompts, P)
     with torch.no_grad():
@@ -92,6 +106,7 @@ def hf_greedy(
             max_new_tokens=n,
             eos_token_id=eos,
             pad_token_id=0,
+            **kw,
         )
     return out[:, P:].numpy()
 
@@ -165,7 +180,7 @@ N_DRAWS = 4096
 T_CHI = 1.7
 
 
-def test_temperature_sampling_matches_softmax(model, sampler):
+def test_temperature_sampling_matches_softmax(model, sampler, logit_scale):
     prompt = PROMPTS[0]
     probs = next_token_probs(model, prompt, T_CHI)
     assert (probs > 0.01).sum() >= 8  # the test would be weak on a peaked distribution
@@ -175,10 +190,11 @@ def test_temperature_sampling_matches_softmax(model, sampler):
     assert out.tokens.shape == (N_DRAWS, 1)
     assert chi_square_pvalue(out.tokens[:, 0], probs) > 1e-3
     # the returned log-prob is the untruncated log_softmax(logits / T)
-    np.testing.assert_allclose(out.logprobs[:, 0], np.log(probs[out.tokens[:, 0]]), atol=1e-4)
+    want = np.log(probs[out.tokens[:, 0]])
+    assert_close_scaled(out.logprobs[:, 0], want, LP_RTOL, scale=logit_scale / T_CHI)
 
 
-def test_top_k_top_p_truncation(model, sampler):
+def test_top_k_top_p_truncation(model, sampler, logit_scale):
     prompt = PROMPTS[0]
     probs = next_token_probs(model, prompt, T_CHI)
     top = np.argsort(-probs, kind="stable")[:5]
@@ -202,17 +218,123 @@ def test_top_k_top_p_truncation(model, sampler):
         assert set(drawn.tolist()) == set(allowed.tolist())
         kept = np.where(np.isin(np.arange(VOCAB), allowed), probs, 0.0)
         assert chi_square_pvalue(drawn, kept / kept.sum()) > 1e-3
-        np.testing.assert_allclose(out.logprobs[:, 0], np.log(probs[drawn]), atol=1e-4)
+        want = np.log(probs[drawn])
+        assert_close_scaled(out.logprobs[:, 0], want, LP_RTOL, scale=logit_scale / T_CHI)
         # top_p is a traced value: changing it reuses the program
         before = sampler.num_compilations if before is None else before
         assert sampler.num_compilations == before
+
+
+def test_tail_tokens_are_drawn_at_their_rate():
+    """A 150k vocabulary: one token holds almost all the mass and comes first; each of the
+    others has 2.5e-8, a fraction of the ulp of a float32 running sum near 1. Together they
+    hold 3.75e-3 and must be drawn at that rate, and so must the tokens that a float32
+    cumulative sum over the vocabulary cannot tell from their predecessor (equal running
+    sums), which inverse-CDF sampling on it never draws. The reported log-prob is the drawn
+    token's log-softmax."""
+    V, rows, chunks = 150_000, 256, 64  # 16384 draws, 256 rows of [V] logits at a time
+    p_tail = 2.5e-8
+    probs = np.full(V, p_tail)
+    probs[0] = 1.0 - p_tail * (V - 1)
+    logits = jnp.asarray(np.log(probs), jnp.float32)
+    cdf = np.asarray(jnp.cumsum(jnp.exp(logits - logits.max())))
+    hidden = np.flatnonzero(np.diff(cdf) == 0) + 1  # a CDF in float32 never lands on these
+    assert len(hidden) > V // 2
+    settings = SamplingSettings.make(
+        temperature=1.0, top_k=0, top_p=1.0, greedy=False, vocab_size=V
+    )
+
+    @jax.jit
+    def draw(chunk):
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), chunk * rows + i))(
+            jnp.arange(rows)
+        )
+        batch = jnp.broadcast_to(logits, (rows, V))
+        return sample_logits(batch, keys, jnp.float32(1.0), jnp.float32(1.0), settings)
+
+    tokens, logprobs = map(np.concatenate, zip(*(jax.device_get(draw(c)) for c in range(chunks))))
+    n = rows * chunks
+    for name, subset in (("tail", np.arange(1, V)), ("hidden", hidden)):
+        hits = int(np.isin(tokens, subset).sum())
+        expected = n * probs[subset].sum()  # 61.4 and about 4/5 of it
+        assert abs(hits - expected) <= 5 * np.sqrt(expected), (name, hits, expected)
+    drawn = tokens[tokens != 0]
+    assert np.bincount(drawn).max() <= 2  # spread over the tail, no favourite
+    assert drawn.min() < V // 4 and drawn.max() > 3 * V // 4
+    scale = np.abs(np.log(probs)).max()
+    assert np.abs(logprobs - np.log(probs[tokens])).max() <= 1e-5 * scale
+
+
+FORBID_STOP = [3, 17]  # stop ids, forbidden before MIN_NEW tokens
+MIN_NEW = 4
+
+
+def test_banned_ids_and_min_new_tokens(model, sampler, logit_scale):
+    """Banned ids never appear; stop ids not before min_new_tokens; the log-probs stay the
+    full-vocabulary log_softmax (what the GRPO step recomputes)."""
+    prompt = PROMPTS[0]
+    probs = next_token_probs(model, prompt, T_CHI)
+    banned = np.argsort(-probs)[:3].tolist()  # the likeliest first tokens
+    stop = FORBID_STOP + [int(np.argsort(-probs)[3])]  # a likely stop: rows end early after
+    out = sampler.sample(
+        model,
+        [prompt],
+        num_samples=256,
+        max_new_tokens=8,
+        rng=4,
+        temperature=T_CHI,
+        stop_ids=stop,
+        banned_ids=banned,
+        min_new_tokens=MIN_NEW,
+    )
+    assert not np.isin(out.tokens, banned).any()
+    assert not np.isin(out.tokens[:, :MIN_NEW], stop).any()
+    assert (out.lengths >= MIN_NEW).all() and out.done.any()  # some rows stop right after
+    drawn = out.tokens[:, 0]
+    want = np.log(probs[drawn])
+    assert_close_scaled(out.logprobs[:, 0], want, LP_RTOL, scale=logit_scale / T_CHI)
+    kept = np.where(np.isin(np.arange(VOCAB), banned + stop), 0.0, probs)
+    assert chi_square_pvalue(drawn, kept / kept.sum()) > 1e-3  # renormalised over the rest
+    with pytest.raises(ValueError, match="banned_ids"):
+        sampler.sample(model, [prompt], max_new_tokens=2, rng=0, banned_ids=[VOCAB])
+    with pytest.raises(ValueError, match="forbid every token"):
+        sampler.sample(model, [prompt], max_new_tokens=2, rng=0, banned_ids=range(VOCAB))
+
+
+def test_greedy_forbidding_matches_transformers(hf_model, model, sampler):
+    """transformers' generate with bad_words_ids (single ids) and min_new_tokens."""
+    n = 10
+    free = hf_greedy(hf_model, PROMPTS, n, eos=None)
+    banned = sorted({int(free[0, 1]), int(free[1, 0])})  # tokens greedy decoding would pick
+    eos = int(free[2, 1])  # an early stop of row 2, forbidden before MIN_NEW tokens
+    ref = hf_greedy(
+        hf_model,
+        PROMPTS,
+        n,
+        eos=eos,
+        bad_words_ids=[[b] for b in banned],
+        min_new_tokens=MIN_NEW,
+    )
+    out = sampler.sample(
+        model,
+        PROMPTS,
+        max_new_tokens=n,
+        rng=0,
+        greedy=True,
+        stop_ids=[eos],
+        banned_ids=banned,
+        min_new_tokens=MIN_NEW,
+    )
+    np.testing.assert_array_equal(out.tokens[:, : ref.shape[1]], ref)
+    assert not np.isin(out.tokens, banned).any()
+    assert (ref != free[:, : ref.shape[1]]).any()  # the constraints changed the output
 
 
 # Settings shared by several tests, so that they reuse one compiled program.
 SAMPLED = dict(temperature=0.8, top_p=0.9, num_samples=3)  # top-p over the vocabulary
 
 
-def test_logprobs_match_training_forward_and_reproducible(model, sampler):
+def test_logprobs_match_training_forward_and_reproducible(model, sampler, logit_scale):
     T, top_p = SAMPLED["temperature"], SAMPLED["top_p"]
     stop = STOP
     kw = dict(max_new_tokens=10, stop_ids=stop, **SAMPLED)
@@ -233,7 +355,8 @@ def test_logprobs_match_training_forward_and_reproducible(model, sampler):
         step_logits = logits[len(prompt) - 1 : -1].astype(np.float64) / T  # predicts comp
         logp = step_logits - np.log(np.exp(step_logits).sum(-1, keepdims=True))
         expected = logp[np.arange(len(comp)), comp]
-        np.testing.assert_allclose(out.logprobs[row, : len(comp)], expected, atol=1e-4)
+        got = out.logprobs[row, : len(comp)]
+        assert_close_scaled(got, expected, LP_RTOL, scale=logit_scale / T)
         assert (out.logprobs[row, len(comp) :] == 0).all()
         # top-p respected at every step: the token is inside the nucleus
         p = np.exp(logp[np.arange(len(comp))])
@@ -241,7 +364,7 @@ def test_logprobs_match_training_forward_and_reproducible(model, sampler):
         assert out.done[row] == (comp[-1] in stop)
 
 
-def test_prefix_sharing_equals_unshared(model, sampler):
+def test_prefix_sharing_equals_unshared(model, sampler, logit_scale):
     """Same rng -> same tokens: row u*G+g uses key fold_in(rng, u*G+g) on both paths."""
     shared = sampler.sample(model, PROMPTS, max_new_tokens=9, rng=3, **SAMPLED)
     unshared = sampler.sample(
@@ -249,7 +372,8 @@ def test_prefix_sharing_equals_unshared(model, sampler):
     )
     assert unshared.rollout is None
     np.testing.assert_array_equal(shared.tokens, unshared.tokens)
-    np.testing.assert_allclose(shared.logprobs, unshared.logprobs, atol=1e-5)
+    scale = logit_scale / SAMPLED["temperature"]
+    assert_close_scaled(shared.logprobs, unshared.logprobs, LP_RTOL, scale=scale)
     assert (shared.tokens[0] != shared.tokens[1]).any()  # the G samples of a prompt differ
 
 
@@ -275,7 +399,7 @@ def attempt_and_reflect(sampler: Sampler, state) -> tuple:
     return attempt, reflect
 
 
-def test_continuation_equals_from_scratch(model, sampler):
+def test_continuation_equals_from_scratch(model, sampler, logit_scale):
     """attempt -> reflections on selected rows (G per row) -> retries with ragged new turns."""
     attempt, refl = attempt_and_reflect(sampler, model)
     assert attempt.done.any() and not attempt.done.all()  # rows end at different slots
@@ -284,7 +408,7 @@ def test_continuation_equals_from_scratch(model, sampler):
     seqs = [s for s in seqs for _ in range(2)]  # sample g of row i is output row i*G+g
     scratch = sampler.sample(model, seqs, max_new_tokens=4, rng=0, greedy=True)
     np.testing.assert_array_equal(refl.tokens, scratch.tokens)
-    np.testing.assert_allclose(refl.logprobs, scratch.logprobs, atol=1e-5)
+    assert_close_scaled(refl.logprobs, scratch.logprobs, LP_RTOL, scale=logit_scale)
 
     seqs = [s + c for s, c in zip(seqs, refl.completions())]
     retry = [[60 + i % 3] * (1 + i % 2) for i in range(len(seqs))]
@@ -293,13 +417,13 @@ def test_continuation_equals_from_scratch(model, sampler):
     seqs = [s + r for s, r in zip(seqs, retry)]
     scratch = sampler.sample(model, seqs, max_new_tokens=4, rng=0, **greedy)
     np.testing.assert_array_equal(out.tokens, scratch.tokens)
-    np.testing.assert_allclose(out.logprobs, scratch.logprobs, atol=1e-5)
+    assert_close_scaled(out.logprobs, scratch.logprobs, LP_RTOL, scale=logit_scale)
     # positions continue from each row's true length: the scratch run saw no gaps
     lens = np.array([len(s) for s in seqs]) + out.lengths
     assert (np.asarray(out.rollout.seq_lens)[: len(seqs)] == lens).all()
 
 
-def test_sharded_equals_unsharded(model, sampler):
+def test_sharded_equals_unsharded(model, sampler, logit_scale):
     """Fresh sampling (temperature, top-p, shared prefixes) and a continuation on a
     (data=2, fsdp=2, tensor=2) mesh of 8 devices give the unsharded results."""
     assert jax.device_count() == 8
@@ -314,7 +438,9 @@ def test_sharded_equals_unsharded(model, sampler):
     for o, r in zip(out, ref):
         np.testing.assert_array_equal(o.tokens, r.tokens)
         np.testing.assert_array_equal(o.lengths, r.lengths)
-        np.testing.assert_allclose(o.logprobs, r.logprobs, atol=1e-5)
+        # attempts at temperature 0.8, reflections greedy: bound by the larger 1 / T
+        scale = logit_scale / SAMPLED["temperature"]
+        assert_close_scaled(o.logprobs, r.logprobs, LP_RTOL, scale=scale)
 
 
 def test_compilations_bounded(model, sampler):

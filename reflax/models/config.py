@@ -9,8 +9,6 @@ configs. Both the transformers 4.x keys (`rope_theta`, `rope_scaling`) and the
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = {
@@ -121,18 +119,6 @@ class ModelConfig:
             max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
             model_type=model_type,
         )
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> ModelConfig:
-        file = os.path.join(path, "config.json")
-        try:
-            with open(file) as f:
-                hf = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no config.json in {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file} is not valid JSON: {e}") from None
-        return cls.from_hf(hf)
 
     def to_hf(self) -> dict[str, Any]:
         """The config.json dict transformers reads back into the same architecture."""

@@ -50,14 +50,6 @@ class KVCache(flax.struct.PyTreeNode):
     def size(self) -> int:
         return self.k.shape[2]
 
-    def repeat(self, n: int) -> KVCache:
-        """Each row copied n times in place ([B] -> [B*n]): G samples share one prefill."""
-        return self.replace(
-            k=jnp.repeat(self.k, n, axis=1),
-            v=jnp.repeat(self.v, n, axis=1),
-            mask=jnp.repeat(self.mask, n, axis=0),
-        )
-
     def constrain(self) -> KVCache:
         return self.replace(
             k=constrain(self.k, CACHE_AXES),

@@ -46,6 +46,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from reflax.checkpoint import CheckpointError
 from reflax.models import abstract_model
 from reflax.models.config import ModelConfig, UnsupportedModelError
 from reflax.models.decoder import Decoder, param_shapes
@@ -104,10 +105,6 @@ _MAX_HEADER = 100 * 1024 * 1024  # the safetensors reference implementation's li
 _ALIGN = 64  # bytes; what XLA's CPU client needs to use a host buffer in place
 _TRANSPOSE_BLOCK = 64  # rows per block of the cache-friendly transpose
 _MAX_READ_WORKERS = 4
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable or does not match its config. Names the culprit."""
 
 
 # --------------------------------------------------------------------------- name mapping
