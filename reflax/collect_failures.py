@@ -30,7 +30,13 @@ log = logging.getLogger("reflax.collect_failures")
 
 
 def collect_failures(
-    rt: Runtime, examples: Sequence[dict], *, attempts: int, batch_size: int, seed: int = 0
+    rt: Runtime,
+    params: Any,
+    examples: Sequence[dict],
+    *,
+    attempts: int,
+    batch_size: int,
+    seed: int = 0,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     s = RolloutSettings.from_config(rt.config)
     rng = jax.random.key(seed)
@@ -42,7 +48,7 @@ def collect_failures(
         chunk = list(examples[start : start + batch_size])
         prompts, outs, _, passed = first_attempts(
             rt.sampler,
-            rt.params,
+            params,
             rt.tok,
             rt.task,
             chunk,
@@ -101,10 +107,11 @@ def _main(argv: Sequence[str]) -> None:
         c.rollout.failures = FLAGS.output  # the file this command is about to write
     c = validate(c)
     distributed.initialize(distributed.ClusterSettings(**c.cluster))
-    rt = build(c)
+    rt, params = build(c)
     examples = load_examples(rt, "train", FLAGS.num_queries or c.task.num_train, seed=c.seed)
     records, stats = collect_failures(
         rt,
+        params,
         examples,
         attempts=c.rollout.attempts_per_query,
         batch_size=FLAGS.batch_size,

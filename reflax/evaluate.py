@@ -223,25 +223,25 @@ def _main(argv: Sequence[str]) -> None:
     FLAGS = flags.FLAGS
     c = validate(FLAGS.config)
     distributed.initialize(distributed.ClusterSettings(**c.cluster))
-    rt = build(c)
+    rt, params = build(c)
     if FLAGS.suite == "forgetting":
         from reflax import forgetting
 
-        forgetting.main(rt, FLAGS)
+        forgetting.main(rt, params, FLAGS)
         return
     n = FLAGS.num_examples if FLAGS.num_examples is not None else c.eval.num_examples
     examples = load_examples(rt, "test", n)
     kw = dict(batch_size=c.eval.batch_size, greedy=c.eval.greedy, seed=c.seed)
     results: dict[str, Any] = {}
     if FLAGS.baseline or not (FLAGS.checkpoint or FLAGS.hf):
-        results["vanilla"] = evaluate(rt, rt.params, examples, **kw)
+        results["vanilla"] = evaluate(rt, params, examples, **kw)
     if FLAGS.checkpoint:
-        params, step = restore_params(rt, FLAGS.checkpoint)
-        results[f"trained (step {step})"] = evaluate(rt, params, examples, **kw)
+        trained, step = restore_params(rt, params, FLAGS.checkpoint)
+        results[f"trained (step {step})"] = evaluate(rt, trained, examples, **kw)
     if FLAGS.hf:
-        other = build(c, model_path=FLAGS.hf)
+        other, other_params = build(c, model_path=FLAGS.hf)
         results[os.path.basename(os.path.normpath(FLAGS.hf)) or FLAGS.hf] = evaluate(
-            other, other.params, examples, **kw
+            other, other_params, examples, **kw
         )
     if distributed.is_primary():
         print(table(results, f"{c.task.name}: held-out accuracy (%), n={len(examples)}"))

@@ -169,9 +169,8 @@ class ReflaxLM(TemplateLM):
         )
 
     @classmethod
-    def from_runtime(cls, rt: Any, state: Any = None, **kwargs: Any) -> ReflaxLM:
-        """The harness model of a `reflax.runtime.Runtime` with `state` (default: its own)."""
-        state = rt.params if state is None else state
+    def from_runtime(cls, rt: Any, state: Any, **kwargs: Any) -> ReflaxLM:
+        """The harness model of a `reflax.runtime.Runtime` with weights `state`."""
         return cls(rt.graphdef, state, rt.tok, mesh=rt.mesh, sampler=rt.sampler, **kwargs)
 
     # ------------------------------------------------------------------ tokenization
@@ -393,6 +392,7 @@ def forgetting_table(runs: dict[str, dict[str, Any]], tasks: Sequence[str]) -> s
 
 def compare(
     rt: Any,
+    params: Any,
     *,
     checkpoint: str | None = None,
     hf: str | None = None,
@@ -405,19 +405,20 @@ def compare(
 
     lm_keys = ("batch_size", "max_length", "max_gen_toks", "logits_chunk", "add_bos_token")
     lm_kwargs = {k: kwargs.pop(k) for k in lm_keys if k in kwargs}
-    runs = {"vanilla": run_suite(ReflaxLM.from_runtime(rt, **lm_kwargs), tasks, **kwargs)}
+    runs = {"vanilla": run_suite(ReflaxLM.from_runtime(rt, params, **lm_kwargs), tasks, **kwargs)}
     if checkpoint:
-        params, step = restore_params(rt, checkpoint)
-        lm = ReflaxLM.from_runtime(rt, params, **lm_kwargs)
+        trained, step = restore_params(rt, params, checkpoint)
+        lm = ReflaxLM.from_runtime(rt, trained, **lm_kwargs)
         runs[f"trained (step {step})"] = run_suite(lm, tasks, **kwargs)
     if hf:
-        other = build(rt.config, model_path=hf)
+        other, other_params = build(rt.config, model_path=hf)
         name = os.path.basename(os.path.normpath(hf)) or hf
-        runs[name] = run_suite(ReflaxLM.from_runtime(other, **lm_kwargs), tasks, **kwargs)
+        lm = ReflaxLM.from_runtime(other, other_params, **lm_kwargs)
+        runs[name] = run_suite(lm, tasks, **kwargs)
     return runs
 
 
-def main(rt: Any, flags: Any) -> None:
+def main(rt: Any, params: Any, flags: Any) -> None:
     """`python -m reflax.evaluate --suite=forgetting`: the comparison, printed and saved as
     JSON (--output, else <checkpoint>/forgetting.json when there is a checkpoint)."""
     from reflax.evaluate import save_json
@@ -426,6 +427,7 @@ def main(rt: Any, flags: Any) -> None:
     limit = flags.forgetting_limit
     runs = compare(
         rt,
+        params,
         checkpoint=flags.checkpoint,
         hf=flags.hf,
         tasks=tasks,

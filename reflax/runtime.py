@@ -23,15 +23,27 @@ from reflax.tokenizer import ChatTokens, char_tokenizer, load_tokenizer
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Runtime:
+    """What a run's phases share: config, mesh, tokenizer, the model's graph, task, sampler.
+
+    Weights are not part of it: every phase takes the parameters it works on explicitly, so
+    no stale copy outlives the phase that needed it.
+    """
+
     config: ConfigDict
     mesh: Mesh
     tok: ChatTokens
     graphdef: Any
-    params: Any  # nnx.State, sharded on the mesh
     task: tasks.Task
     sampler: Sampler
+
+    @classmethod
+    def create(cls, c: ConfigDict, mesh: Mesh, tok: ChatTokens, graphdef: Any) -> Runtime:
+        """Around a built mesh, tokenizer and model graph: the config's task and a sampler."""
+        task = tasks.get(c.task.name, **dict(c.task.kwargs))
+        sampler = Sampler(graphdef, mesh, cache_dtype=jnp.dtype(c.rollout.cache_dtype))
+        return cls(c, mesh, tok, graphdef, task, sampler)
 
 
 def build_tokenizer(c: ConfigDict) -> ChatTokens:
@@ -48,7 +60,8 @@ def build_tokenizer(c: ConfigDict) -> ChatTokens:
 
 
 def build_model(c: ConfigDict, mesh: Mesh, vocab_size: int, path: str | None = None) -> Any:
-    """The decoder from `path` (or model.path), else a random init from model.init."""
+    """The decoder from `path` (or model.path), else a random init from model.init; its
+    vocabulary must hold the tokenizer's `vocab_size` ids."""
     kwargs = dict(
         param_dtype=jnp.dtype(c.model.param_dtype),
         dtype=jnp.dtype(c.model.dtype),
@@ -56,31 +69,28 @@ def build_model(c: ConfigDict, mesh: Mesh, vocab_size: int, path: str | None = N
     )
     path = path or c.model.path
     if path:
-        return load_pretrained(path, mesh=mesh, **kwargs)
-    init = dict(c.model.init)
-    model_type = init.pop("model_type", "qwen2")
-    cfg = ModelConfig(
-        vocab_size=vocab_size, model_type=model_type, qkv_bias=model_type == "qwen2", **init
-    )
-    return create(cfg, mesh=mesh, seed=c.seed, **kwargs)
+        model = load_pretrained(path, mesh=mesh, **kwargs)
+    else:
+        init = dict(c.model.init)
+        model_type = init.pop("model_type", "qwen2")
+        cfg = ModelConfig(
+            vocab_size=vocab_size, model_type=model_type, qkv_bias=model_type == "qwen2", **init
+        )
+        model = create(cfg, mesh=mesh, seed=c.seed, **kwargs)
+    if model.config.vocab_size < vocab_size:
+        raise ValueError(
+            f"tokenizer has {vocab_size} tokens but the model's vocabulary is "
+            f"{model.config.vocab_size}"
+        )
+    return model
 
 
-def build(c: ConfigDict, *, model_path: str | None = None, params: Any = None) -> Runtime:
-    """Everything but the optimizer. `params` (a loaded state) replaces the initial weights."""
+def build(c: ConfigDict, *, model_path: str | None = None) -> tuple[Runtime, Any]:
+    """(the run's Runtime, the model's initial weights as an nnx.State in their shards)."""
     mesh = make_mesh(dict(c.mesh))
     tok = build_tokenizer(c)
-    vocab = len(tok.tokenizer)
-    model = build_model(c, mesh, vocab, model_path)
-    if model.config.vocab_size < vocab:
-        raise ValueError(
-            f"tokenizer has {vocab} tokens but the model's vocabulary is {model.config.vocab_size}"
-        )
-    graphdef, state = nnx.split(model)
-    if params is not None:
-        state = params
-    task = tasks.get(c.task.name, **dict(c.task.kwargs))
-    sampler = Sampler(graphdef, mesh, cache_dtype=jnp.dtype(c.rollout.cache_dtype))
-    return Runtime(c, mesh, tok, graphdef, state, task, sampler)
+    graphdef, params = nnx.split(build_model(c, mesh, len(tok.tokenizer), model_path))
+    return Runtime.create(c, mesh, tok, graphdef), params
 
 
 def load_examples(rt: Runtime, split: str, num: int | None = None, seed: int = 0) -> list[dict]:
@@ -93,8 +103,11 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(workdir, "checkpoints")
 
 
-def restore_params(rt: Runtime, workdir: str, step: int | None = None) -> tuple[Any, int]:
-    """Parameters of a run's latest (or given) checkpoint, restored into their shards."""
+def restore_params(
+    rt: Runtime, like: Any, workdir: str, step: int | None = None
+) -> tuple[Any, int]:
+    """Parameters of a run's latest (or given) checkpoint, restored into the shards of
+    `like` (parameters of the same model, e.g. its initial weights)."""
     from reflax.checkpoint import Checkpointer, CheckpointError
     from reflax.optim import make_optimizer
     from reflax.trainer import init_state, state_shardings
@@ -104,7 +117,7 @@ def restore_params(rt: Runtime, workdir: str, step: int | None = None) -> tuple[
     if step is None:
         raise CheckpointError(f"no checkpoint in {checkpoint_dir(workdir)}")
     tx, _ = make_optimizer(total_steps=rt.config.total_steps * rt.config.grpo.mu, **rt.config.optim)
-    abstract = jax.eval_shape(lambda p: init_state(p, tx), rt.params)
+    abstract = jax.eval_shape(lambda p: init_state(p, tx), like)
     shardings = state_shardings(abstract, rt.mesh)
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings

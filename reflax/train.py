@@ -7,13 +7,17 @@ sample G reflections per failure and one retry each, verify the retries, and
 update the policy on the reflection tokens with one compiled GRPO step. The
 workdir holds orbax checkpoints (resumed automatically), metrics.jsonl,
 samples.jsonl, TensorBoard events, the HF export (hf/) and eval.json.
+
+`train` reads top to bottom: config and cluster, mesh, model and tokenizer, task and
+data, warm start, state (restored or initialised), the rollout (chosen once), the
+train step (compiled before the loop), the loop, the final evaluation and export.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -39,12 +43,15 @@ from reflax.metrics import MetricsWriter, Progress, Timer
 from reflax.models.hf import save_pretrained
 from reflax.runtime import (
     Runtime,
-    build,
+    build_model,
+    build_tokenizer,
     checkpoint_dir,
     load_examples,
     state_to_dict,
 )
+from reflax.sharding import make_mesh
 from reflax.trainer import (
+    Batch,
     StepConfig,
     TrainState,
     init_state,
@@ -58,52 +65,12 @@ from reflax.warm_start import train_problems, warm_start
 
 log = logging.getLogger("reflax.train")
 
+# A rollout: (current params, this step's rng) -> (groups, scalars to log)
+Rollout = Callable[[Any, jax.Array], tuple[list, dict[str, float]]]
+
 
 class NonFiniteLossError(FloatingPointError):
     pass
-
-
-class GroupSource:
-    """Yields each step's groups; its cursor is checkpointed with the state."""
-
-    def __init__(self, rt: Runtime, timer: Timer | None = None):
-        c = rt.config
-        self.timer = timer
-        self.rt, self.s = rt, RolloutSettings.from_config(c)
-        self.online = c.rollout.mode == "online" or c.rollout.method == "first_attempt"
-        if self.online:
-            self.items = train_problems(rt, "rl")
-        else:
-            self.items, _ = data.read_failures(c.rollout.failures)
-        if not self.items:
-            raise ValueError("no training examples")
-        self.cursor = data.Cursor(len(self.items), c.seed)
-
-    def next(self, params: Any, rng: jax.Array) -> tuple[list, dict[str, float]]:
-        rt, c, s = self.rt, self.rt.config, self.s
-        U = c.rollout.groups_per_step
-        args = (rt.sampler, params, rt.tok, rt.task)
-        if c.rollout.method == "first_attempt":
-            examples = data.select(self.items, self.cursor.take(U))
-            groups = first_attempt_groups(*args, examples, rng, s, timer=self.timer)
-            return groups, {"attempt_success": float(np.mean([g.rewards for g in groups]))}
-        info: dict[str, float] = {}
-        if self.online:
-            examples = data.select(self.items, self.cursor.take(c.rollout.queries_per_step))
-            prompts, attempts, _, passed = first_attempts(
-                *args, examples, rng, s, greedy=c.rollout.greedy_attempts, timer=self.timer
-            )
-            failures = [
-                Failure(ex, p, a)
-                for ex, p, a, ok in zip(examples, prompts, attempts, passed)
-                if not ok
-            ][:U]
-            info["attempt_success"] = float(np.mean(passed))
-        else:
-            recs = data.select(self.items, self.cursor.take(U))
-            failures = [Failure(r["example"], r["prompt_ids"], r["attempt_ids"]) for r in recs]
-        groups = reflect_and_retry(*args, failures, jax.random.fold_in(rng, 7), s, timer=self.timer)
-        return groups, info
 
 
 def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
@@ -112,80 +79,104 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
     SIGTERM (a preemption notice) stops every process after the same step with a checkpoint
     of it, and the run returns early; relaunching the same command resumes from there.
     """
+    # --- config and cluster --------------------------------------------------------------
     distributed.initialize(distributed.ClusterSettings(**c.cluster))
     stop = distributed.StopRequest()  # from here on a SIGTERM is a request, not a kill
     os.makedirs(workdir, exist_ok=True)
-    rt = build(c)
-    writer = MetricsWriter(workdir)
-    timer = Timer()
+    writer, timer = MetricsWriter(workdir), Timer()
     ckpt = Checkpointer(checkpoint_dir(workdir), keep=c.keep_checkpoints)
-    latest = ckpt.latest_step()
-    results: dict[str, Any] = {}
+    latest = ckpt.latest_step()  # None: a fresh run
+    U, G, T = c.rollout.groups_per_step, c.rollout.group_size, c.rollout.seq_len
+
+    # --- mesh ----------------------------------------------------------------------------
+    mesh = make_mesh(dict(c.mesh))
+
+    # --- model and tokenizer -------------------------------------------------------------
+    tok = build_tokenizer(c)
+    graphdef, params = nnx.split(build_model(c, mesh, len(tok.tokenizer)))  # in their shards
+
+    # --- task and data -------------------------------------------------------------------
+    rt = Runtime.create(c, mesh, tok, graphdef)  # + the task and the sampler
+    online = c.rollout.mode == "online" or c.rollout.method == "first_attempt"
+    if online:
+        items = train_problems(rt, "rl")
+    else:
+        items, _ = data.read_failures(c.rollout.failures)
+    if not items:
+        raise ValueError("no training examples")
+    cursor = data.Cursor(len(items), c.seed)  # checkpointed: a resumed run continues it
     evaluating = c.eval.num_examples and (c.eval.before or c.eval.after)
     eval_examples = load_examples(rt, "test", c.eval.num_examples) if evaluating else []
+    results: dict[str, Any] = {}
 
     def run_eval(name: str, params: Any) -> None:
         if eval_examples:
             with timer("eval"):
-                results[name] = evaluate(
-                    rt,
-                    params,
-                    eval_examples,
-                    batch_size=c.eval.batch_size,
-                    greedy=c.eval.greedy,
-                    seed=c.seed,
-                )
+                kw = dict(batch_size=c.eval.batch_size, greedy=c.eval.greedy, seed=c.seed)
+                results[name] = evaluate(rt, params, eval_examples, **kw)
 
-    if c.warm_start.steps and latest is None:
-        rt.params = warm_start(rt, workdir, writer)
-    elif c.warm_start.steps:
-        rt.params = warm_start(rt, workdir, writer, restore_only=True)
+    # --- warm start (supervised, for models with no pretraining) -------------------------
+    if c.warm_start.steps:
+        params = warm_start(rt, params, workdir, writer, restore_only=latest is not None)
     if c.eval.before and latest is None:
-        run_eval("before", rt.params)
+        run_eval("before", params)
 
-    tx, lr_fn = optim.make_optimizer(total_steps=c.total_steps * c.grpo.mu, **c.optim)
-    with_ref = c.grpo.beta > 0 or c.grpo.anchor_beta > 0
-    # the KL reference: the initial weights, in grpo.ref_dtype (a copy: the state is donated)
-    ref_dtype = jnp.dtype(c.grpo.ref_dtype)
-    ref = jax.tree.map(lambda x: x.astype(ref_dtype, copy=True), rt.params) if with_ref else None
-    state = init_state(rt.params, tx, rt.mesh)
-    rt.params = None  # the state holds the weights from here on; nothing reads the initial ones
-    source = GroupSource(rt, timer)
+    # --- state: restored, or initialised from the (warm-started) weights ----------------
+    tx, schedule = optim.make_optimizer(total_steps=c.total_steps * c.grpo.mu, **c.optim)
+    ref = None  # the KL reference: the initial weights, in grpo.ref_dtype
+    if c.grpo.beta > 0 or c.grpo.anchor_beta > 0:
+        dtype = jnp.dtype(c.grpo.ref_dtype)
+        ref = jax.tree.map(lambda x: x.astype(dtype, copy=True), params)  # state is donated
+    state = init_state(params, tx, mesh)
+    del params  # the state holds the weights from here on
     start = 0
     if latest is not None:
         restored, meta = ckpt.restore(abstract_like(state_to_dict(state)), latest)
         state = TrainState(**restored)
-        source.cursor.restore(meta["cursor"])
+        cursor.restore(meta["cursor"])
         start = int(meta["rollout_step"])
         results.update(meta.get("results", {}))
         log.info("resumed from %s at step %d", ckpt.step_dir(latest), start)
 
+    # --- rollout, chosen once ------------------------------------------------------------
+    settings = RolloutSettings.from_config(c)
+    if c.rollout.method == "first_attempt":
+        rollout = first_attempt_rollout(rt, items, cursor, settings, timer)
+    elif online:
+        rollout = online_rollout(rt, items, cursor, settings, timer)
+    else:
+        rollout = offline_rollout(rt, items, cursor, settings, timer)
+
+    # --- train step, compiled ahead of time from abstract shapes -------------------------
     cfg = StepConfig.from_config(c)
-    step_fn = make_train_step(rt.graphdef, tx, cfg)
-    U, G, T = c.rollout.groups_per_step, c.rollout.group_size, c.rollout.seq_len
+    abstract = Batch.abstract(U * G, T)
+    step_fn = jit_train_step(
+        make_train_step(graphdef, tx, cfg), state, abstract, mesh, ref is not None
+    )
+    with jax.set_mesh(mesh):
+        train_step = step_fn.lower(state, abstract, ref).compile()
+        if c.grpo.mu > 1:  # the ratio's old log-probs, from the weights that sampled
+            logprobs = jit_logprob_fn(make_logprob_fn(graphdef, cfg), state.params, abstract, mesh)
+            logprobs = logprobs.lower(state.params, abstract).compile()
+
+    # --- loop ----------------------------------------------------------------------------
     rng0 = jax.random.key(c.seed)
-    compiled = None
     progress = Progress(c.total_steps, initial=start, desc="reflax")
     preempted = False
-    with jax.set_mesh(rt.mesh):
+    with jax.set_mesh(mesh):
         for step in range(start, c.total_steps):
-            rng = jax.random.fold_in(rng0, step)
             with timer("rollout"):
-                groups, info = source.next(state.params, rng)
+                groups, info = rollout(state.params, jax.random.fold_in(rng0, step))
                 host, stats = build_batch(
-                    groups, num_groups=U, group_size=G, seq_len=T, pad_id=rt.tok.pad_id
+                    groups, num_groups=U, group_size=G, seq_len=T, pad_id=tok.pad_id
                 )
-            batch = shard_batch(host, rt.mesh)
-            if compiled is None:
-                compiled = jit_train_step(step_fn, state, batch, rt.mesh, ref is not None)
-                lp_fn = make_logprob_fn(rt.graphdef, cfg)
-                logprob_fn = jit_logprob_fn(lp_fn, state.params, batch, rt.mesh)
+            batch = shard_batch(host, mesh)
             with timer("train_step"):
                 if c.grpo.mu > 1:
-                    batch = batch.replace(old_logprobs=logprob_fn(state.params, batch))
+                    batch = batch.replace(old_logprobs=logprobs(state.params, batch))
                 finite = True
                 for _ in range(c.grpo.mu):
-                    state, m = compiled(state, batch, ref)
+                    state, m = train_step(state, batch, ref)
                     finite = m["finite"] & finite  # every inner step's, not only the last's
                 m = jax.device_get({**m, "finite": finite})
             if not bool(m["finite"]):
@@ -203,20 +194,19 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
                 groups=stats.groups,
                 dropped_too_long=stats.dropped_too_long,
                 reflection_tokens=stats.loss_tokens / max(stats.groups * G, 1),
-                learning_rate=float(lr_fn(int(state.step))),
+                learning_rate=float(schedule(int(state.step))),
             )
             if (step + 1) % c.log_every == 0:
                 writer.write_scalars(step + 1, {**scalars, **timer.summary()})
             if groups and (step + 1) % c.sample_every == 0:
-                g = groups[0]
-                writer.write_texts(step + 1, {k: v[:2] for k, v in g.texts.items()})
+                writer.write_texts(step + 1, {k: v[:2] for k, v in groups[0].texts.items()})
             progress.update(1, reward=stats.mean_reward, loss=scalars["loss"])
             # every process asks every step, so all stop after the same one
             preempted = stop.agreed() and step + 1 < c.total_steps
             if preempted or (step + 1) % c.checkpoint_every == 0 or step + 1 == c.total_steps:
                 meta = {
                     "rollout_step": step + 1,
-                    "cursor": source.cursor.state(),
+                    "cursor": cursor.state(),
                     "config": c.to_dict(),
                     "results": results,
                 }
@@ -225,29 +215,81 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
                 break
     progress.close()
     ckpt.wait()
+    stop.restore()
     if preempted:
-        stop.restore()
-        writer.close()
-        ckpt.close()
         if distributed.is_primary():
             print(
                 f"stopped by SIGTERM after step {step + 1}: checkpoint saved in "
                 f"{ckpt.step_dir(step + 1)}; relaunch the same command to resume",
                 flush=True,
             )
+        writer.close()
+        ckpt.close()
         return results
-    stop.restore()
+
+    # --- final evaluation and export -----------------------------------------------------
     if c.eval.after:
         run_eval("after", state.params)
     if c.export_hf:
-        model = nnx.merge(rt.graphdef, state.params)
-        save_pretrained(model, os.path.join(workdir, "hf"), tokenizer=rt.tok.tokenizer)
+        model = nnx.merge(graphdef, state.params)
+        save_pretrained(model, os.path.join(workdir, "hf"), tokenizer=tok.tokenizer)
     if results and distributed.is_primary():
         print(table(results, f"{c.task.name}: held-out accuracy (%), n={len(eval_examples)}"))
         save_json(os.path.join(workdir, "eval.json"), results)
     writer.close()
     ckpt.close()
     return results
+
+
+# --- the rollouts: each step's groups from the current weights -----------------------------
+
+
+def offline_rollout(
+    rt: Runtime, failures: list[dict], cursor: data.Cursor, s: RolloutSettings, timer: Timer
+) -> Rollout:
+    """The paper's: U failed attempts of the failure set per step, G reflections each."""
+
+    def rollout(params: Any, rng: jax.Array) -> tuple[list, dict[str, float]]:
+        recs = data.select(failures, cursor.take(rt.config.rollout.groups_per_step))
+        found = [Failure(r["example"], r["prompt_ids"], r["attempt_ids"]) for r in recs]
+        args = (rt.sampler, params, rt.tok, rt.task, found, jax.random.fold_in(rng, 7), s)
+        return reflect_and_retry(*args, timer=timer), {}
+
+    return rollout
+
+
+def online_rollout(
+    rt: Runtime, problems: list[dict], cursor: data.Cursor, s: RolloutSettings, timer: Timer
+) -> Rollout:
+    """Fresh first attempts of the current policy; up to U of its failures are the groups."""
+    r = rt.config.rollout
+
+    def rollout(params: Any, rng: jax.Array) -> tuple[list, dict[str, float]]:
+        examples = data.select(problems, cursor.take(r.queries_per_step))
+        args = (rt.sampler, params, rt.tok, rt.task)
+        prompts, attempts, _, passed = first_attempts(
+            *args, examples, rng, s, greedy=r.greedy_attempts, timer=timer
+        )
+        failed = zip(examples, prompts, attempts, passed)
+        found = [Failure(ex, p, a) for ex, p, a, ok in failed if not ok][: r.groups_per_step]
+        groups = reflect_and_retry(*args, found, jax.random.fold_in(rng, 7), s, timer=timer)
+        return groups, {"attempt_success": float(np.mean(passed))}
+
+    return rollout
+
+
+def first_attempt_rollout(
+    rt: Runtime, problems: list[dict], cursor: data.Cursor, s: RolloutSettings, timer: Timer
+) -> Rollout:
+    """Plain GRPO (an ablation): G first attempts per problem, rewarded themselves."""
+
+    def rollout(params: Any, rng: jax.Array) -> tuple[list, dict[str, float]]:
+        examples = data.select(problems, cursor.take(rt.config.rollout.groups_per_step))
+        args = (rt.sampler, params, rt.tok, rt.task, examples, rng, s)
+        groups = first_attempt_groups(*args, timer=timer)
+        return groups, {"attempt_success": float(np.mean([g.rewards for g in groups]))}
+
+    return rollout
 
 
 def _define_flags() -> None:

@@ -47,6 +47,21 @@ class Batch(flax.struct.PyTreeNode):
     advantages: jax.Array  # [B] float32
     old_logprobs: jax.Array  # [B, T] float32: log p_old(tokens[t]) at position t (mu > 1)
 
+    @classmethod
+    def abstract(cls, batch_size: int, seq_len: int) -> Batch:
+        """Shapes and dtypes of a batch (`jax.ShapeDtypeStruct`s): to compile a step ahead."""
+        sds = jax.ShapeDtypeStruct
+        bt = (batch_size, seq_len)
+        return cls(
+            tokens=sds(bt, jnp.int32),
+            positions=sds(bt, jnp.int32),
+            mask=sds(bt, jnp.bool_),
+            loss_mask=sds(bt, jnp.float32),
+            anchor_mask=sds(bt, jnp.float32),
+            advantages=sds((batch_size,), jnp.float32),
+            old_logprobs=sds(bt, jnp.float32),
+        )
+
 
 class TrainState(flax.struct.PyTreeNode):
     step: jax.Array  # [] int32

@@ -111,13 +111,13 @@ def train_problems(rt: Runtime, stage: str) -> list[dict]:
 
 
 def warm_start(
-    rt: Runtime, workdir: str, writer: MetricsWriter, *, restore_only: bool = False
+    rt: Runtime, params: Any, workdir: str, writer: MetricsWriter, *, restore_only: bool = False
 ) -> Any:
-    """Parameters after the supervised phase (trained now, or restored from the workdir)."""
+    """`params` after the supervised phase (trained now, or restored from the workdir)."""
     c = rt.config.warm_start
     ckpt = Checkpointer(os.path.join(workdir, "warm_start"), keep=1)
     if ckpt.latest_step() is not None:
-        restored, _ = ckpt.restore(abstract_like({"params": rt.params}))
+        restored, _ = ckpt.restore(abstract_like({"params": params}))
         ckpt.close()
         log.info("warm start restored from %s", ckpt.directory)
         return restored["params"]
@@ -157,7 +157,8 @@ def warm_start(
         warmup_ratio=c.warmup_ratio,
         max_grad_norm=1.0,
     )
-    state = init_state(rt.params, tx, rt.mesh)
+    state = init_state(params, tx, rt.mesh)
+    del params  # the state holds them now
     step_fn = make_train_step(rt.graphdef, tx, StepConfig(temperature=1.0, beta=0.0))
     compiled: dict[int, Any] = {}
     progress = Progress(c.steps, desc="warm start")

@@ -197,7 +197,7 @@ def test_evaluate_counts_categories_per_try():
     tok = ChatTokens(chatml_tokenizer())
     c = base_config()
     sampler = ScriptedSampler(tok, [first, reflections, retries])
-    rt = Runtime(config=c, mesh=None, tok=tok, graphdef=None, params=None, task=CD, sampler=sampler)
+    rt = Runtime(config=c, mesh=None, tok=tok, graphdef=None, task=CD, sampler=sampler)
     r = evaluate(rt, None, examples, batch_size=8)
     want_first = {"correct": 1, "malformed": 1, "wrong_numbers": 0, "missed_target": 2}
     want_second = {"correct": 2, "malformed": 0, "wrong_numbers": 1, "missed_target": 1}

@@ -58,10 +58,10 @@ def main(argv: Sequence[str]) -> None:
     del argv
     c = validate(flags.FLAGS.config)
     wd = flags.FLAGS.workdir
-    rt = build(c)
+    rt, initial = build(c)
     writer = MetricsWriter(wd, tensorboard=False, enabled=False)  # restores, writes nothing
-    vanilla = warm_start(rt, wd, writer, restore_only=True)
-    trained, step = restore_params(rt, wd)
+    vanilla = warm_start(rt, initial, wd, writer, restore_only=True)
+    trained, step = restore_params(rt, initial, wd)
     examples = load_examples(rt, "test", c.eval.num_examples)
     with jax.set_mesh(rt.mesh):
         for name, params in (("vanilla", vanilla), (f"trained (step {step})", trained)):
