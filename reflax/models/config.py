@@ -100,6 +100,19 @@ class ModelConfig:
         rope.pop("type", None)
         if rope.get("rope_type", "default") == "default":
             rope = {}
+        elif rope["rope_type"] == "llama3":
+            # as transformers: a top-level value wins, else max_position_embeddings
+            fallback = hf.get("original_max_position_embeddings")
+            if fallback is None:
+                fallback = rope.get(
+                    "original_max_position_embeddings", hf.get("max_position_embeddings")
+                )
+            if fallback is None:
+                raise UnsupportedModelError(
+                    "llama3 rope scaling needs original_max_position_embeddings or "
+                    "max_position_embeddings in config.json"
+                )
+            rope["original_max_position_embeddings"] = int(fallback)
         heads = hf["num_attention_heads"]
         hidden = hf["hidden_size"]
         attention_bias = bool(hf.get("attention_bias", False))
