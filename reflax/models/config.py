@@ -18,7 +18,7 @@ SUPPORTED_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
 }
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
 class UnsupportedModelError(ValueError):
@@ -44,6 +44,12 @@ class ModelConfig:
     mlp_bias: bool = False
     max_position_embeddings: int = 32768
     model_type: str = "qwen2"
+    qk_norm: bool = False  # RMSNorm of q and k per head before rope (Qwen3)
+    # keys limited to the `sliding_window` latest positions, in the layers flagged by
+    # sliding_layers (None: all layers)
+    sliding_window: int | None = None
+    sliding_layers: tuple[bool, ...] | None = None
+    partial_rotary_factor: float = 1.0  # rope on the first head_dim * factor dims (Phi-3)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -55,6 +61,19 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"rope type {rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})"
             )
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def layer_windows(self) -> tuple[int | None, ...] | None:
+        """Each layer's sliding window (None: a full layer), or None when no layer slides."""
+        if self.sliding_window is None:
+            return None
+        flags = self.sliding_layers or (True,) * self.num_layers
+        if not any(flags):
+            return None
+        return tuple(self.sliding_window if f else None for f in flags)
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any]:
@@ -69,7 +88,7 @@ class ModelConfig:
         if self.o_bias:
             attn += d
         mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
-        per_layer = attn + mlp + 2 * d
+        per_layer = attn + mlp + 2 * d + (2 * h if self.qk_norm else 0)
         head = 0 if self.tie_word_embeddings else d * v
         return v * d + self.num_layers * per_layer + d + head
 
