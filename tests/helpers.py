@@ -42,6 +42,8 @@ BASE_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen2": dict(_SHARED, rms_norm_eps=1e-6, tie_word_embeddings=True),
     "llama": dict(_SHARED, rms_norm_eps=1e-5, tie_word_embeddings=False),
     "mistral": dict(_SHARED, rms_norm_eps=1e-5, sliding_window=None, tie_word_embeddings=False),
+    "qwen3": dict(_SHARED, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "phi3": dict(_SHARED, rms_norm_eps=1e-5, tie_word_embeddings=False, pad_token_id=None),
 }
 
 LLAMA3_SPECIAL_TOKENS = (
@@ -96,6 +98,8 @@ def _architecture(arch: str) -> tuple[Any, Any]:
         "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
         "llama": ("LlamaConfig", "LlamaForCausalLM"),
         "mistral": ("MistralConfig", "MistralForCausalLM"),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+        "phi3": ("Phi3Config", "Phi3ForCausalLM"),
     }
     config_name, model_name = names[arch]
     return getattr(transformers, config_name), getattr(transformers, model_name)

@@ -1,4 +1,11 @@
-"""Decoder-only transformer shared by Qwen2/2.5, Llama 3.x and Mistral, in Flax NNX.
+"""Decoder-only transformer shared by Qwen2/2.5, Qwen3, Llama 3.x, Mistral and Phi-3,
+in Flax NNX.
+
+The layer math lives in one pure function, `block` (norm -> q/k/v -> q/k norm ->
+rope -> attention -> o -> norm -> SwiGLU). The caller supplies the attention:
+the decoder's forward (training, prefill) attends over the input or its
+`KVCache`; the sampler's decode step over a shared prefix plus per-row new slots
+(`attention` over `KVBlock`s, one softmax over all of them).
 
 Layers are stacked (every per-layer parameter has a leading [L] axis) and run
 with `jax.lax.scan`, so compile time does not grow with depth. The forward is
@@ -8,7 +15,11 @@ and returned, so the sampler and the train step can jit it.
 Attention masking is by *slot*: tokens are written to consecutive slots (of the
 input when there is no cache, of the cache otherwise), a query at slot i sees
 valid keys at slots <= i. Rows may be left- or right-padded; padding tokens
-have `mask == False` and their outputs are finite garbage.
+have `mask == False` and their outputs are finite garbage. A sliding window
+counts positions (a row's real tokens), not slots: a query at position p sees
+keys at positions > p - window, so padding never shifts it (transformers counts
+slots, left padding included). A cache's key positions are the count of real
+slots before them, since a cache row holds all of its row's tokens.
 """
 
 from __future__ import annotations
