@@ -371,6 +371,22 @@ def _step(
     return constrain(logits, ("batch", "vocab")), cache
 
 
+def _check_rope_range(config: Any, slots: int) -> None:
+    """longrope switches to its long factors once a sequence passes the original context;
+    transformers' generate then recomputes the whole cache with them. Decoding does not,
+    so a rollout whose slots could pass that point is refused (positions <= slots)."""
+    scaling = config.rope_scaling_dict
+    if scaling.get("rope_type") != "longrope":
+        return
+    original = scaling["original_max_position_embeddings"]
+    if slots > original:
+        raise ValueError(
+            f"sampling with {slots} cache slots (bucketed prompt + max_new_tokens) could pass "
+            f"the longrope original context of {original} positions, where the rope factors "
+            "change for the whole sequence; keep prompts and max_new_tokens within it"
+        )
+
+
 def decode(
     model: Decoder,
     prefix: KVCache,
@@ -395,6 +411,7 @@ def decode(
     then gen_len new slots, every sampled token written).
     """
     B = logits.shape[0]
+    _check_rope_range(model.config, prefix.size + gen_len)
     weights = model.weights(per_layer=True)  # split once: slicing inside the loop copies
     carry = dict(
         cache=StepCache.create(prefix, B, gen_len),

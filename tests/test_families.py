@@ -29,8 +29,8 @@ from helpers import (
 )
 
 from reflax import api
-from reflax.models import abstract_model
-from reflax.models.hf import iter_hf_tensors, load_pretrained, save_pretrained
+from reflax.models import Decoder, ModelConfig, abstract_model
+from reflax.models.hf import from_hf_state_dict, iter_hf_tensors, load_pretrained, save_pretrained
 from reflax.sampling import Sampler, left_pad
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
@@ -142,10 +142,15 @@ def test_config_fields(tmp_path):
     assert qwen3.qk_norm and not qwen3.qkv_bias and qwen3.layer_windows() is None
 
 
+def _from_torch(hf) -> Decoder:
+    tensors = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    return from_hf_state_dict(ModelConfig.from_hf(hf.config.to_dict()), tensors)
+
+
 GENERATE_CASES = [
     "qwen3-untied-bias",
     "phi3-fused",
-    "phi3-longrope-long-partial-window",
+    "phi3-longrope-short",
     "mistral-window",
     "qwen2-window-upper-layers",
 ]
@@ -155,16 +160,12 @@ GENERATE_CASES = [
 def test_greedy_generate_matches_transformers(case):
     arch, overrides = CASES[case]
     hf = tiny_torch_model(arch, seed=1, **overrides)
-    tensors = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    from reflax.models import ModelConfig
-    from reflax.models.hf import from_hf_state_dict
-
-    model = from_hf_state_dict(ModelConfig.from_hf(hf.config.to_dict()), tensors)
+    model = _from_torch(hf)
     rng = np.random.default_rng(0)
     # windows: unpadded prompts (see the module doc); else ragged, left-padded
     lengths = [6, 6, 6] if _slides(model.config) else [6, 2, 4]
     prompts = [rng.integers(1, model.config.vocab_size, n).tolist() for n in lengths]
-    n = 8  # long enough for the window to slide and longrope to switch to its long factors
+    n = 8  # long enough for the window to slide
     ids, mask = left_pad(prompts, max(lengths))
     with torch.no_grad():
         ref = hf.generate(
@@ -188,6 +189,18 @@ def test_greedy_generate_matches_transformers(case):
         step = logits[b, -n - 1 : -1]
         top2 = np.sort(step, axis=-1)[:, -2:]
         assert (top2[:, 1] - top2[:, 0]).min() > 1e-3
+
+
+def test_sampling_past_the_longrope_context_is_refused():
+    """transformers recomputes the cache when a sequence passes longrope's original context
+    (the factors change for every position); the sampler refuses instead of diverging."""
+    arch, overrides = CASES["phi3-longrope-long-partial-window"]  # original context 8
+    model = _from_torch(tiny_torch_model(arch, **overrides))
+    sampler = Sampler(model, prompt_buckets=4, gen_buckets=4, compiler_options=FAST_COMPILE)
+    out = sampler.sample(model, [[1, 2, 3]], max_new_tokens=4, rng=0, greedy=True)  # 8 slots
+    assert out.tokens.shape == (1, 4)
+    with pytest.raises(ValueError, match="longrope original context of 8 positions"):
+        sampler.sample(model, [[1, 2, 3]], max_new_tokens=5, rng=0, greedy=True)
 
 
 EXPORT_CASES = [
@@ -215,7 +228,8 @@ def test_export_round_trip(tmp_path, case):
     # transformers holds exactly the tensors reflax wrote (Phi-3: fused)
     state = {k: v.numpy() for k, v in load_torch(out).state_dict().items()}
     ours_hf = dict(iter_hf_tensors(model))
-    assert set(ours_hf) == set(state)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    assert set(ours_hf) == set(state) - tied
     for name, value in ours_hf.items():
         np.testing.assert_array_equal(value, state[name], err_msg=name)
 

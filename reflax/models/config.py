@@ -228,6 +228,9 @@ class ModelConfig:
         else:
             hf["sliding_window"] = self.sliding_window
         if self.model_type == "phi3":
+            # Phi-3's class defaults (32000...) lie outside other vocabularies; a tokenizer
+            # passed to save_pretrained sets the real ones
+            hf.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
             # Phi-3 reads these top-level keys before its rope dict
             hf["partial_rotary_factor"] = self.partial_rotary_factor
             rope["partial_rotary_factor"] = self.partial_rotary_factor

@@ -135,7 +135,8 @@ def rope_tables(config: ModelConfig, positions: jax.Array) -> Rope:
     """Rotary tables for positions [B, T].
 
     longrope switches to its long factors for the whole call when the call's largest
-    position reaches the original context, as transformers does.
+    position reaches the original context, as transformers' forward does (its generate
+    then recomputes the cache; the sampler refuses to decode past that point instead).
     """
     inv_freq = jnp.asarray(rope_inv_freq(config))
     if config.rope_scaling_dict.get("rope_type") == "longrope":
