@@ -4,8 +4,8 @@ The device side is a pure function of (model state, left-padded token block,
 rng, sampling settings): `prefill` writes the block of U unique rows into the
 cache with the model's own forward and returns the logits at its last slot;
 `decode` runs a `jax.lax.while_loop` over B = U * G rows (G samples per prefix
-row) that samples one token per row per step, writes it and
-stops when every row has emitted a stop id or `max_new_tokens` is reached.
+row) that samples one token per row per step, writes it and stops when every
+row has emitted a stop id or `max_new_tokens` is reached.
 `generate` composes the two.
 
 A decode step runs the model's own transformer block (`reflax.models.decoder.block`,
@@ -13,13 +13,14 @@ which the training forward and prefill scan over) layer by layer, so it computes
 what `Decoder.__call__` computes for one token per row with the equivalent cache;
 only the attention it hands the block differs. Its cache is a `StepCache`: per
 layer, the U prefilled prefix rows ([U, K, P, Dh], read only) and each row's new
-slots ([B, K, N, Dh]). The G samples of a prefix row attend to one copy of it (one matmul per prefix
-row and KV head), so the prefix is neither copied G times nor read G times per
-step; the new slots are updated in place. Layers are unrolled over per-layer
-arrays, because slicing a stacked [L, ...] cache or weight inside the loop
-copies it every step; the price is a compile time that grows with depth and a
-per-layer copy of the weights for the duration of `decode` (the decoder's
-forward makes the same copy when it casts parameters to a lower compute dtype).
+slots ([B, K, N, Dh]). The G samples of a prefix row attend to one copy of it
+(one matmul per prefix row and KV head), so the prefix is neither copied G times
+nor read G times per step; the new slots are updated in place. Layers are
+unrolled over per-layer arrays, because slicing a stacked [L, ...] cache or
+weight inside the loop copies it every step; the price is a compile time that
+grows with depth and a per-layer copy of the weights for the duration of
+`decode` (`Decoder.weights(per_layer=True)`; the decoder's forward makes the same
+copy when it casts parameters to a lower compute dtype).
 The [B]-row `KVCache` (prefix repeated, then the new slots) is materialised at
 the end only when the caller keeps it for a continuation.
 

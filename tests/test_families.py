@@ -30,6 +30,7 @@ from helpers import (
 
 from reflax import api
 from reflax.models import Decoder, ModelConfig, abstract_model
+from reflax.models.config import UnsupportedModelError
 from reflax.models.hf import from_hf_state_dict, iter_hf_tensors, load_pretrained, save_pretrained
 from reflax.sampling import Sampler, left_pad
 
@@ -140,6 +141,11 @@ def test_config_fields(tmp_path):
     assert phi.rope_scaling_dict["original_max_position_embeddings"] == 8
     qwen3 = load_pretrained(tiny_hf_checkpoint(tmp_path, "qwen3")).config
     assert qwen3.qk_norm and not qwen3.qkv_bias and qwen3.layer_windows() is None
+    # longrope factors that do not fit the rotary dims: one clear error, before any compute
+    hf = dict(phi.to_hf(), rope_scaling=None)
+    hf["rope_parameters"] = {**hf["rope_parameters"], "short_factor": [1.0] * 3}
+    with pytest.raises(UnsupportedModelError, match="short_factor has 3 entries; 2 expected"):
+        ModelConfig.from_hf(hf)
 
 
 def _from_torch(hf) -> Decoder:
@@ -247,3 +253,32 @@ def test_fused_checkpoint_loads_sharded(tmp_path):
     ref = {k: v.numpy() for k, v in load_torch(path).state_dict().items()}
     for name, value in iter_hf_tensors(sharded):
         np.testing.assert_array_equal(value, ref[name], err_msg=name)
+
+
+def test_window_counts_tokens_not_padding():
+    """A row's sliding window covers its own last tokens however it is padded: greedy tokens
+    of a ragged (left-padded) batch equal transformers' on each prompt alone, and a
+    continuation (padding gaps between turns) equals sampling from scratch."""
+    arch, overrides = CASES["mistral-window"]
+    hf = tiny_torch_model(arch, seed=2, **overrides)
+    model = _from_torch(hf)
+    kw = dict(prompt_buckets=8, gen_buckets=8, cache_buckets=32, compiler_options=FAST_COMPILE)
+    sampler = Sampler(model, **kw)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(1, model.config.vocab_size, n).tolist() for n in (7, 2, 5)]
+    greedy = dict(max_new_tokens=6, rng=0, greedy=True)
+    out = sampler.sample(model, prompts, **greedy)
+    for p, tokens in zip(prompts, out.tokens):
+        with torch.no_grad():
+            ref = hf.generate(
+                input_ids=torch.tensor([p]),
+                do_sample=False,
+                max_new_tokens=6,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        np.testing.assert_array_equal(tokens, ref[0, len(p) :].numpy())
+    turn = [[5, 6], [7], [8, 9, 10]]
+    more = sampler.continue_(model, out.rollout, turn, **greedy)
+    seqs = [p + c + t for p, c, t in zip(prompts, out.completions(), turn)]
+    np.testing.assert_array_equal(more.tokens, sampler.sample(model, seqs, **greedy).tokens)

@@ -73,6 +73,14 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"rope type {rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})"
             )
+        if rope_type == "longrope":
+            for key in ("short_factor", "long_factor"):
+                n = len(self.rope_scaling_dict.get(key) or ())
+                if n != self.rotary_dim // 2:
+                    raise UnsupportedModelError(
+                        f"longrope {key} has {n} entries; {self.rotary_dim // 2} expected "
+                        f"(half the {self.rotary_dim} rotary dims)"
+                    )
 
     @property
     def rotary_dim(self) -> int:

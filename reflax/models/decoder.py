@@ -194,30 +194,50 @@ class KVBlock(NamedTuple):
 
 def attention(q: jax.Array, blocks: Sequence[KVBlock]) -> jax.Array:
     """Grouped-query attention of q [B, T, H, Dh] over the blocks' keys with one softmax
-    over all of them -> [B, T, H * Dh]. Keys are read in the compute dtype of q."""
+    over all of them -> [B, T, H * Dh]. Keys are read in the compute dtype of q.
+
+    Scores are laid out [R0, K, B // R0, T, H // K, S] for the block with the fewest rows
+    (R0: the shared prefix when decoding), which is how its matmul produces them, so only
+    the other blocks' scores are rearranged to join the softmax.
+    """
     B, T, H, Dh = q.shape
     dt = q.dtype
-    scores, shapes = [], []
+    K = blocks[0].k.shape[1 if blocks[0].heads_first else 2]
+    Gq = H // K
+    R0 = min(blk.k.shape[0] for blk in blocks)
+
+    def common(x: jax.Array, R: int) -> jax.Array:  # [R, K, B/R, ...] -> [R0, K, B/R0, ...]
+        if R == R0:
+            return x
+        x = jnp.moveaxis(x.reshape(R0, R // R0, *x.shape[1:]), 1, 2)
+        return x.reshape(R0, K, B // R0, *x.shape[4:])
+
+    def own(x: jax.Array, R: int) -> jax.Array:  # the inverse of `common`
+        if R == R0:
+            return x
+        x = jnp.moveaxis(x.reshape(R0, K, R // R0, B // R, *x.shape[3:]), 2, 1)
+        return x.reshape(R, K, B // R, *x.shape[4:])
+
+    def spec(blk: KVBlock) -> str:
+        return "rksd" if blk.heads_first else "rskd"
+
+    scores = []
     for blk in blocks:
-        R = blk.k.shape[0]
-        K = blk.k.shape[1 if blk.heads_first else 2]
-        S = blk.k.shape[2 if blk.heads_first else 1]
-        G = B // R
-        kv = "rksd" if blk.heads_first else "rskd"
-        qr = q.reshape(R, G, T, K, H // K, Dh)
-        s = jnp.einsum(f"rgtkhd,{kv}->rgkths", qr, blk.k.astype(dt), preferred_element_type=F32)
-        valid = blk.valid.reshape(R, -1, 1, blk.valid.shape[1], 1, S)
-        s = jnp.where(valid, s / math.sqrt(Dh), _NEG_INF)
-        scores.append(s.reshape(B, K, T, H // K, S))
-        shapes.append((R, G, K, S))
+        R, S = blk.k.shape[0], blk.valid.shape[-1]
+        qr = q.reshape(R, B // R, T, K, Gq, Dh)
+        s = jnp.einsum(
+            f"rgtkhd,{spec(blk)}->rkgths", qr, blk.k.astype(dt), preferred_element_type=F32
+        )
+        valid = blk.valid.reshape(R, 1, -1, blk.valid.shape[1], 1, S)  # rows: R, or R x g
+        scores.append(common(jnp.where(valid, s / math.sqrt(Dh), _NEG_INF), R))
     probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0])
     probs = probs.astype(dt)
     out, start = None, 0
-    for blk, (R, G, K, S) in zip(blocks, shapes):
-        p = probs[..., start : start + S].reshape(R, G, K, T, H // K, S)
-        kv = "rksd" if blk.heads_first else "rskd"
-        o = jnp.einsum(f"rgkths,{kv}->rgtkhd", p, blk.v.astype(dt)).reshape(B, T, H * Dh)
-        out = o if out is None else out + o
+    for blk in blocks:
+        R, S = blk.k.shape[0], blk.valid.shape[-1]
+        p = own(probs[..., start : start + S], R)
+        o = jnp.einsum(f"rkgths,{spec(blk)}->rgtkhd", p, blk.v.astype(dt))
+        out = o.reshape(B, T, H * Dh) if out is None else out + o.reshape(B, T, H * Dh)
         start += S
     return out
 
