@@ -4,20 +4,23 @@ The device side is a pure function of (model state, left-padded token block,
 rng, sampling settings): `prefill` writes the block of U unique rows into the
 cache with the model's own forward and returns the logits at its last slot;
 `decode` runs a `jax.lax.while_loop` over B = U * G rows (G samples per prefix
-row) that samples one token per row per step, writes it (`decode_step`) and
-stops when every row has emitted a stop id or `max_new_tokens` is reached.
+row) that samples one token per row per step, writes it and stops when every
+row has emitted a stop id or `max_new_tokens` is reached.
 `generate` composes the two.
 
-`decode_step` computes what `Decoder.__call__` computes for one token per row
-with the equivalent cache, over a `StepCache`: per layer, the U prefilled
-prefix rows ([U, K, P, Dh], read only) and each row's new slots ([B, K, N, Dh]).
-The G samples of a prefix row attend to one copy of it (one matmul per prefix
-row and KV head), so the prefix is neither copied G times nor read G times per
-step; the new slots are updated in place. Layers are unrolled over per-layer
-arrays, because slicing a stacked [L, ...] cache or weight inside the loop
-copies it every step; the price is a compile time that grows with depth and a
-per-layer copy of the weights for the duration of `decode` (the decoder's
-forward makes the same copy when it casts parameters to a lower compute dtype).
+A decode step runs the model's own transformer block (`reflax.models.decoder.block`,
+which the training forward and prefill scan over) layer by layer, so it computes
+what `Decoder.__call__` computes for one token per row with the equivalent cache;
+only the attention it hands the block differs. Its cache is a `StepCache`: per
+layer, the U prefilled prefix rows ([U, K, P, Dh], read only) and each row's new
+slots ([B, K, N, Dh]). The G samples of a prefix row attend to one copy of it
+(one matmul per prefix row and KV head), so the prefix is neither copied G times
+nor read G times per step; the new slots are updated in place. Layers are
+unrolled over per-layer arrays, because slicing a stacked [L, ...] cache or
+weight inside the loop copies it every step; the price is a compile time that
+grows with depth and a per-layer copy of the weights for the duration of
+`decode` (`Decoder.weights(per_layer=True)`; the decoder's forward makes the same
+copy when it casts parameters to a lower compute dtype).
 The [B]-row `KVCache` (prefix repeated, then the new slots) is materialised at
 the end only when the caller keeps it for a continuation.
 
@@ -80,14 +83,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from reflax.models.decoder import (
-    Decoder,
-    KVCache,
-    apply_rope,
-    positions_from_mask,
-    rms_norm,
-    rope_inv_freq,
-)
+from reflax.models import decoder
+from reflax.models.decoder import Decoder, KVCache, positions_from_mask
 from reflax.sharding import (
     CACHE_AXES,
     CACHE_MASK_AXES,
@@ -115,14 +112,12 @@ __all__ = [
     "StepCache",
     "bucket_size",
     "decode",
-    "decode_step",
     "forbidden_mask",
     "generate",
     "left_pad",
     "prefill",
     "resize_cache",
     "sample_logits",
-    "step_weights",
 ]
 
 
@@ -344,24 +339,9 @@ class StepCache(flax.struct.PyTreeNode):
         )
 
 
-def step_weights(model: Decoder) -> dict[str, Any]:
-    """The model's parameters cast to its compute dtype and split per layer, once per
-    decode call (inside the loop, slicing stacked weights would copy them every step)."""
-    dt = model.dtype
-    layers = {
-        k: v[...].astype(dt) for k, v in vars(model.layers).items() if isinstance(v, nnx.Param)
-    }
-    return dict(
-        embed=model.embed[...].astype(dt),
-        layers=[{k: v[i] for k, v in layers.items()} for i in range(model.config.num_layers)],
-        final_norm=model.final_norm[...].astype(dt),
-        lm_head=model.lm_head_kernel().astype(dt),
-    )
-
-
-def decode_step(
+def _step(
     model: Decoder,
-    weights: dict[str, Any],  # step_weights(model)
+    weights: dict[str, Any],  # model.weights(per_layer=True)
     cache: StepCache,
     tokens: jax.Array,  # [B] int32
     positions: jax.Array,  # [B] int32
@@ -369,63 +349,55 @@ def decode_step(
 ) -> tuple[jax.Array, StepCache]:
     """One token per row -> (logits [B, V] float32, cache with the token written).
 
-    Computes what the model's forward computes for one token per row with the
-    equivalent `KVCache` (`cache.to_cache()`): same parameters, norms, rope and
-    masking by slot, with one softmax over prefix and new slots together.
+    The model's own block, layer by layer, with attention over the shared prefix and the
+    row's new slots (one softmax over both): what `Decoder.__call__` computes for one
+    token per row with the equivalent `KVCache` (`cache.to_cache()`).
     """
     c = model.config
-    dt = model.dtype
     B = tokens.shape[0]
-    U, P = cache.prefix_mask.shape
     N = cache.mask.shape[1]
-    H, K, Dh = c.num_heads, c.num_kv_heads, c.head_dim
-    G, Gq = B // U, H // K  # samples per prefix row, query heads per KV head
-    x = constrain(jnp.take(weights["embed"], tokens, axis=0), ("batch", "embed"))  # [B, D]
-    inv_freq = jnp.asarray(rope_inv_freq(c))
+    G = B // cache.prefix_mask.shape[0]  # samples per prefix row
     step = cache.step
+    x = jnp.take(weights["embed"], tokens, axis=0)[:, None]  # [B, 1, D]
+    x = constrain(x, ("batch", "length", "embed"))
+    pos = positions[:, None]  # [B, 1]
+    rope = decoder.rope_tables(c, pos)
     new_mask = jax.lax.dynamic_update_slice(cache.mask, mask[:, None], (0, step))  # [B, N]
     # valid keys: the prefix's real tokens; new slots written so far (this one included)
-    prefix_valid = cache.prefix_mask[:, None, None, None, :]  # [U, 1, 1, 1, P]
-    new_valid = (new_mask & (jnp.arange(N) <= step)[None, :])[:, None, None, :]  # [B,1,1,N]
-    pos = positions[:, None]  # [B, 1]
-
-    def dense(h, kernel, bias):
-        y = jnp.dot(h, kernel)
-        return y if bias is None else y + bias
+    prefix_valid = cache.prefix_mask[:, None, :]  # [U, 1, P]
+    new_valid = (new_mask & (jnp.arange(N) <= step)[None, :])[:, None, :]  # [B, 1, N]
+    windows = c.layer_windows() or (None,) * c.num_layers
+    # key positions count each row's real tokens (only sliding windows read them)
+    prefix_pos = positions_from_mask(cache.prefix_mask)  # [U, P]
+    prefix_len = jnp.repeat(cache.prefix_mask.sum(-1, dtype=jnp.int32), G)  # [B]
+    new_pos = prefix_len[:, None] + jnp.cumsum(new_mask, axis=-1, dtype=jnp.int32) - 1  # [B, N]
 
     ks, vs = list(cache.k), list(cache.v)
     for i, p in enumerate(weights["layers"]):
-        h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
-        q = dense(h, p["q_proj"], p.get("q_bias")).reshape(B, 1, H, Dh)
-        k = dense(h, p["k_proj"], p.get("k_bias")).reshape(B, 1, K, Dh)
-        v = dense(h, p["v_proj"], p.get("v_bias")).reshape(B, K, 1, Dh)
-        q = apply_rope(q, pos, inv_freq).reshape(B, K, Gq, Dh)
-        k = apply_rope(k, pos, inv_freq).reshape(B, K, 1, Dh)
-        ks[i] = jax.lax.dynamic_update_slice(ks[i], k.astype(ks[i].dtype), (0, 0, step, 0))
-        vs[i] = jax.lax.dynamic_update_slice(vs[i], v.astype(vs[i].dtype), (0, 0, step, 0))
-        # prefix: the G samples' queries of a prefix row in one matmul per KV head
-        qu = q.reshape(U, G, K, Gq, Dh).transpose(0, 2, 1, 3, 4)  # [U, K, G, Gq, Dh]
-        s_pre = jnp.einsum(
-            "ukghd,ukpd->ukghp", qu, cache.prefix_k[i].astype(dt), preferred_element_type=F32
-        )
-        s_pre = jnp.where(prefix_valid, s_pre / math.sqrt(Dh), _NEG_INF)
-        s_new = jnp.einsum("bkhd,bknd->bkhn", q, ks[i].astype(dt), preferred_element_type=F32)
-        s_new = jnp.where(new_valid, s_new / math.sqrt(Dh), _NEG_INF)
-        s_new = s_new.reshape(U, G, K, Gq, N).transpose(0, 2, 1, 3, 4)  # [U, K, G, Gq, N]
-        probs = jax.nn.softmax(jnp.concatenate([s_pre, s_new], axis=-1), axis=-1).astype(dt)
-        p_pre, p_new = probs[..., :P], probs[..., P:]
-        out = jnp.einsum("ukghp,ukpd->ukghd", p_pre, cache.prefix_v[i].astype(dt))
-        p_new = p_new.transpose(0, 2, 1, 3, 4).reshape(B, K, Gq, N)
-        out = out.transpose(0, 2, 1, 3, 4).reshape(B, K, Gq, Dh)
-        out = (out + jnp.einsum("bkhn,bknd->bkhd", p_new, vs[i].astype(dt))).reshape(B, H * Dh)
-        x = x + dense(out, p["o_proj"], p.get("o_bias"))
-        h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-        gate = dense(h, p["gate_proj"], p.get("gate_bias"))
-        up = dense(h, p["up_proj"], p.get("up_bias"))
-        act = constrain(jax.nn.silu(gate) * up, ("batch", "mlp"))
-        x = constrain(x + dense(act, p["down_proj"], p.get("down_bias")), ("batch", "embed"))
-    x = rms_norm(x, weights["final_norm"], c.rms_norm_eps)
-    logits = jnp.einsum("bd,dv->bv", x, weights["lm_head"], preferred_element_type=F32)
+
+        def attend(q, k, v, i=i):  # q [B, 1, H, Dh], k/v [B, 1, K, Dh]
+            kc = jax.lax.dynamic_update_slice(
+                ks[i], k.transpose(0, 2, 1, 3).astype(ks[i].dtype), (0, 0, step, 0)
+            )
+            vc = jax.lax.dynamic_update_slice(
+                vs[i], v.transpose(0, 2, 1, 3).astype(vs[i].dtype), (0, 0, step, 0)
+            )
+            blocks = [
+                decoder.KVBlock(
+                    cache.prefix_k[i],
+                    cache.prefix_v[i],
+                    decoder.window_valid(prefix_valid, pos, prefix_pos, windows[i]),
+                    heads_first=True,
+                ),
+                decoder.KVBlock(
+                    kc, vc, decoder.window_valid(new_valid, pos, new_pos, windows[i]), True
+                ),
+            ]
+            return decoder.attention(q, blocks), (kc, vc)
+
+        x, (ks[i], vs[i]) = decoder.block(p, x, rope, attend, c)
+    x = decoder.final_norm(weights, x, c)
+    logits = decoder.project(x, weights["lm_head"])[:, 0]
     cache = cache.replace(
         k=tuple(constrain(a, _STEP_CACHE_AXES) for a in ks),
         v=tuple(constrain(a, _STEP_CACHE_AXES) for a in vs),
@@ -433,6 +405,22 @@ def decode_step(
         step=step + 1,
     )
     return constrain(logits, ("batch", "vocab")), cache
+
+
+def _check_rope_range(config: Any, slots: int) -> None:
+    """longrope switches to its long factors once a sequence passes the original context;
+    transformers' generate then recomputes the whole cache with them. Decoding does not,
+    so a rollout whose slots could pass that point is refused (positions <= slots)."""
+    scaling = config.rope_scaling_dict
+    if scaling.get("rope_type") != "longrope":
+        return
+    original = scaling["original_max_position_embeddings"]
+    if slots > original:
+        raise ValueError(
+            f"sampling with {slots} cache slots (bucketed prompt + max_new_tokens) could pass "
+            f"the longrope original context of {original} positions, where the rope factors "
+            "change for the whole sequence; keep prompts and max_new_tokens within it"
+        )
 
 
 def decode(
@@ -463,7 +451,8 @@ def decode(
     B, V = logits.shape
     stop_v = forbidden_mask(stop_ids, V)  # [V]
     banned_v = jnp.zeros((V,), bool) if banned_ids is None else forbidden_mask(banned_ids, V)
-    weights = step_weights(model)
+    _check_rope_range(model.config, prefix.size + gen_len)
+    weights = model.weights(per_layer=True)  # split once: slicing inside the loop copies
     carry = dict(
         cache=StepCache.create(prefix, B, gen_len),
         logits=logits,
@@ -487,7 +476,7 @@ def decode(
         lp = jnp.where(active, lp, 0.0)
         stopped = active & jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
         # write the token (a finished row writes padding with mask False)
-        logits, cache = decode_step(model, weights, c["cache"], tok, c["seq_lens"], active)
+        logits, cache = _step(model, weights, c["cache"], tok, c["seq_lens"], active)
         return dict(
             cache=cache,
             logits=logits,

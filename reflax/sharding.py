@@ -58,6 +58,8 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "gate_bias": ("layers", "mlp"),
     "up_bias": ("layers", "mlp"),
     "down_bias": ("layers", "norm"),
+    "q_norm": ("layers", "head_dim"),
+    "k_norm": ("layers", "head_dim"),
 }
 
 # KV cache [L, B, S, K, Dh] and its slot mask [B, S]

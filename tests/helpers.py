@@ -44,6 +44,8 @@ BASE_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen2": dict(_SHARED, rms_norm_eps=1e-6, tie_word_embeddings=True),
     "llama": dict(_SHARED, rms_norm_eps=1e-5, tie_word_embeddings=False),
     "mistral": dict(_SHARED, rms_norm_eps=1e-5, sliding_window=None, tie_word_embeddings=False),
+    "qwen3": dict(_SHARED, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "phi3": dict(_SHARED, rms_norm_eps=1e-5, tie_word_embeddings=False, pad_token_id=None),
 }
 
 LLAMA3_SPECIAL_TOKENS = (
@@ -98,6 +100,8 @@ def _architecture(arch: str) -> tuple[Any, Any]:
         "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
         "llama": ("LlamaConfig", "LlamaForCausalLM"),
         "mistral": ("MistralConfig", "MistralForCausalLM"),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+        "phi3": ("Phi3Config", "Phi3ForCausalLM"),
     }
     config_name, model_name = names[arch]
     return getattr(transformers, config_name), getattr(transformers, model_name)
@@ -292,3 +296,8 @@ def logprobs_entropy_from_logits(logits: Any, targets: Any, temperature: float =
     logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32) / temperature, axis=-1)
     lp = jnp.take_along_axis(logp, jnp.asarray(targets)[..., None], axis=-1)[..., 0]
     return lp, -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+def masked_max_diff(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """Max |a - b| over the positions where mask is True (a, b [B, T, ...], mask [B, T])."""
+    return float(np.max(np.abs(np.asarray(a)[mask] - np.asarray(b)[mask])))

@@ -88,6 +88,28 @@ def test_logits_match_transformers(tmp_path, case):
     assert_close_scaled(ours[mask], ref[mask], 2e-5)
 
 
+@pytest.mark.parametrize("top_level", [False, True])
+def test_llama3_rope_without_original_max_positions(tmp_path, top_level):
+    """A llama3 rope config without original_max_position_embeddings falls back as
+    transformers does: to a top-level original_max_position_embeddings if there is one,
+    else to max_position_embeddings (here 256 and 128: all three rope branches either way)."""
+    path = tiny_hf_checkpoint(tmp_path, "llama", head_dim=16, hidden_size=48)
+    config = json.loads((path / "config.json").read_text())
+    rope = {k: v for k, v in LLAMA3_ROPE.items() if k != "original_max_position_embeddings"}
+    config.pop("rope_parameters", None)
+    config.update(rope_scaling=rope, rope_theta=rope["rope_theta"])  # a transformers 4.x config
+    if top_level:
+        config["original_max_position_embeddings"] = 128
+    (path / "config.json").write_text(json.dumps(config))
+    model = load_pretrained(path)
+    expected = 128 if top_level else config["max_position_embeddings"]
+    assert model.config.rope_scaling_dict["original_max_position_embeddings"] == expected
+    tokens, mask = padded_batch(model.config.vocab_size, [9, 6], 9, left=[False, True])
+    ours = np.asarray(api.logits(model, tokens, mask))
+    ref = torch_logits(path, tokens, mask)
+    assert_close_scaled(ours[mask], ref[mask], 1e-4)
+
+
 def test_weights_match_state_dict(tmp_path):
     path = tiny_hf_checkpoint(tmp_path, "llama", attention_bias=True, mlp_bias=True)
     ours = dict(iter_hf_tensors(load_pretrained(path)))

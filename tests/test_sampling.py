@@ -22,13 +22,12 @@ from reflax.sampling import (
     Sampler,
     SamplingSettings,
     StepCache,
+    _step,
     bucket_size,
-    decode_step,
     left_pad,
     prefill,
     resize_cache,
     sample_logits,
-    step_weights,
 )
 from reflax.sharding import make_mesh, param_shardings, put
 
@@ -493,12 +492,12 @@ def test_decode_step_matches_decoder():
         lens = jnp.repeat(lens, G)
         ref_cache = resize_cache(prefix, jnp.repeat(jnp.arange(2), G), 6 + N)
         got_cache = StepCache.create(prefix, 2 * G, N)
-        weights = step_weights(model)
+        weights = model.weights(per_layer=True)
         ref, got = [], []
         for toks, m in steps:
             logits, ref_cache = model(toks[:, None], lens[:, None], m[:, None], ref_cache)
             ref.append(logits[:, 0])
-            logits, got_cache = decode_step(model, weights, got_cache, toks, lens, m)
+            logits, got_cache = _step(model, weights, got_cache, toks, lens, m)
             got.append(logits)
             lens = lens + m
         return ref, ref_cache, got, got_cache.to_cache()
@@ -543,3 +542,36 @@ def test_buckets():
     tokens, mask = left_pad([[1, 2], [3]], 4, pad_id=9, rows=3)
     np.testing.assert_array_equal(tokens, [[9, 9, 1, 2], [9, 9, 9, 3], [9, 9, 9, 9]])
     np.testing.assert_array_equal(mask.sum(1), [2, 1, 0])
+
+
+def test_sampler_and_trainer_run_the_same_block(model, monkeypatch):
+    """Prefill, decode and the training forward all run `decoder.block`: alter it and
+    the sampler's greedy tokens follow the altered training forward, step for step."""
+    from reflax.models import decoder
+
+    original, shapes = decoder.block, []
+
+    def altered(p, x, rope, attend, config):  # a different model: every layer's output scaled
+        shapes.append(x.shape)
+        x, aux = original(p, x, rope, attend, config)
+        return 1.5 * x, aux
+
+    monkeypatch.setattr(decoder, "block", altered)
+    n, prompts = 4, PROMPTS[:2]
+    out = Sampler(model, **SAMPLER_KW).sample(model, prompts, max_new_tokens=n, rng=0, greedy=True)
+    L = model.config.num_layers
+    assert [s[1] for s in shapes] == [16] + [1] * L  # the prefill scan, then L decode layers
+
+    forward = jax.jit(lambda state, t, m: nnx.merge(graphdef, state)(t, mask=m)[0])
+    graphdef, state = nnx.split(model)
+    seqs = [list(p) for p in prompts]
+    for _ in range(n):  # greedy with the training forward over the whole sequence
+        tokens, mask = left_pad(seqs, 16)
+        logits = np.asarray(forward(state, tokens, mask))[:, -1]
+        seqs = [s + [int(t)] for s, t in zip(seqs, logits.argmax(-1))]
+    np.testing.assert_array_equal(out.tokens, [s[len(p) :] for s, p in zip(seqs, prompts)])
+    monkeypatch.undo()
+    plain = Sampler(model, **SAMPLER_KW).sample(
+        model, prompts, max_new_tokens=n, rng=0, greedy=True
+    )
+    assert (plain.tokens != out.tokens).any()  # the alteration mattered

@@ -1,4 +1,11 @@
-"""Decoder-only transformer shared by Qwen2/2.5, Llama 3.x and Mistral, in Flax NNX.
+"""Decoder-only transformer shared by Qwen2/2.5, Qwen3, Llama 3.x, Mistral and Phi-3,
+in Flax NNX.
+
+The layer math lives in one pure function, `block` (norm -> q/k/v -> q/k norm ->
+rope -> attention -> o -> norm -> SwiGLU). The caller supplies the attention:
+the decoder's forward (training, prefill) attends over the input or its
+`KVCache`; the sampler's decode step over a shared prefix plus per-row new slots
+(`attention` over `KVBlock`s, one softmax over all of them).
 
 Layers are stacked (every per-layer parameter has a leading [L] axis) and run
 with `jax.lax.scan`, so compile time does not grow with depth. The forward is
@@ -8,13 +15,18 @@ and returned, so the sampler and the train step can jit it.
 Attention masking is by *slot*: tokens are written to consecutive slots (of the
 input when there is no cache, of the cache otherwise), a query at slot i sees
 valid keys at slots <= i. Rows may be left- or right-padded; padding tokens
-have `mask == False` and their outputs are finite garbage.
+have `mask == False` and their outputs are finite garbage. A sliding window
+counts positions (a row's real tokens), not slots: a query at position p sees
+keys at positions > p - window, so padding never shifts it (transformers counts
+slots, left padding included). A cache's key positions are the count of real
+slots before them, since a cache row holds all of its row's tokens.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -26,6 +38,8 @@ from reflax.models.config import ModelConfig
 from reflax.sharding import CACHE_AXES, CACHE_MASK_AXES, constrain
 
 _NEG_INF = -1e30  # finite, so rows with no valid key (padding) give no NaN
+F32 = jnp.float32
+_NO_WINDOW = 2**30  # the window of a full-attention layer: no position difference reaches it
 
 
 class KVCache(flax.struct.PyTreeNode):
@@ -58,11 +72,16 @@ class KVCache(flax.struct.PyTreeNode):
         )
 
 
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    """Inverse frequencies [Dh/2] float32, as transformers computes them (incl. llama3 scaling)."""
-    dim = config.head_dim
+def rope_inv_freq(config: ModelConfig, long: bool = False) -> np.ndarray:
+    """Inverse frequencies [R/2] float32 (R rotary dims), as transformers computes them.
+
+    `long`: longrope's long factors (used once a call sees a position past the original
+    context); otherwise its short factors.
+    """
+    dim = config.rotary_dim
     exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    inv_freq = (1.0 / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
+    base = np.float32(config.rope_theta) ** exponent
+    inv_freq = (1.0 / base).astype(np.float32)
     scaling = config.rope_scaling_dict
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
@@ -78,16 +97,63 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    elif kind == "longrope":
+        ext = np.asarray(scaling["long_factor" if long else "short_factor"], np.float32)
+        inv_freq = (1.0 / (ext * base)).astype(np.float32)
     return inv_freq
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotary embedding in the rotate-half layout of HF checkpoints. x [B,T,H,Dh]."""
-    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, Dh/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, Dh]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+def rope_attention_factor(config: ModelConfig) -> float:
+    """The scale transformers puts on cos and sin (longrope: from the context extension)."""
+    scaling = config.rope_scaling_dict
+    if scaling.get("rope_type") != "longrope":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    original = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or config.max_position_embeddings / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+class Rope(flax.struct.PyTreeNode):
+    """cos and sin of every token's rotary angles, computed once per forward, used by every
+    layer."""
+
+    cos: jax.Array  # [B, T, R] float32, R = rotary dims
+    sin: jax.Array  # [B, T, R]
+
+
+def rope_tables(config: ModelConfig, positions: jax.Array) -> Rope:
+    """Rotary tables for positions [B, T].
+
+    longrope switches to its long factors for the whole call when the call's largest
+    position reaches the original context, as transformers' forward does (its generate
+    then recomputes the cache; the sampler refuses to decode past that point instead).
+    """
+    inv_freq = jnp.asarray(rope_inv_freq(config))
+    if config.rope_scaling_dict.get("rope_type") == "longrope":
+        original = config.rope_scaling_dict["original_max_position_embeddings"]
+        long = jnp.max(positions) + 1 > original
+        inv_freq = jnp.where(long, jnp.asarray(rope_inv_freq(config, long=True)), inv_freq)
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, R/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    scale = rope_attention_factor(config)
+    return Rope(cos=jnp.cos(emb) * scale, sin=jnp.sin(emb) * scale)
+
+
+def apply_rope(x: jax.Array, rope: Rope) -> jax.Array:
+    """Rotary embedding in the rotate-half layout of HF checkpoints, on the first R of the
+    Dh dims (all of them unless the model rotates part). x [B, T, H, Dh]."""
+    R = rope.cos.shape[-1]
+    xf = x.astype(jnp.float32)
+    rot, rest = xf[..., :R], xf[..., R:]
+    x1, x2 = jnp.split(rot, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x.astype(jnp.float32) * jnp.cos(emb) + rotated * jnp.sin(emb)).astype(x.dtype)
+    cos, sin = rope.cos[:, :, None, :], rope.sin[:, :, None, :]
+    out = rot * cos + rotated * sin
+    if x.shape[-1] > R:
+        out = jnp.concatenate([out, rest], axis=-1)
+    return out.astype(x.dtype)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -99,6 +165,143 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 def _dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
     y = jnp.einsum("btd,df->btf", x, kernel)
     return y if bias is None else y + bias
+
+
+# --------------------------------------------------------------------------- attention
+
+
+class KVBlock(NamedTuple):
+    """Keys and values a batch of queries attends to, with the validity of each (query, key).
+
+    The R rows of k/v serve B = R * G query rows: query row b reads row b // G, so G
+    queries share one copy (the sampler's G samples of a prefix row). k/v are
+    [R, S, K, Dh] (`heads_first` False, the `KVCache` layout) or [R, K, S, Dh].
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array  # [R or B, T or 1, S] bool: query (row, t) may attend to key s
+    heads_first: bool = False
+
+
+def attention(q: jax.Array, blocks: Sequence[KVBlock]) -> jax.Array:
+    """Grouped-query attention of q [B, T, H, Dh] over the blocks' keys with one softmax
+    over all of them -> [B, T, H * Dh]. Keys are read in the compute dtype of q.
+
+    Scores are laid out [R0, K, B // R0, T, H // K, S] for the block with the fewest rows
+    (R0: the shared prefix when decoding), which is how its matmul produces them, so only
+    the other blocks' scores are rearranged to join the softmax.
+    """
+    B, T, H, Dh = q.shape
+    dt = q.dtype
+    K = blocks[0].k.shape[1 if blocks[0].heads_first else 2]
+    Gq = H // K
+    R0 = min(blk.k.shape[0] for blk in blocks)
+
+    def common(x: jax.Array, R: int) -> jax.Array:  # [R, K, B/R, ...] -> [R0, K, B/R0, ...]
+        if R == R0:
+            return x
+        x = jnp.moveaxis(x.reshape(R0, R // R0, *x.shape[1:]), 1, 2)
+        return x.reshape(R0, K, B // R0, *x.shape[4:])
+
+    def own(x: jax.Array, R: int) -> jax.Array:  # the inverse of `common`
+        if R == R0:
+            return x
+        x = jnp.moveaxis(x.reshape(R0, K, R // R0, B // R, *x.shape[3:]), 2, 1)
+        return x.reshape(R, K, B // R, *x.shape[4:])
+
+    def spec(blk: KVBlock) -> str:
+        return "rksd" if blk.heads_first else "rskd"
+
+    scores = []
+    for blk in blocks:
+        R, S = blk.k.shape[0], blk.valid.shape[-1]
+        qr = q.reshape(R, B // R, T, K, Gq, Dh)
+        s = jnp.einsum(
+            f"rgtkhd,{spec(blk)}->rkgths", qr, blk.k.astype(dt), preferred_element_type=F32
+        )
+        valid = blk.valid.reshape(R, 1, -1, blk.valid.shape[1], 1, S)  # rows: R, or R x g
+        scores.append(common(jnp.where(valid, s / math.sqrt(Dh), _NEG_INF), R))
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0])
+    probs = probs.astype(dt)
+    out, start = None, 0
+    for blk in blocks:
+        R, S = blk.k.shape[0], blk.valid.shape[-1]
+        p = own(probs[..., start : start + S], R)
+        o = jnp.einsum(f"rkgths,{spec(blk)}->rgtkhd", p, blk.v.astype(dt))
+        out = o.reshape(B, T, H * Dh) if out is None else out + o.reshape(B, T, H * Dh)
+        start += S
+    return out
+
+
+def window_valid(
+    valid: jax.Array,  # [B, T, S] bool
+    query_positions: jax.Array,  # [B, T] int32
+    key_positions: jax.Array,  # [R, S] int32 (R = B, or B // G for shared keys)
+    window: int | jax.Array | None,
+) -> jax.Array:
+    """valid & the key is among the `window` latest positions up to the query's
+    (transformers' sliding window: key position > query position - window)."""
+    if window is None:
+        return valid
+    R, S = key_positions.shape
+    B, T = query_positions.shape
+    dist = query_positions.reshape(R, B // R, T, 1) - key_positions[:, None, None, :]
+    inside = valid.reshape(R, -1, valid.shape[1], S) & (dist < window)  # [R, G, T, S]
+    return inside.reshape(B, T, S)
+
+
+# --------------------------------------------------------------------------- the block
+
+Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+
+def block(
+    p: dict[str, jax.Array],  # one layer's parameters, in the compute dtype
+    x: jax.Array,  # [B, T, D]
+    rope: Rope,
+    attend: Attend,
+    config: ModelConfig,
+) -> tuple[jax.Array, Any]:
+    """One transformer layer: norm -> q/k/v (-> q/k norm) -> rope -> attention -> o ->
+    norm -> SwiGLU, with residuals. The one place this math exists: the decoder's layer
+    scan (training, prefill) and the sampler's decode loop both call it.
+
+    `attend(q [B,T,H,Dh], k [B,T,K,Dh], v [B,T,K,Dh]) -> (out [B,T,H*Dh], aux)` is the
+    caller's: it writes k/v where it keeps them (a cache, or nowhere) and attends over
+    them; `aux` (e.g. the updated cache) is returned as is.
+    """
+    c = config
+    B, T, _ = x.shape
+    H, K, Dh = c.num_heads, c.num_kv_heads, c.head_dim
+    h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+    q = _dense(h, p["q_proj"], p.get("q_bias")).reshape(B, T, H, Dh)
+    k = _dense(h, p["k_proj"], p.get("k_bias")).reshape(B, T, K, Dh)
+    v = _dense(h, p["v_proj"], p.get("v_bias")).reshape(B, T, K, Dh)
+    if c.qk_norm:  # per head, before rope (Qwen3)
+        q = rms_norm(q, p["q_norm"], c.rms_norm_eps)
+        k = rms_norm(k, p["k_norm"], c.rms_norm_eps)
+    q = constrain(apply_rope(q, rope), ("batch", "length", "heads", None))
+    k = constrain(apply_rope(k, rope), ("batch", "length", "kv_heads", None))
+    v = constrain(v, ("batch", "length", "kv_heads", None))
+    out, aux = attend(q, k, v)
+    x = x + _dense(out, p["o_proj"], p.get("o_bias"))
+    h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+    gate = _dense(h, p["gate_proj"], p.get("gate_bias"))
+    up = _dense(h, p["up_proj"], p.get("up_bias"))
+    act = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+    x = x + _dense(act, p["down_proj"], p.get("down_bias"))
+    return constrain(x, ("batch", "length", "embed")), aux
+
+
+def final_norm(weights: dict[str, Any], x: jax.Array, config: ModelConfig) -> jax.Array:
+    return rms_norm(x, weights["final_norm"], config.rms_norm_eps)
+
+
+def project(hidden: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Hidden states [B, T, D] -> logits [B, T, V] float32."""
+    logits = jnp.einsum("btd,dv->btv", hidden, kernel, preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "length", "vocab"))
 
 
 def param_shapes(config: ModelConfig) -> dict[str, Any]:
@@ -123,6 +326,8 @@ def param_shapes(config: ModelConfig) -> dict[str, Any]:
         layers["o_bias"] = (L, D)
     if c.mlp_bias:
         layers.update(gate_bias=(L, F), up_bias=(L, F), down_bias=(L, D))
+    if c.qk_norm:
+        layers.update(q_norm=(L, Dh), k_norm=(L, Dh))
     shapes: dict[str, Any] = {"embed": (V, D), "layers": layers, "final_norm": (D,)}
     if not c.tie_word_embeddings:
         shapes["lm_head"] = (D, V)
@@ -171,6 +376,26 @@ class Decoder(nnx.Module):
             return self.embed[...].T
         return self.lm_head[...]
 
+    def weights(self, per_layer: bool = False) -> dict[str, Any]:
+        """Parameters cast to the compute dtype: embed [V, D], layers, final_norm [D] and
+        lm_head [D, V] (the transposed embedding when tied). `layers` is a dict of stacked
+        [L, ...] arrays for the layer scan, or with `per_layer` a list of L per-layer dicts
+        (the sampler's decode loop: slicing stacked weights inside a loop copies them at
+        every step, so it splits them once)."""
+        dt = self.dtype
+        layers = {
+            k: v[...].astype(dt) for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)
+        }
+        if per_layer:
+            n = self.config.num_layers
+            layers = [{k: v[i] for k, v in layers.items()} for i in range(n)]
+        return dict(
+            embed=self.embed[...].astype(dt),
+            layers=layers,
+            final_norm=self.final_norm[...].astype(dt),
+            lm_head=self.lm_head_kernel().astype(dt),
+        )
+
     def hidden_states(
         self,
         tokens: jax.Array,  # [B, T] int32
@@ -180,83 +405,67 @@ class Decoder(nnx.Module):
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-norm hidden states [B, T, D] and the updated cache."""
         c = self.config
-        B, T = tokens.shape
-        dt = self.dtype
-        embed = self.embed[...].astype(dt)
-        x = constrain(jnp.take(embed, tokens, axis=0), ("batch", "length", "embed"))
-        layer_params = {
-            k: v[...].astype(dt) for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)
-        }
-        inv_freq = jnp.asarray(rope_inv_freq(c))
+        T = tokens.shape[1]
+        w = self.weights()
+        x = constrain(jnp.take(w["embed"], tokens, axis=0), ("batch", "length", "embed"))
+        rope = rope_tables(c, positions)
 
         if cache is None:
             slots = jnp.arange(T)
             key_mask = mask  # [B, T]
+            key_positions = positions
             start = None
         else:
             start = cache.index
             slots = start + jnp.arange(T)
             key_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, start))  # [B, S]
+            # a cache row holds all of its row's tokens, so a key's position is the count
+            # of real slots before it (only sliding windows need it)
+            key_positions = positions_from_mask(key_mask)
         key_slots = jnp.arange(key_mask.shape[1])
-        # [B, 1, 1, T, S]: valid key at or before the query's slot
-        attn_mask = (
-            key_mask[:, None, None, None, :]
-            & (key_slots[None, :] <= slots[:, None])[None, None, None]
-        )
+        # [B, T, S]: a valid key at or before the query's slot
+        valid = key_mask[:, None, :] & (key_slots[None, :] <= slots[:, None])[None]
 
-        def layer(x, p, k_cache, v_cache):
-            h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
-            q = _dense(h, p["q_proj"], p.get("q_bias")).reshape(B, T, c.num_heads, c.head_dim)
-            k = _dense(h, p["k_proj"], p.get("k_bias")).reshape(B, T, c.num_kv_heads, c.head_dim)
-            v = _dense(h, p["v_proj"], p.get("v_bias")).reshape(B, T, c.num_kv_heads, c.head_dim)
-            q = constrain(apply_rope(q, positions, inv_freq), ("batch", "length", "heads", None))
-            k = constrain(apply_rope(k, positions, inv_freq), ("batch", "length", "kv_heads", None))
-            v = constrain(v, ("batch", "length", "kv_heads", None))
-            if k_cache is not None:
-                k_cache = jax.lax.dynamic_update_slice(
-                    k_cache, k.astype(k_cache.dtype), (0, start, 0, 0)
-                )
-                v_cache = jax.lax.dynamic_update_slice(
-                    v_cache, v.astype(v_cache.dtype), (0, start, 0, 0)
-                )
-                k, v = k_cache.astype(dt), v_cache.astype(dt)
-            groups = c.num_heads // c.num_kv_heads
-            q = q.reshape(B, T, c.num_kv_heads, groups, c.head_dim)
-            scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-            scores = jnp.where(attn_mask, scores / math.sqrt(c.head_dim), _NEG_INF)
-            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-            out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, -1)
-            x = x + _dense(out, p["o_proj"], p.get("o_bias"))
-            h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-            gate = _dense(h, p["gate_proj"], p.get("gate_bias"))
-            up = _dense(h, p["up_proj"], p.get("up_bias"))
-            act = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-            x = x + _dense(act, p["down_proj"], p.get("down_bias"))
-            return constrain(x, ("batch", "length", "embed")), k_cache, v_cache
+        def attend(kc, vc, window):
+            def fn(q, k, v):
+                if kc is not None:
+                    kc_ = jax.lax.dynamic_update_slice(kc, k.astype(kc.dtype), (0, start, 0, 0))
+                    vc_ = jax.lax.dynamic_update_slice(vc, v.astype(vc.dtype), (0, start, 0, 0))
+                    k, v = kc_, vc_
+                else:
+                    kc_ = vc_ = None
+                ok = window_valid(valid, positions, key_positions, window)
+                return attention(q, [KVBlock(k, v, ok)]), (kc_, vc_)
 
+            return fn
+
+        windows = c.layer_windows()
+        if windows is not None:  # per layer, scanned; a full layer's window is never reached
+            windows = jnp.asarray([_NO_WINDOW if n is None else n for n in windows], jnp.int32)
+        xs = (w["layers"], windows)
         if cache is None:
-            body = lambda x, p: (layer(x, p, None, None)[0], None)
+
+            def body(x, xs):
+                p, window = xs
+                return block(p, x, rope, attend(None, None, window), c)[0], None
+
             if self.remat:
                 body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-            x, _ = jax.lax.scan(body, x, layer_params)
+            x, _ = jax.lax.scan(body, x, xs)
             new_cache = None
         else:
 
             def body(x, xs):
-                p, kc, vc = xs
-                x, kc, vc = layer(x, p, kc, vc)
-                return x, (kc, vc)
+                (p, window), kc, vc = xs
+                return block(p, x, rope, attend(kc, vc, window), c)
 
-            x, (ks, vs) = jax.lax.scan(body, x, (layer_params, cache.k, cache.v))
+            x, (ks, vs) = jax.lax.scan(body, x, (xs, cache.k, cache.v))
             new_cache = KVCache(k=ks, v=vs, mask=key_mask, index=start + T).constrain()
-        x = rms_norm(x, self.final_norm[...].astype(dt), c.rms_norm_eps)
-        return x, new_cache
+        return final_norm(w, x, c), new_cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[B, T, D] -> [B, T, V] float32."""
-        kernel = self.lm_head_kernel().astype(self.dtype)
-        logits = jnp.einsum("btd,dv->btv", hidden, kernel, preferred_element_type=jnp.float32)
-        return constrain(logits, ("batch", "length", "vocab"))
+        return project(hidden, self.lm_head_kernel().astype(self.dtype))
 
     def __call__(
         self,

@@ -127,6 +127,16 @@ _LAYER_NAMES: dict[str, tuple[str, bool]] = {
     "gate_bias": ("mlp.gate_proj.bias", False),
     "up_bias": ("mlp.up_proj.bias", False),
     "down_bias": ("mlp.down_proj.bias", False),
+    "q_norm": ("self_attn.q_norm.weight", False),
+    "k_norm": ("self_attn.k_norm.weight", False),
+}
+# Phi-3 fuses q/k/v and gate/up into one HF weight each: reflax parameter -> fused HF name
+_FUSED_NAMES: dict[str, str] = {
+    "q_proj": "self_attn.qkv_proj.weight",
+    "k_proj": "self_attn.qkv_proj.weight",
+    "v_proj": "self_attn.qkv_proj.weight",
+    "gate_proj": "mlp.gate_up_proj.weight",
+    "up_proj": "mlp.gate_up_proj.weight",
 }
 _TOP_NAMES: dict[str, tuple[str, bool]] = {
     "embed": ("model.embed_tokens.weight", False),
@@ -145,26 +155,32 @@ class ParamSpec:
     hf_shape: tuple[int, ...]  # shape of each HF tensor, e.g. [H*Dh, D]
     transpose: bool  # HF [out, in] weight <-> reflax [in, out] kernel
     stacked: bool  # leading [L] axis gathers model.layers.{i}
+    # a fused HF tensor (Phi-3's qkv_proj, gate_up_proj) holds this parameter in rows
+    # hf_offset.. of its first axis, after the parameters listed before it
+    hf_offset: int = 0
 
 
 def hf_param_specs(config: ModelConfig) -> list[ParamSpec]:
     """Every parameter of `Decoder(config)` with its HF tensor names, in `param_shapes` order."""
     shapes = param_shapes(config)
+    fused = config.model_type == "phi3"
+    offsets: dict[str, int] = {}  # fused HF name -> rows taken by the parameters so far
     specs = []
     for name, shape in shapes.items():
         if name == "layers":
             for lname, lshape in shape.items():
                 hf, transpose = _LAYER_NAMES[lname]
-                names = tuple(f"model.layers.{i}.{hf}" for i in range(config.num_layers))
                 per = tuple(lshape[1:])
+                hf_shape = per[::-1] if transpose else per
+                offset = 0
+                if fused and lname in _FUSED_NAMES:
+                    hf = _FUSED_NAMES[lname]
+                    offset = offsets.get(hf, 0)
+                    offsets[hf] = offset + hf_shape[0]
+                names = tuple(f"model.layers.{i}.{hf}" for i in range(config.num_layers))
                 specs.append(
                     ParamSpec(
-                        ("layers", lname),
-                        tuple(lshape),
-                        names,
-                        per[::-1] if transpose else per,
-                        transpose,
-                        True,
+                        ("layers", lname), tuple(lshape), names, hf_shape, transpose, True, offset
                     )
                 )
         else:
@@ -175,7 +191,31 @@ def hf_param_specs(config: ModelConfig) -> list[ParamSpec]:
                     (name,), shape, (hf,), shape[::-1] if transpose else shape, transpose, False
                 )
             )
-    return specs
+    # a fused HF tensor's shape: all of its parts' rows
+    return [
+        dataclasses.replace(s, hf_shape=(offsets[_hf_base(s)], *s.hf_shape[1:]))
+        if _hf_base(s) in offsets
+        else s
+        for s in specs
+    ]
+
+
+def _hf_base(spec: ParamSpec) -> str:
+    """The HF name without the `model.layers.{i}.` prefix."""
+    return spec.hf_names[0].split(".", 3)[-1] if spec.stacked else spec.hf_names[0]
+
+
+def _hf_rows(spec: ParamSpec) -> int:
+    """Rows of the HF tensor's first axis that are this parameter's (all unless fused)."""
+    return spec.shape[-1] if spec.transpose else spec.shape[1 if spec.stacked else 0]
+
+
+def hf_tensor_groups(specs: list[ParamSpec]) -> list[list[ParamSpec]]:
+    """Specs grouped by the HF tensors they make up (several for a fused tensor), in order."""
+    groups: dict[tuple[str, ...], list[ParamSpec]] = {}
+    for s in specs:
+        groups.setdefault(s.hf_names, []).append(s)
+    return list(groups.values())
 
 
 # --------------------------------------------------------------------------- safetensors files
@@ -324,10 +364,13 @@ def _read_shard(
     """The shard `param[index]` of a reflax parameter, as a contiguous aligned array of `dtype`."""
 
     def into(dst: np.ndarray, name: str, idx: Sequence[tuple[int, int]]) -> None:
+        hf_idx = list(idx[::-1] if spec.transpose else idx)
+        (r0, r1), off = hf_idx[0], spec.hf_offset  # a fused tensor: this parameter's rows
+        hf_idx[0] = (r0 + off, r1 + off)
         if spec.transpose:
-            _copy_transposed(dst, reader.read(name, idx[::-1]))
+            _copy_transposed(dst, reader.read(name, hf_idx))
         else:
-            dst[...] = reader.read(name, idx)
+            dst[...] = reader.read(name, hf_idx)
 
     shape = tuple(b - a for a, b in index)
     if spec.stacked:  # a few layers' slices (one per worker) on the host at a time
@@ -337,7 +380,7 @@ def _read_shard(
         for _ in reader.pool.map(fill, range(shape[0])):  # re-raises a worker's error
             pass
         return out
-    if not spec.transpose:
+    if not spec.transpose and not spec.hf_offset:
         part = reader.read(spec.hf_names[0], index)
         if part.dtype == dtype and part.flags.c_contiguous:
             return part  # the (aligned) read buffer itself: no copy
@@ -654,7 +697,7 @@ def save_pretrained(
         raise ValueError(f"cannot save as {save_dtype}; use one of float32, bfloat16, float16")
 
     entries = []
-    for spec in specs:
+    for spec, *_ in hf_tensor_groups(specs):  # a fused tensor once
         out_dtype = save_dtype or np.dtype(params[spec.key].dtype)
         st_dtype = _SAVE_DTYPES[out_dtype]
         nbytes = math.prod(spec.hf_shape) * out_dtype.itemsize
@@ -737,7 +780,8 @@ def from_hf_state_dict(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -
     graphdef, state = nnx.split(abstract_model(config))
     pure: dict[str, Any] = {}
     for spec in hf_param_specs(config):
-        arrays = [np.asarray(tensors[n]) for n in spec.hf_names]
+        rows = slice(spec.hf_offset, spec.hf_offset + _hf_rows(spec))  # of a fused tensor
+        arrays = [np.asarray(tensors[n])[rows] for n in spec.hf_names]
         arrays = [a.T if spec.transpose else a for a in arrays]
         value = np.stack(arrays) if spec.stacked else arrays[0]
         node = pure
@@ -751,13 +795,15 @@ def from_hf_state_dict(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -
 def iter_hf_tensors(model: Decoder) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, host array in HF layout, possibly a strided view) for every tensor.
 
-    One parameter is on the host at a time. Multi-host: every process must
-    iterate, since each parameter is gathered with a collective.
+    One parameter (the parts of a fused tensor) is on the host at a time. Multi-host:
+    every process must iterate, since each parameter is gathered with a collective.
     """
     params = _model_params(model)
-    for spec in hf_param_specs(model.config):
-        value = fetch(params[spec.key])
+    for group in hf_tensor_groups(hf_param_specs(model.config)):
+        values = [fetch(params[spec.key]) for spec in group]
+        spec = group[0]
         for i, name in enumerate(spec.hf_names):
-            tensor = value[i] if spec.stacked else value
-            yield name, tensor.T if spec.transpose else tensor
-        del value
+            parts = [v[i] if spec.stacked else v for v in values]
+            parts = [p.T if spec.transpose else p for p in parts]
+            yield name, parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        del values
