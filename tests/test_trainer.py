@@ -86,7 +86,10 @@ def test_sharded_step_equals_unsharded():
     cfg = StepConfig(temperature=0.9, beta=0.01, logits_chunk=16)
     p1, m1 = run_steps(None, cfg)
     p8, m8 = run_steps(make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), cfg)
-    assert _max_diff(p1, p8) < 1e-5
+    # relative to the update: Adam turns summation-order noise in near-zero gradients into
+    # steps of up to the learning rate, so an absolute bound would depend on the CPU
+    update = _max_diff(p1, jax.device_get(nnx.state(create(CFG, seed=1), nnx.Param)))
+    assert _max_diff(p1, p8) < 5e-3 * update
     np.testing.assert_allclose(m1[-1]["loss"], m8[-1]["loss"], rtol=1e-5, atol=1e-6)
     assert all(m["finite"] for m in m1)
 
