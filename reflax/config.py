@@ -88,6 +88,9 @@ def base_config() -> ConfigDict:
 
     c.grpo = ConfigDict()
     c.grpo.beta = 0.001
+    # dtype of the KL reference weights (kept when beta or anchor_beta > 0): "bfloat16"
+    # halves them and matches the bf16 compute the policy's log-probs use
+    c.grpo.ref_dtype = "float32"
     # KL to the reference on the failed first attempt in each row (tokens no reward trains);
     # 0 is the paper. It keeps a shared-weight first attempt from drifting under reflection RL.
     c.grpo.anchor_beta = 0.0
@@ -180,6 +183,7 @@ def validate(c: ConfigDict) -> ConfigDict:
     g = c.grpo
     need(g.loss_type in LOSS_TYPES, f"grpo.loss_type must be one of {LOSS_TYPES}")
     need(g.beta >= 0, "grpo.beta must be >= 0")
+    need(g.ref_dtype in DTYPES, f"grpo.ref_dtype must be one of {DTYPES}")
     need(g.anchor_beta >= 0, "grpo.anchor_beta must be >= 0")
     need(g.epsilon > 0 and g.epsilon_high > 0, "grpo.epsilon and epsilon_high must be > 0")
     need(g.mu >= 1, "grpo.mu must be >= 1")

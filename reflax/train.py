@@ -141,8 +141,12 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
     tx = optim.make_optimizer(total_steps=c.total_steps * c.grpo.mu, **c.optim)
     lr_fn = optim.learning_rate_fn(total_steps=c.total_steps * c.grpo.mu, **c.optim)
     with_ref = c.grpo.beta > 0 or c.grpo.anchor_beta > 0
-    ref = jax.tree.map(jnp.copy, rt.params) if with_ref else None
+    # The KL reference is the initial weights in grpo.ref_dtype (the same arrays when that is
+    # their dtype); the train state is built from them, and no other copy is kept.
+    ref_dtype = jnp.dtype(c.grpo.ref_dtype)
+    ref = jax.tree.map(lambda x: x.astype(ref_dtype), rt.params) if with_ref else None
     state = init_state(rt.params, tx, rt.mesh)
+    rt.params = None
     source = GroupSource(rt, timer)
     start = 0
     if latest is not None:
