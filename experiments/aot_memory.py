@@ -27,23 +27,49 @@ arguments); peak(train step) = the step's total (all weights are its arguments).
 
 The shapes come from a config file (`configs/<name>.py`: model, U, G, lengths, dtypes,
 micro-batches, KL terms); the model's architecture from the table `MODELS` (no download).
-The devices are fake CPU devices (`--xla_force_host_platform_device_count`, set from
-`--devices` or the mesh's size before jax is imported): the CPU compiler fuses, lays out
-and schedules differently from the TPU compiler, so the figures are an *estimate* of a
-TPU's, not a measurement. `--chip` picks the HBM per chip (`CHIP_HBM_GIB`). The exit
-status is 0 when every mesh fits with one of the micro-batch counts tried.
-`--fast_compile` compiles with `FAST_COMPILE` (same buffer assignment, several times
-faster). Run from the repository root:
+Two compilers (`--backend`, default: tpu when libtpu is installed):
+
+  tpu  the TPU compiler (libtpu, `pip install 'jax[tpu]'`) for a slice that is only
+       described (`jax.experimental.topologies`; no TPU needed): `--chip` and the mesh's
+       size pick it (v5e-16: 16 chips; v4-32: 16 megacore chips). These are the TPU's own
+       buffer assignments. A program that does not fit one chip's HBM by itself is
+       refused by the compiler, which says how much it needs: reported as DOES NOT FIT.
+  cpu  fake CPU devices (`--xla_force_host_platform_device_count`, from `--devices` or
+       the mesh's size, set before jax is imported): the CPU compiler fuses, lays out and
+       schedules differently and upcasts bfloat16 temporaries to float32, so its figures
+       are a rough, high estimate. `--fast_compile` compiles with `FAST_COMPILE`.
+
+`--chip` also picks the HBM per chip (`CHIP_HBM_GIB`). The exit status is 0 when every
+mesh fits with one of the micro-batch counts tried. Run from the repository root (a TPU
+compile of a sampler program takes minutes on a CPU):
 
     python experiments/aot_memory.py --config=qwen1p5b --chip=v5e --mesh=fsdp=8
-    python experiments/aot_memory.py --config=qwen7b --chip=v5e --mesh=fsdp=16 \\
-        --micro_batches=8,16 --fast_compile
-    python experiments/aot_memory.py --config=qwen2p5_7b --chip=v4 --mesh=fsdp=16
+    python experiments/aot_memory.py --config=qwen7b --chip=v4 --mesh=fsdp=16 \\
+        --micro_batches=4,8
 
-Results (`--fast_compile`, GiB per device; "ref" is the KL reference, "state" the f32
-train state; the tables themselves are printed by the runs above):
+Results at the configs' shapes (TPU compiler, GiB per device; state: f32 params + AdamW
+moments; ref: the f32 KL reference; reflect, retry, train: the programs' totals; fits: both
+peaks within the chip's HBM):
 
-    RESULTS_TABLE
+    config       slice (mesh)      mb  state   ref reflect  retry  train  rollout  train  fits
+                                                                          peak     peak
+    qwen1p5b     v5e-8 (fsdp=8)     8   2.16  0.72   6.20   9.74   8.91    11.90   8.91  yes
+    qwen1p5b     v5e-8 (fsdp=8)     4   2.16  0.72   6.20   9.74  13.10    11.90  13.10  yes
+    qwen7b       v5e-16 (fsdp=16)  16   5.32  1.77  14.41  15.52  16.57    20.84  16.57  no
+    qwen7b       v5e-32 (fsdp=32)   4   2.66  0.89  13.59  14.13  11.37    16.79  11.37  no
+    qwen7b       v4-16 (fsdp=8)     8  10.64  3.55  12.22  19.76  36.66    30.40  36.66  no
+    qwen7b       v4-32 (fsdp=16)    4   5.32  1.77   6.57   9.98  22.56    15.31  22.56  yes
+    qwen7b       v5p-8 (fsdp=4)     8  21.28  7.09  23.63  39.45  71.49    60.73  71.49  yes
+    qwen2p5_7b   v4-32 (fsdp=16)    4   5.32  1.77   5.28   6.36  18.68    11.68  18.68  yes
+    llama3p1_8b  v4-16 (fsdp=8)     8  11.22  3.74  19.70    oom    oom        -      -  no
+    llama3p1_8b  v4-32 (fsdp=16)    4   5.61  1.87   9.44  19.35  22.17    24.96  22.17  yes
+
+  (oom: the compiler's temporaries alone exceed the 30.75 GiB it allows a v4 chip; it
+  allows 15.75 GiB of a v5e's 16. On v5e the decode loop's temporaries grow with the
+  number of chips (reflect: 10.9 GiB on 16, 11.8 on 32 for Qwen2-7B; 3.0 on a v4-32),
+  which points at all-gathered weights held across the loop (the CPU compiler's buffer
+  assignment holds every layer's gathered weights there), so no v5e slice fits a 7B
+  rollout as the decode is written now.)
 
 `compile_train_step`, `compile_rollout` and `weight_terms` are the reusable parts
 (tests/test_aot.py runs them on a tiny model).

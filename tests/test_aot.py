@@ -1,9 +1,11 @@
 """Ahead-of-time memory check (experiments/aot_memory.py) on a tiny model and 8 fake devices.
 
-The train step is lowered and compiled from ShapeDtypeStructs only; the test checks that
-`compiled.memory_analysis()` gives sane per-device figures, that fsdp=8 really shards the
-arguments (about 1/8 of their unsharded bytes on each device), that the donated state is
-aliased to the output, and that the total fits a budget computed from the shapes.
+The train step and the sampler's rollout programs are lowered and compiled from
+ShapeDtypeStructs only; the tests check that `compiled.memory_analysis()` gives sane
+per-device figures, that fsdp=8 really shards the arguments (about 1/8 of their unsharded
+bytes on each device), that the donated state is aliased to the output, that the total fits
+a budget computed from the shapes, and that the rollout's KV cache and weight terms are the
+analytic sizes and are covered by its programs and its peak.
 """
 
 import importlib.util
