@@ -542,8 +542,9 @@ def generate(
     )
 
 
-def resize_cache(cache: KVCache, rows: jax.Array, size: int) -> KVCache:
-    """Rows gathered ([B'] indices, repeats allowed) and the slot axis resized to `size`.
+def resize_cache(cache: KVCache, rows: jax.Array | None, size: int) -> KVCache:
+    """Rows gathered ([B'] indices, repeats allowed; None: all, in order) and the slot
+    axis resized to `size`.
 
     Slots at or after `cache.index` were never written, so a cache may shrink down
     to its index (the caller keeps `size >= index + slots still to write`).
@@ -556,12 +557,11 @@ def resize_cache(cache: KVCache, rows: jax.Array, size: int) -> KVCache:
         pad[axis] = (0, size - a.shape[axis])
         return jnp.pad(a, pad)
 
-    return KVCache(
-        k=fit(cache.k[:, rows], 2),
-        v=fit(cache.v[:, rows], 2),
-        mask=fit(cache.mask[rows], 1),
-        index=cache.index,
-    ).constrain()
+    if rows is None:
+        k, v, mask = cache.k, cache.v, cache.mask
+    else:  # a gather over the sharded batch axis: the partitioner all-gathers the cache
+        k, v, mask = cache.k[:, rows], cache.v[:, rows], cache.mask[rows]
+    return KVCache(k=fit(k, 2), v=fit(v, 2), mask=fit(mask, 1), index=cache.index).constrain()
 
 
 # --------------------------------------------------------------------------- host side
@@ -670,12 +670,28 @@ class Sampler:
         step = self._batch_shards() // math.gcd(self._batch_shards(), num_samples)
         return -(-rows // step) * step
 
+    def _sharding(self, x: Any, logical: tuple | None) -> Any:
+        if self.mesh is None:
+            return None
+        if logical is None:
+            return replicated(self.mesh)
+        return named_sharding(self.mesh, logical, np.shape(x))
+
+    def _sharding(self, x: Any, logical: tuple | None) -> Any:
+        if self.mesh is None:
+            return None
+        if logical is None:
+            return replicated(self.mesh)
+        return named_sharding(self.mesh, logical, np.shape(x))
+
     def _put(self, x: Any, logical: tuple | None) -> jax.Array:
         if self.mesh is None:
             return jnp.asarray(x)
-        if logical is None:
-            return put(x, replicated(self.mesh))
-        return put(x, named_sharding(self.mesh, logical, np.shape(x)))
+        return put(x, self._sharding(x, logical))
+
+    def _abstract(self, x: Any, logical: tuple | None) -> jax.ShapeDtypeStruct:
+        """What `_put` would place, as a shape (for lowering without devices)."""
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=self._sharding(x, logical))
 
     def _out_shardings(self, batch: int, gen_len: int, cache_shape: tuple | None) -> Any:
         if self.mesh is None:
@@ -718,9 +734,9 @@ class Sampler:
                 cache = cache.constrain()
                 seq_lens = jnp.zeros((tokens.shape[0],), jnp.int32)
             else:
-                prev_cache, prev_lens, rows = prev
+                prev_cache, prev_lens, rows = prev  # rows None: every row, in order
                 cache = resize_cache(prev_cache, rows, prefix_size)
-                seq_lens = prev_lens[rows]
+                seq_lens = prev_lens if rows is None else prev_lens[rows]
             return generate(
                 model,
                 cache,
@@ -746,7 +762,7 @@ class Sampler:
         self._fns[key] = fn
         return fn
 
-    def _call(
+    def _prepare(
         self,
         state: Any,
         prev: Rollout | None,
@@ -765,7 +781,15 @@ class Sampler:
         keep_cache: bool,
         banned_ids: Sequence[int],
         min_new_tokens: int,
-    ) -> SampleOutput:
+        abstract: bool = False,
+    ) -> tuple[Any, tuple]:
+        """The jitted program of a call and its arguments (inputs placed on the mesh;
+        `abstract`: their ShapeDtypeStructs, for `lower`).
+
+        `state` and `prev` are passed through as they are, so they may be
+        `jax.ShapeDtypeStruct`s carrying shardings.
+        """
+        put = self._abstract if abstract else self._put
         if isinstance(state, nnx.Module):
             state = nnx.state(state)
         if max_new_tokens < 1:
@@ -802,7 +826,11 @@ class Sampler:
             cache_shape = (config.num_layers, B, cache_size, config.num_kv_heads, config.head_dim)
         _check_forbidden(banned_ids, stop_ids, min_new_tokens, config.vocab_size)
         stop, banned = _id_block(stop_ids), _id_block(banned_ids)
-        key = ("new" if prev is None else "continue", config, num_samples, gen_len, prefix_size)
+        # continuing every row in order (a retry per reflection) needs no gather of the cache
+        in_order = prev is not None and prev.cache.k.shape[1] == U
+        in_order = in_order and np.array_equal(rows, np.arange(n))
+        kind = "new" if prev is None else ("extend" if in_order else "continue")
+        key = (kind, config, num_samples, gen_len, prefix_size)
         key += (settings, keep_cache, U, C, len(stop), len(banned))
         if prev is not None:
             key += (prev.cache.k.shape, prev.cache.k.dtype)
@@ -814,28 +842,53 @@ class Sampler:
         if prev is not None:
             rows_padded = np.zeros((U,), np.int32)
             rows_padded[:n] = rows
-            prev_args = (prev.cache, prev.seq_lens, self._put(rows_padded, ("batch",)))
+            rows_arg = None if in_order else put(rows_padded, ("batch",))
+            prev_args = (prev.cache, prev.seq_lens, rows_arg)
         args = (
             state,
             prev_args,
-            self._put(tokens, ("batch", None)),
-            self._put(mask, ("batch", None)),
-            self._put(row_valid, ("batch",)),
-            self._put(rng, None),
-            self._put(np.int32(max_new_tokens), None),
-            self._put(np.float32(temperature if temperature > 0 else 1.0), None),
-            self._put(np.float32(top_p), None),
-            self._put(stop, None),
-            self._put(np.int32(pad_id), None),
-            self._put(banned, None),
-            self._put(np.int32(min_new_tokens), None),
+            put(tokens, ("batch", None)),
+            put(mask, ("batch", None)),
+            put(row_valid, ("batch",)),
+            put(rng, None),
+            put(np.int32(max_new_tokens), None),
+            put(np.float32(temperature if temperature > 0 else 1.0), None),
+            put(np.float32(top_p), None),
+            put(stop, None),
+            put(np.int32(pad_id), None),
+            put(banned, None),
+            put(np.int32(min_new_tokens), None),
+        )
+        return fn, args
+
+    def _call(
+        self,
+        state: Any,
+        prev: Rollout | None,
+        rows: np.ndarray | None,
+        block: Sequence[Sequence[int]],
+        *,
+        num_samples: int,
+        max_new_tokens: int,
+        keep_cache: bool,
+        **kw: Any,
+    ) -> SampleOutput:
+        fn, args = self._prepare(
+            state,
+            prev,
+            rows,
+            block,
+            num_samples=num_samples,
+            max_new_tokens=max_new_tokens,
+            keep_cache=keep_cache,
+            **kw,
         )
         if self.mesh is not None:
             with jax.set_mesh(self.mesh):
                 out = fn(*args)
         else:
             out = fn(*args)
-        real = n * num_samples
+        real = len(block) * num_samples
         tokens_out, logprobs, lengths, done = jax.device_get(
             (out["tokens"], out["logprobs"], out["lengths"], out["done"])
         )
@@ -850,6 +903,57 @@ class Sampler:
             done=np.asarray(done)[:real],
             rollout=rollout,
         )
+
+    def lower(
+        self,
+        state: Any,
+        *,
+        num_rows: int,
+        block_len: int,
+        num_samples: int,
+        max_new_tokens: int,
+        keep_cache: bool,
+        prev: Rollout | None = None,
+        num_stop_ids: int = 1,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        greedy: bool = False,
+    ) -> jax.stages.Lowered:
+        """The program `sample` (prev None) or `continue_` (all of `prev`'s rows, in order)
+        runs for `num_rows` prompts / new turns of `block_len` tokens, lowered without
+        running it.
+
+        `state` (and `prev.cache`, `prev.seq_lens`) may be `jax.ShapeDtypeStruct`s with
+        their shardings: nothing is allocated or placed, so `.compile().memory_analysis()`
+        sizes a rollout ahead of time, also for devices that are only described (a TPU
+        topology from `jax.experimental.topologies`). An abstract `prev` is built from the
+        output shapes of an earlier lowering, with `index` = the slots it may have used.
+        """
+        rows = None if prev is None else np.arange(num_rows) % prev.num_rows
+        fn, args = self._prepare(
+            state,
+            prev,
+            rows,
+            [[0] * block_len] * num_rows,
+            num_samples=num_samples,
+            max_new_tokens=max_new_tokens,
+            rng=0,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            greedy=greedy,
+            stop_ids=list(range(num_stop_ids)),
+            pad_id=0,
+            keep_cache=keep_cache,
+            banned_ids=(),
+            min_new_tokens=0,
+            abstract=True,
+        )
+        if self.mesh is None:
+            return fn.lower(*args)
+        with jax.set_mesh(self.mesh):
+            return fn.lower(*args)
 
     # ------------------------------------------------------------------ public
 

@@ -1,9 +1,11 @@
 """Ahead-of-time memory check (experiments/aot_memory.py) on a tiny model and 8 fake devices.
 
-The train step is lowered and compiled from ShapeDtypeStructs only; the test checks that
-`compiled.memory_analysis()` gives sane per-device figures, that fsdp=8 really shards the
-arguments (about 1/8 of their unsharded bytes on each device), that the donated state is
-aliased to the output, and that the total fits a budget computed from the shapes.
+The train step and the sampler's rollout programs are lowered and compiled from
+ShapeDtypeStructs only; the tests check that `compiled.memory_analysis()` gives sane
+per-device figures, that fsdp=8 really shards the arguments (about 1/8 of their unsharded
+bytes on each device), that the donated state is aliased to the output, that the total fits
+a budget computed from the shapes, and that the rollout's KV cache and weight terms are the
+analytic sizes and are covered by its programs and its peak.
 """
 
 import importlib.util
@@ -125,3 +127,88 @@ def test_fits_budget_from_shapes(result):
     assert m.total <= budget, (m, budget)
     # and no less than the arguments plus one chunk of float32 logits
     assert m.total >= args + rows * CHUNK * V * f32
+
+
+# --------------------------------------------------------------------------- rollout phase
+
+
+@pytest.fixture(scope="module")
+def rollout():
+    if jax.device_count() < DEVICES:
+        pytest.skip(f"needs {DEVICES} devices (tests/conftest.py fakes them on the CPU)")
+    mesh = make_mesh({"fsdp": DEVICES}, devices=jax.devices()[:DEVICES])
+    shapes = aot.RolloutShapes(
+        groups=8,
+        group_size=4,
+        prefix_len=100,  # bucketed to 128 slots
+        max_reflection_tokens=16,
+        retry_turn_len=10,
+        max_retry_tokens=8,
+    )
+    ro = aot.compile_rollout(
+        CFG,
+        mesh,
+        shapes,
+        param_dtype=jnp.float32,
+        dtype=jnp.bfloat16,
+        cache_dtype=jnp.bfloat16,
+        compiler_options=aot.FAST_COMPILE,
+    )
+    weights = aot.weight_terms(
+        CFG, mesh, param_dtype=jnp.float32, dtype=jnp.bfloat16, ref_dtype=jnp.bfloat16
+    )
+    return mesh, shapes, ro, weights
+
+
+def test_rollout_kv_cache_matches_its_analytic_size(rollout):
+    _, shapes, ro, _ = rollout
+    # the reflect program keeps prefix (a 64-slot prompt bucket) + reflection slots
+    # (a 64-slot generation bucket) for every one of the U * G rows
+    slots = 128 + 64
+    assert ro.reflect_prefix_slots == 128
+    assert ro.reflect_cache.k.shape == (
+        CFG.num_layers,
+        shapes.rows,
+        slots,
+        CFG.num_kv_heads,
+        CFG.head_dim,
+    )
+    per_row = 2 * CFG.num_layers * slots * CFG.num_kv_heads * CFG.head_dim * 2  # bf16
+    mask = shapes.rows * slots // DEVICES  # bool slot mask
+    assert aot.kv_cache_bytes(CFG, shapes.rows, slots, jnp.bfloat16) == shapes.rows * per_row
+    cache_shard = aot.tree_bytes(ro.reflect_cache, shard=True)
+    assert cache_shard == shapes.rows // DEVICES * per_row + mask + 4  # + the int32 index
+    # the cache is the reflect program's output and the retry program's argument
+    assert ro.reflect.memory.output >= cache_shard
+    assert ro.retry.memory.argument >= cache_shard
+    # the retry's prefix: kept slots + the retry turn (a 64-slot bucket), in a 128-slot bucket
+    assert ro.retry_prefix_slots == 256
+
+
+def test_rollout_programs_hold_params_and_caches(rollout):
+    _, shapes, ro, w = rollout
+    assert w.params == pytest.approx(CFG.num_params * 4 / DEVICES, rel=0.05)
+    assert w.state == pytest.approx(3 * w.params, rel=0.01)  # params + two AdamW moments
+    assert w.ref == pytest.approx(w.params / 2, rel=0.01)  # bfloat16 reference
+    assert w.views == pytest.approx(w.params / 2, rel=0.01)
+    for res in ro.programs.values():
+        m = res.memory
+        assert m.total == m.argument + m.output - m.alias + m.temp + m.code
+        # the sampler reads the master params: they are every program's argument
+        assert m.argument >= w.params
+        assert m.argument == pytest.approx(res.shard_argument_bytes(), rel=0.01)
+    # the retry prefix cache and the per-layer compute-dtype views live in the retry's temp
+    retry_prefix = aot.kv_cache_bytes(
+        CFG, shapes.rows, ro.retry_prefix_slots, jnp.bfloat16, DEVICES
+    )
+    assert ro.retry.memory.temp >= retry_prefix
+
+
+def test_rollout_peak_adds_the_weights_outside_the_program(rollout):
+    _, _, ro, w = rollout
+    name, peak = aot.rollout_peak(ro, w)
+    assert name in ro.programs
+    for res in ro.programs.values():
+        # the peak is at least each program plus the optimizer moments and the reference
+        assert peak >= res.memory.total + w.state - w.params + w.ref
+        assert peak >= res.memory.argument + w.resident - w.params

@@ -188,6 +188,7 @@ def test_collect_failures_then_offline_training(tmp_path, env):
             "--config.eval.after=False",
             "--config.warm_start.steps=0",
             "--config.export_hf=False",
+            "--config.grpo.ref_dtype=bfloat16",  # the KL reference cast from the initial weights
         ),
         env,
     )
