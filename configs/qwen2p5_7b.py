@@ -4,8 +4,9 @@
         --config.rollout.failures=$W/failures.jsonl
 
 (after `python -m reflax.collect_failures --config=configs/qwen2p5_7b.py
---output=$W/failures.jsonl`). Hardware: 7.6B parameters at 16 bytes (float32 weights, Adam,
-KL reference) are about 122 GB: a TPU v5p-8 or larger, FSDP over all chips.
+--output=$W/failures.jsonl`). Hardware: a TPU v4-32, FSDP over its 16 chips: with 4
+micro-batches the train step peaks at 18.7 GiB per chip and the rollout at 11.7 (`python
+experiments/aot_memory.py --config=qwen2p5_7b --chip=v4 --mesh=fsdp=16 --micro_batches=4`).
 Data: Jiayi-Pan/Countdown-Tasks-3to4 from the Hub; 15,000 problems held out by a fixed
 hash and evaluated.
 Should reach on the 15,000: vanilla 31.7 first try (second try not among reflax's recorded

@@ -5,9 +5,11 @@ try beats vanilla Qwen2-72B's.
     python -m reflax.train --config=configs/qwen7b.py --workdir=$W \\
         --config.rollout.failures=$W/failures.jsonl
 
-Hardware: float32 master weights, Adam moments and the float32 KL reference take 16 bytes
-a parameter, about 122 GB for 7.6B parameters before activations: a TPU v5p-8 (4 chips of
-95 GiB) or a larger slice, FSDP over all chips, 8 micro-batches.
+Hardware: a TPU v4-32 (16 chips of 32 GiB), FSDP over the 16 chips: compiled for it with 4
+micro-batches, the train step peaks at 22.6 GiB per chip and the rollout at 15.3 (the
+config's 8 micro-batches need less); a v5p-8 (fsdp=4, 8 micro-batches) peaks at 71.5 GiB.
+A v4-16 and every v5e slice tried (16, 32 chips) do not fit (`python
+experiments/aot_memory.py --config=qwen7b --chip=v4 --mesh=fsdp=16 --micro_batches=4`).
 Data: the gated Salesforce/xlam-function-calling-60k (accept its terms on the Hub), 12,000
 queries held out by a fixed hash of the query and all of them evaluated.
 Should reach on them: vanilla 66.4 first try (the second is not among the paper's figures
