@@ -131,7 +131,11 @@ def test_micro_batches_are_exact(loss_type="seq_mean"):
     p1, m1 = run_steps(None, base, steps=1, ref_fn=distinct_reference)
     p4, m4 = run_steps(None, replace(base, micro_batches=4), steps=1, ref_fn=distinct_reference)
     np.testing.assert_allclose(m1[0]["loss"], m4[0]["loss"], rtol=1e-6)
-    np.testing.assert_allclose(m1[0]["anchor_kl"], m4[0]["anchor_kl"], rtol=1e-6)
+    # the k3 KL is a small difference of log-probs: its round-off is set by their size
+    lp_scale = abs(float(m1[0]["logprob"]))
+    np.testing.assert_allclose(
+        m1[0]["anchor_kl"], m4[0]["anchor_kl"], rtol=1e-6, atol=1e-6 * lp_scale
+    )
     assert_same_updates(p1, p4, rtol=1e-3)
 
 
