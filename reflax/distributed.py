@@ -118,12 +118,16 @@ def initialize(settings: ClusterSettings = ClusterSettings()) -> tuple[int, int]
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # the runtime raises several types; one clear error for all
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ClusterError(f"{message} ({first})") from e
+        raise ClusterError(f"{message} ({_first_line(e)})") from e
     finally:
         watchdog.cancel()
     log.info("process %d of %d", jax.process_index(), jax.process_count())
     return jax.process_index(), jax.process_count()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _give_up(message: str) -> None:
@@ -147,14 +151,6 @@ def any_process(flag: bool) -> bool:
     return bool(np.asarray(flags).any())
 
 
-def sync(name: str) -> None:
-    """A barrier across processes (no-op for one)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
 _PEER_LOSS = ("gloo", "connection closed", "connection reset", "heartbeat", "coordination")
 
 
@@ -173,7 +169,7 @@ def exit_on_error() -> Iterator[None]:
         if jax.process_count() == 1 or (isinstance(e, SystemExit) and not e.code):
             raise
         me = f"process {jax.process_index()} of {jax.process_count()}"
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = _first_line(e)
         if any(k in str(e).lower() for k in _PEER_LOSS):
             sys.stderr.write(
                 f"reflax.distributed.ClusterError: {me} lost its cluster (another process "

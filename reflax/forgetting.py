@@ -53,6 +53,7 @@ from lm_eval.models.utils import (
     postprocess_generated_text,
 )
 
+from reflax import distributed
 from reflax.models.decoder import positions_from_mask
 from reflax.sampling import BucketSpec, Sampler, bucket_size, left_pad
 from reflax.sharding import batch_sharding, constrain, fetch, put
@@ -436,7 +437,7 @@ def main(rt: Any, params: Any, flags: Any) -> None:
         batch_size=flags.forgetting_batch_size,
         apply_chat_template=flags.forgetting_chat_template,
     )
-    if jax.process_index() == 0:
+    if distributed.is_primary():
         print(forgetting_table(runs, tasks))
     output = flags.output or (
         os.path.join(flags.checkpoint, "forgetting.json") if flags.checkpoint else None

@@ -31,6 +31,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from reflax import distributed
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -95,7 +97,7 @@ class MetricsWriter:
         enabled: bool | None = None,
     ) -> None:
         self.workdir = os.fspath(workdir)
-        self.enabled = jax.process_index() == 0 if enabled is None else bool(enabled)
+        self.enabled = distributed.is_primary() if enabled is None else bool(enabled)
         self._metrics: IO[str] | None = None
         self._samples: IO[str] | None = None
         self._tb: Any = None
@@ -295,7 +297,7 @@ class Progress:
         mininterval: float | None = None,
     ) -> None:
         if disable is None:
-            disable = jax.process_index() != 0
+            disable = not distributed.is_primary()
         stream = file if file is not None else sys.stderr
         if mininterval is None:
             isatty = getattr(stream, "isatty", None)

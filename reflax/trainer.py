@@ -152,10 +152,9 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: StepCo
         sums = dict(sums)
         objective = grpo.safe_divide(num, norm[0])
         if anchored:
-            kl_sum, n_anchor = grpo.anchor_kl(lp[:, 1:], ref_lp[:, 1:], mb.anchor_mask[:, 1:])
+            kl_sum, _ = grpo.anchor_kl(lp[:, 1:], ref_lp[:, 1:], mb.anchor_mask[:, 1:])
             objective = objective + cfg.anchor_beta * grpo.safe_divide(kl_sum, norm[1])
             sums["anchor_kl_sum"] = jax.lax.stop_gradient(kl_sum)
-            sums["anchor_tokens"] = n_anchor
         sums["entropy_sum"] = grpo.masked_sum(ent[:, 1:], loss_mask > 0)
         sums["logprob_sum"] = grpo.masked_sum(lp[:, 1:], loss_mask > 0)
         return objective, sums
@@ -212,7 +211,7 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: StepCo
             param_norm=optax.tree.norm(new_state.params),
         )
         if "anchor_kl_sum" in sums:
-            metrics["anchor_kl"] = grpo.safe_divide(sums["anchor_kl_sum"], sums["anchor_tokens"])
+            metrics["anchor_kl"] = grpo.safe_divide(sums["anchor_kl_sum"], anchor_tokens)
         return new_state, metrics
 
     return train_step

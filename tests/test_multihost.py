@@ -14,13 +14,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
-from test_cli import LEARNABLE, ROOT, SMOKE, final_params
+from test_cli import LEARNABLE, ROOT, SMOKE, cli, final_params, run
 
 from reflax.checkpoint import Checkpointer
 from reflax.data import read_failures
@@ -54,13 +53,11 @@ def env(tmp_path_factory):
 
 
 def cmd(module, *args):
-    return [sys.executable, "-m", f"reflax.{module}", f"--config={SMOKE}", *args]
+    return cli(module, f"--config={SMOKE}", *args)
 
 
-def one_process(args, env, check=True):
-    p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr[-4000:]}")
+def one_process(args, env):
+    p = run(args, env, timeout=TIMEOUT)
     return p.stdout + p.stderr
 
 

@@ -46,6 +46,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from reflax import distributed
 from reflax.checkpoint import CheckpointError
 from reflax.models import abstract_model
 from reflax.models.config import ModelConfig, UnsupportedModelError
@@ -704,7 +705,7 @@ def save_pretrained(
         entries += [(name, st_dtype, spec.hf_shape, nbytes) for name in spec.hf_names]
     plan = _plan_shards(entries, parse_size(max_shard_size))
     writer = _ShardedWriter(path, plan)
-    is_writer = jax.process_index() == 0
+    is_writer = distributed.is_primary()
 
     if is_writer:
         os.makedirs(path, exist_ok=True)
