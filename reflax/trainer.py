@@ -37,30 +37,68 @@ from reflax.sharding import (
 
 
 class Batch(flax.struct.PyTreeNode):
-    """One GRPO batch of B sequences of T tokens (right-padded)."""
+    """One GRPO batch of fixed-shape rows.
+
+    Unpacked (`group_size == 0`): B sequences of T tokens, right-padded, one per sample.
+
+    Group-packed (`reflax.packing.pack_groups`): one row per group of G samples,
+    `[prefix | suffix_1 | ... | suffix_G]`: the tokens the group's rows share, once,
+    left-padded to `prefix_len` slots, then each sample's own tokens in a region of
+    Ls = (T - prefix_len) / G slots, right-padded, with positions continuing after the
+    prefix. Loss tokens lie in the suffixes only; `advantages` is [B, G], one per sample.
+    """
 
     tokens: jax.Array  # [B, T] int32
     positions: jax.Array  # [B, T] int32
     mask: jax.Array  # [B, T] bool: real token
     loss_mask: jax.Array  # [B, T] float32: 1 on the tokens that get a gradient (reflections)
     anchor_mask: jax.Array  # [B, T] float32: 1 on sampled tokens kept near the reference (KL only)
-    advantages: jax.Array  # [B] float32
+    advantages: jax.Array  # [B] float32, or [B, G] when packed
     old_logprobs: jax.Array  # [B, T] float32: log p_old(tokens[t]) at position t (mu > 1)
+    prefix_len: int = flax.struct.field(pytree_node=False, default=0)  # packed: Lp
+    group_size: int = flax.struct.field(pytree_node=False, default=0)  # packed: G; 0 unpacked
+
+    @property
+    def packed(self) -> bool:
+        return self.group_size > 0
 
     @classmethod
-    def abstract(cls, batch_size: int, seq_len: int) -> Batch:
-        """Shapes and dtypes of a batch (`jax.ShapeDtypeStruct`s): to compile a step ahead."""
+    def abstract(
+        cls, batch_size: int, seq_len: int, prefix_len: int = 0, group_size: int = 0
+    ) -> Batch:
+        """Shapes and dtypes of a batch (`jax.ShapeDtypeStruct`s): to compile a step ahead.
+        With `group_size`, a packed batch of `batch_size` groups."""
         sds = jax.ShapeDtypeStruct
         bt = (batch_size, seq_len)
+        adv = (batch_size, group_size) if group_size else (batch_size,)
         return cls(
             tokens=sds(bt, jnp.int32),
             positions=sds(bt, jnp.int32),
             mask=sds(bt, jnp.bool_),
             loss_mask=sds(bt, jnp.float32),
             anchor_mask=sds(bt, jnp.float32),
-            advantages=sds((batch_size,), jnp.float32),
+            advantages=sds(adv, jnp.float32),
             old_logprobs=sds(bt, jnp.float32),
+            prefix_len=prefix_len,
+            group_size=group_size,
         )
+
+    def sample_rows(self, x: jax.Array) -> jax.Array:
+        """A [B, T] array aligned to tokens -> the rows the policy loss sees, one per sample:
+        [B, T - 1] unpacked (position 0 predicts nothing), [B * G, Ls] packed."""
+        if not self.packed:
+            return x[:, 1:]
+        B, T = x.shape[:2]
+        G = self.group_size
+        return x[:, self.prefix_len :].reshape(B * G, (T - self.prefix_len) // G)
+
+    def anchor_parts(self, x: jax.Array) -> list[tuple[jax.Array, float]]:
+        """A [B, T] array aligned to tokens -> (part, weight) pairs covering every scored
+        token; a packed prefix counts once per sample that shares it (weight G), so the
+        anchor's sums equal the unpacked batch's."""
+        if not self.packed:
+            return [(x[:, 1:], 1.0)]
+        return [(x[:, 1 : self.prefix_len], float(self.group_size)), (self.sample_rows(x), 1.0)]
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -103,19 +141,45 @@ class StepConfig:
 
 
 def _sequence_logprobs(graphdef, params, batch: Batch, cfg: StepConfig):
-    """log p(tokens[t+1] | tokens[<=t]) and entropy, aligned to tokens: [B, T] (position 0 is 0)."""
+    """log p(tokens[t] | what precedes it) and entropy, aligned to tokens: [B, T] (0 where
+    nothing predicts the token: position 0, padding; a packed suffix's first token is
+    predicted by the prefix's last slot)."""
     model = nnx.merge(graphdef, params)
-    hidden, _ = model.hidden_states(batch.tokens, batch.positions, batch.mask)
-    lp, ent = grpo.token_logprobs_and_entropy(
-        hidden[:, :-1],
-        model.lm_head_kernel().astype(hidden.dtype),
-        batch.tokens[:, 1:],
-        temperature=cfg.temperature,
-        chunk_size=cfg.logits_chunk,
-        mask=(batch.loss_mask[:, 1:] > 0) | (batch.anchor_mask[:, 1:] > 0),
-    )
-    pad = jnp.zeros_like(lp[:, :1])
-    return jnp.concatenate([pad, lp], 1), jnp.concatenate([pad, ent], 1)
+    head = model.lm_head_kernel()
+    scored = (batch.loss_mask > 0) | (batch.anchor_mask > 0)  # [B, T]
+
+    def score(hidden, targets, mask):  # the hidden state at t predicts targets[t]
+        return grpo.token_logprobs_and_entropy(
+            hidden,
+            head.astype(hidden.dtype),
+            targets,
+            temperature=cfg.temperature,
+            chunk_size=cfg.logits_chunk,
+            mask=mask,
+        )
+
+    if not batch.packed:
+        hidden, _ = model.hidden_states(batch.tokens, batch.positions, batch.mask)
+        lp, ent = score(hidden[:, :-1], batch.tokens[:, 1:], scored[:, 1:])
+        pad = jnp.zeros_like(lp[:, :1])
+        return jnp.concatenate([pad, lp], 1), jnp.concatenate([pad, ent], 1)
+
+    B, T = batch.tokens.shape
+    Lp, G = batch.prefix_len, batch.group_size
+    h_prefix, h_suffix = model.packed_hidden_states(
+        batch.tokens, batch.positions, batch.mask, Lp, G
+    )  # [B, Lp, D], [B * G, Ls, D]
+    lp_p, ent_p = score(h_prefix[:, :-1], batch.tokens[:, 1:Lp], scored[:, 1:Lp])
+    # the prefix's last slot (left padding puts it at Lp - 1) predicts every suffix's first
+    # token: G copies of one hidden state, whose gradient sums the G samples'
+    last = jnp.repeat(h_prefix[:, -1:], G, axis=0)  # [B * G, 1, D]
+    h_pred = jnp.concatenate([last, h_suffix[:, :-1]], 1)  # [B * G, Ls, D]
+    rows = batch.sample_rows
+    lp_s, ent_s = score(h_pred, rows(batch.tokens), rows(scored))
+    pad = jnp.zeros_like(lp_p[:, :1])
+    lp = jnp.concatenate([pad, lp_p, lp_s.reshape(B, -1)], 1)
+    ent = jnp.concatenate([pad, ent_p, ent_s.reshape(B, -1)], 1)
+    return lp, ent
 
 
 def _split_micro(x: jax.Array, m: int) -> jax.Array:
@@ -124,8 +188,22 @@ def _split_micro(x: jax.Array, m: int) -> jax.Array:
     return x.reshape(m, x.shape[0] // m, *x.shape[1:])
 
 
-def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: StepConfig) -> Callable:
-    """The pure step; jit it with `jit_train_step` (or plain jax.jit on one device)."""
+def step_normalisers(batch: Batch, cfg: StepConfig) -> tuple[jax.Array, jax.Array]:
+    """(the loss_type's denominator, the anchor's token count) of a whole step: from the
+    masks alone (parameter-free), equal for a batch and its packed form."""
+    den = grpo.loss_denominator(
+        batch.sample_rows(batch.loss_mask), loss_type=cfg.loss_type, max_len=cfg.max_len
+    )
+    anchor_tokens = sum(
+        w * jnp.sum((part > 0).astype(jnp.float32))
+        for part, w in batch.anchor_parts(batch.anchor_mask)
+    )
+    return den, anchor_tokens
+
+
+def make_grad_fn(graphdef: Any, cfg: StepConfig) -> Callable:
+    """`(params, batch, ref_params) -> (grads, loss, metric sums, (den, anchor_tokens))`:
+    the step's objective and its gradient, accumulated exactly over the micro-batches."""
 
     def loss_fn(params, mb: Batch, ref_params, norm):
         # norm: (den, anchor_tokens) of the whole step; the objective is this micro-batch's
@@ -136,12 +214,13 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: StepCo
         if anchored or (cfg.beta != 0.0 and ref_params is not None):
             ref_lp, _ = _sequence_logprobs(graphdef, ref_params, mb, cfg)
             ref_lp = jax.lax.stop_gradient(ref_lp)
-        loss_mask = mb.loss_mask[:, 1:]
+        rows = mb.sample_rows
+        loss_mask = rows(mb.loss_mask)
         num, _, sums = grpo.grpo_loss(
-            lp[:, 1:],
-            mb.old_logprobs[:, 1:] if cfg.use_old_logprobs else None,
-            None if ref_lp is None else ref_lp[:, 1:],
-            mb.advantages,
+            rows(lp),
+            rows(mb.old_logprobs) if cfg.use_old_logprobs else None,
+            None if ref_lp is None else rows(ref_lp),
+            mb.advantages.reshape(-1),
             loss_mask,
             epsilon=cfg.epsilon,
             epsilon_high=cfg.epsilon_high,
@@ -152,38 +231,48 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: StepCo
         sums = dict(sums)
         objective = grpo.safe_divide(num, norm[0])
         if anchored:
-            kl_sum, _ = grpo.anchor_kl(lp[:, 1:], ref_lp[:, 1:], mb.anchor_mask[:, 1:])
+            kl_sum = 0.0
+            parts = zip(
+                mb.anchor_parts(lp), mb.anchor_parts(ref_lp), mb.anchor_parts(mb.anchor_mask)
+            )
+            for (lp_part, w), (ref_part, _), (mask_part, _) in parts:
+                kl_sum = kl_sum + w * grpo.anchor_kl(lp_part, ref_part, mask_part)[0]
             objective = objective + cfg.anchor_beta * grpo.safe_divide(kl_sum, norm[1])
             sums["anchor_kl_sum"] = jax.lax.stop_gradient(kl_sum)
-        sums["entropy_sum"] = grpo.masked_sum(ent[:, 1:], loss_mask > 0)
-        sums["logprob_sum"] = grpo.masked_sum(lp[:, 1:], loss_mask > 0)
+        sums["entropy_sum"] = grpo.masked_sum(rows(ent), loss_mask > 0)
+        sums["logprob_sum"] = grpo.masked_sum(rows(lp), loss_mask > 0)
         return objective, sums
 
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state: TrainState, batch: Batch, ref_params: Any = None):
+    def grad_fn(params, batch: Batch, ref_params: Any = None):
         micro = jax.tree.map(lambda x: _split_micro(x, cfg.micro_batches), batch)
-        anchored = cfg.anchor_beta != 0.0 and ref_params is not None
-        # the whole step's normalisers, from the masks alone (parameter-free)
-        den = grpo.loss_denominator(
-            batch.loss_mask[:, 1:], loss_type=cfg.loss_type, max_len=cfg.max_len
-        )
-        anchor_tokens = jnp.sum((batch.anchor_mask[:, 1:] > 0).astype(jnp.float32))
-        norm = (den, anchor_tokens)
+        norm = step_normalisers(batch, cfg)
 
         def accumulate(carry, mb):
             grads, loss, sums = carry
-            (o, s), g = value_and_grad(state.params, mb, ref_params, norm)
+            (o, s), g = value_and_grad(params, mb, ref_params, norm)
             add = lambda a, b: jax.tree.map(jnp.add, a, b)
             return (add(grads, g), loss + o, add(sums, s)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        zeros = jax.tree.map(jnp.zeros_like, params)
         first = jax.tree.map(lambda x: x[0], micro)
-        _, sums_shape = jax.eval_shape(loss_fn, state.params, first, ref_params, norm)
+        _, sums_shape = jax.eval_shape(loss_fn, params, first, ref_params, norm)
         sums0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
         init = (zeros, jnp.zeros((), jnp.float32), sums0)
         (grads, loss, sums), _ = jax.lax.scan(accumulate, init, micro)
+        return grads, loss, sums, norm
 
+    return grad_fn
+
+
+def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: StepConfig) -> Callable:
+    """The pure step; jit it with `jit_train_step` (or plain jax.jit on one device)."""
+    grad_fn = make_grad_fn(graphdef, cfg)
+
+    def train_step(state: TrainState, batch: Batch, ref_params: Any = None):
+        anchored = cfg.anchor_beta != 0.0 and ref_params is not None
+        grads, loss, sums, (_, anchor_tokens) = grad_fn(state.params, batch, ref_params)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -463,6 +463,75 @@ class Decoder(nnx.Module):
             new_cache = KVCache(k=ks, v=vs, mask=key_mask, index=start + T).constrain()
         return final_norm(w, x, c), new_cache
 
+    def packed_hidden_states(
+        self,
+        tokens: jax.Array,  # [U, P] int32, P = prefix_len + G * Ls
+        positions: jax.Array,  # [U, P] int32
+        mask: jax.Array,  # [U, P] bool
+        prefix_len: int,
+        group_size: int,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Final-norm hidden states of group-packed rows: (prefix [U, Lp, D], suffixes
+        [U * G, Ls, D]).
+
+        A row is `[prefix | suffix_1 | ... | suffix_G]`: the group's shared prefix
+        (left-padded to `prefix_len` slots) and then G suffix regions of Ls slots each
+        (right-padded). The prefix attends causally to itself; suffix g to the prefix and
+        causally to itself, through the same `attention` the sampler's decode step uses
+        (a shared prefix `KVBlock` read by G query rows plus each row's own block), so no
+        score is ever computed between two suffixes or for a padded [P, P] square.
+        """
+        c = self.config
+        U, P = tokens.shape
+        Lp, G = int(prefix_len), int(group_size)
+        Ls = (P - Lp) // G
+        if Lp < 1 or Ls < 1 or Lp + G * Ls != P:
+            raise ValueError(f"packed rows of {P} slots do not split as {Lp} + {G} x Ls")
+        w = self.weights()
+        x = constrain(jnp.take(w["embed"], tokens, axis=0), ("batch", "length", "embed"))
+
+        def suffixes(a: jax.Array) -> jax.Array:  # [U, P, ...] -> [U * G, Ls, ...]
+            return a[:, Lp:].reshape(U * G, Ls, *a.shape[2:])
+
+        xp, xs = x[:, :Lp], suffixes(x)
+        pos_p, pos_s = positions[:, :Lp], suffixes(positions)
+        mask_p, mask_s = mask[:, :Lp], suffixes(mask)
+        rope_p, rope_s = rope_tables(c, pos_p), rope_tables(c, pos_s)
+        causal_p = jnp.tril(jnp.ones((Lp, Lp), bool))
+        causal_s = jnp.tril(jnp.ones((Ls, Ls), bool))
+        valid_pp = mask_p[:, None, :] & causal_p[None]  # [U, Lp, Lp]
+        valid_sp = jnp.broadcast_to(mask_p[:, None, :], (U, 1, Lp))  # [U, 1, Lp]: every slot
+        valid_ss = mask_s[:, None, :] & causal_s[None]  # [U * G, Ls, Ls]
+
+        windows = c.layer_windows()
+        if windows is not None:
+            windows = jnp.asarray([_NO_WINDOW if n is None else n for n in windows], jnp.int32)
+            # the prefix block's validity depends on each suffix query once windowed
+            valid_sp = jnp.broadcast_to(jnp.repeat(mask_p, G, axis=0)[:, None, :], (U * G, Ls, Lp))
+
+        def body(carry, xs_):
+            xp, xs = carry
+            p, window = xs_
+
+            def attend_prefix(q, k, v):
+                ok = window_valid(valid_pp, pos_p, pos_p, window)
+                return attention(q, [KVBlock(k, v, ok)]), (k, v)
+
+            xp, (kp, vp) = block(p, xp, rope_p, attend_prefix, c)
+
+            def attend_suffix(q, k, v):
+                shared = KVBlock(kp, vp, window_valid(valid_sp, pos_s, pos_p, window))
+                own = KVBlock(k, v, window_valid(valid_ss, pos_s, pos_s, window))
+                return attention(q, [shared, own]), None
+
+            xs, _ = block(p, xs, rope_s, attend_suffix, c)
+            return (xp, xs), None
+
+        if self.remat:
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        (xp, xs), _ = jax.lax.scan(body, (xp, xs), (w["layers"], windows))
+        return final_norm(w, xp, c), final_norm(w, xs, c)
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[B, T, D] -> [B, T, V] float32."""
         return project(hidden, self.lm_head_kernel().astype(self.dtype))
