@@ -112,31 +112,51 @@ def generate_flops(c: dict[str, Any], prompts: int, samples: int, prompt: int, n
 # ----------------------------------------------------------------------------- workers
 
 
-def reflax_worker(ckpt: str, w: dict[str, int], share: bool, reps: int) -> dict[str, Any]:
+def reflax_worker(
+    ckpt: str,
+    prompts: np.ndarray,
+    new: int,
+    samples: int,
+    share: bool,
+    reps: int,
+    *,
+    dtype: str = "float32",
+    prompt_buckets: int = 64,
+    gen_buckets: int = 32,
+    cache_buckets: int = 128,
+) -> dict[str, Any]:
+    """Load the checkpoint, one warm-up call (compiles), `reps` timed calls of the Sampler."""
     import jax
+    import jax.numpy as jnp
     from flax import nnx
 
     from reflax.models.hf import load_pretrained
     from reflax.sampling import Sampler
 
-    model = load_pretrained(ckpt)
+    dt = jnp.dtype(dtype)
+    model = load_pretrained(ckpt, param_dtype=dt, dtype=dt)
     state = nnx.state(model)
-    sampler = Sampler(model, prompt_buckets=64, gen_buckets=32, cache_buckets=128)
-    prompts = prompts_of(w).tolist()
-    n, new, samples = w["prompts"], w["new"], w["samples"]
+    sampler = Sampler(
+        model,
+        cache_dtype=dt,
+        prompt_buckets=prompt_buckets,
+        gen_buckets=gen_buckets,
+        cache_buckets=cache_buckets,
+    )
+    rows = prompts.tolist()
     calls = iter(range(1 << 30))
 
     def call() -> None:
         out = sampler.sample(
             state,
-            prompts,
+            rows,
             max_new_tokens=new,
             rng=next(calls),
             temperature=1.0,
             num_samples=samples,
             share_prefix=share,
         )
-        assert out.tokens.shape == (n * samples, new)
+        assert out.tokens.shape == (len(rows) * samples, new)
         assert (out.lengths == new).all()
 
     t0 = time.perf_counter()
@@ -169,34 +189,44 @@ def hf_generate(hf, prompts: np.ndarray, new: int, samples: int) -> np.ndarray:
             pad_token_id=0,
         )
     assert out.shape == (prompts.shape[0] * samples, prompts.shape[1] + new)
-    if hf.device.type == "cuda":
-        torch.cuda.synchronize()
-    return out.cpu().numpy()
+    return out.cpu().numpy()  # the copy to the host waits for the device
 
 
-def torch_worker(ckpt: str, w: dict[str, int], reps: int) -> dict[str, Any]:
+def torch_worker(
+    ckpt: str, prompts: np.ndarray, new: int, samples: int, reps: int, dtype: str = "float32"
+) -> dict[str, Any]:
+    """Load the checkpoint, one warm-up call, `reps` timed calls of `generate`."""
     import torch
     from transformers import Qwen2ForCausalLM
 
     torch.set_num_threads(os.cpu_count() or 1)
-    hf = Qwen2ForCausalLM.from_pretrained(ckpt).eval()
-    prompts = prompts_of(w)
-    call = lambda: hf_generate(hf, prompts, w["new"], w["samples"])
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    hf = Qwen2ForCausalLM.from_pretrained(
+        ckpt, torch_dtype=getattr(torch, dtype), attn_implementation="sdpa"
+    )
+    hf = hf.to(dev).eval()
+    call = lambda: hf_generate(hf, prompts, new, samples)
     t0 = time.perf_counter()
     call()
     warm = time.perf_counter() - t0
     times = bc.time_calls(call, reps)
-    return dict(times=times, warm_s=warm, threads=torch.get_num_threads(), device="cpu")
+    return dict(
+        times=times,
+        warm_s=warm,
+        threads=torch.get_num_threads(),
+        device=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+    )
 
 
 def worker(a: argparse.Namespace) -> int:
     ckpt = os.path.join(a.workdir, "model")
+    p1, p2 = prompts_of(W1), prompts_of(W2)
     bodies = {
-        "reflax_w1": lambda: reflax_worker(ckpt, W1, True, a.reps),
-        "torch_w1": lambda: torch_worker(ckpt, W1, a.reps),
-        "reflax_w2_shared": lambda: reflax_worker(ckpt, W2, True, a.reps),
-        "reflax_w2_noshare": lambda: reflax_worker(ckpt, W2, False, a.reps),
-        "torch_w2": lambda: torch_worker(ckpt, W2, a.reps),
+        "reflax_w1": lambda: reflax_worker(ckpt, p1, W1["new"], 1, True, a.reps),
+        "torch_w1": lambda: torch_worker(ckpt, p1, W1["new"], 1, a.reps),
+        "reflax_w2_shared": lambda: reflax_worker(ckpt, p2, W2["new"], 8, True, a.reps),
+        "reflax_w2_noshare": lambda: reflax_worker(ckpt, p2, W2["new"], 8, False, a.reps),
+        "torch_w2": lambda: torch_worker(ckpt, p2, W2["new"], 8, a.reps),
     }
     framework = "torch" if a.worker.startswith("torch") else "jax"
     return bc.run_worker(framework, bodies[a.worker])
