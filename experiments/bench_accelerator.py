@@ -25,7 +25,8 @@ median of its timed calls. MFU is against the chip's dense bf16 peak (`--peak_tf
 256 x 896 batch (`bench_train_step.model_flops` with the reference forward): the packed
 step is credited with the work the plain step has to do, so its MFU may exceed what its own
 arithmetic reaches, and MFU ratios equal step-time ratios. The float32 2048^3 matmul probe
-of each worker is printed beside its figure.
+of each worker is printed beside its figure (on a GPU, jax's default float32 matmul
+precision may use TF32 where torch's does not, so there the two probes are not alike).
 
     python experiments/bench_accelerator.py [--peak_tflops 989]
     python experiments/bench_accelerator.py --tiny --allow_load   # tiny shapes, on a CPU
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         return worker(a)
 
     loaded = bc.check_load(a.max_load, a.allow_load)
+    bc.parent_on_cpu()
     s = shapes(a.tiny)
     cfg = TINY if a.tiny else QWEN25_1P5B
     dtype = "float32" if a.tiny else "bfloat16"

@@ -160,10 +160,25 @@ class Impl:
     framework: str
 
 
+_WORKER_ENV: dict[str, str] | None = None
+
+
+def parent_on_cpu() -> None:
+    """Keep the parent (which builds the weights and the batches) off any accelerator, so
+    that it holds no device memory while its workers run; the workers get the original
+    environment. Call it before the parent uses jax or torch."""
+    global _WORKER_ENV
+    if _WORKER_ENV is None:
+        _WORKER_ENV = dict(os.environ)
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 def launch(script: str, worker: str, argv: Sequence[str], workdir: str, timeout: float) -> dict:
     """Run `script --worker=<worker>` in a fresh process; its parsed result line."""
     cmd = [sys.executable, script, *argv, f"--worker={worker}", f"--workdir={workdir}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    env = _WORKER_ENV if _WORKER_ENV is not None else dict(os.environ)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])

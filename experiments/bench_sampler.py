@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         return worker(a)
 
     loaded = bc.check_load(a.max_load, a.allow_load)
+    bc.parent_on_cpu()
     bc.header("bench model, float32")
     impls = bc.selected(IMPLS, a.only)
     with tempfile.TemporaryDirectory() as tmp:

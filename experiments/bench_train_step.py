@@ -481,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         return worker(a)
 
     loaded = bc.check_load(a.max_load, a.allow_load)
+    bc.parent_on_cpu()
     bc.header("bench model; W3 16x256 beta 0, W4 4 groups x 8 rows x 512, beta 0.001")
     impls = bc.selected(IMPLS, a.only)
     hb = {"w3": w3_batch(a.seed), "w4": w4_batch(a.seed)}
