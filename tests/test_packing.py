@@ -236,3 +236,24 @@ def test_compiled_steps_one_program_per_layout():
         assert bool(m["applied"])
     layouts = {(p.tokens.shape, p.prefix_len) for p in batches}
     assert steps.num_programs == len(layouts)
+
+
+def test_packed_forward_runs_the_one_block(monkeypatch):
+    """The packed forward has no layer math of its own: it calls `decoder.block` for the
+    prefix and for the suffixes, in every layer."""
+    from reflax.models import decoder
+
+    original, shapes = decoder.block, []
+
+    def counted(p, x, rope, attend, config):
+        shapes.append(x.shape)
+        return original(p, x, rope, attend, config)
+
+    monkeypatch.setattr(decoder, "block", counted)
+    model = create(CFG, seed=1)
+    p = pack_groups(group_batch(seed=0), G)
+    Lp = p.prefix_len
+    Ls = (p.tokens.shape[1] - Lp) // G
+    model.packed_hidden_states(p.tokens, p.positions, p.mask, Lp, G)
+    # the layer scan traces its body once: one prefix call, one suffix call
+    assert shapes == [(U, Lp, CFG.hidden_size), (U * G, Ls, CFG.hidden_size)]
