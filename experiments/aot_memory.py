@@ -121,6 +121,7 @@ from jax.sharding import Mesh  # noqa: E402
 
 from reflax import optim  # noqa: E402
 from reflax.models import ModelConfig, abstract_model  # noqa: E402
+from reflax.packing import bucket_lengths, fit_length  # noqa: E402
 from reflax.sampling import Rollout, Sampler, bucket_size  # noqa: E402
 from reflax.sharding import make_mesh, param_shardings  # noqa: E402
 from reflax.trainer import (  # noqa: E402
@@ -400,19 +401,22 @@ def compile_train_step(
     ref_dtype: Any | None = jnp.float32,
     remat: bool = True,
     compiler_options: dict[str, Any] | None = None,
+    packed: tuple[int, int] | None = None,
 ) -> AotResult:
     """Lower and compile `reflax.trainer`'s sharded train step from abstract shapes only.
 
     The step is built exactly as `reflax.train` builds it (`make_train_step` +
     `jit_train_step`, state donated); `ref_dtype=None` compiles it without KL reference
-    params. `compiler_options` go to `Lowered.compile` (e.g. `FAST_COMPILE`). Returns the
-    compiled step, its per-device memory and the abstract (state, batch, ref).
+    params. `packed=(prefix_len, group_size)`: `batch_size` group-packed rows of `seq_len`
+    slots (`reflax.packing`). `compiler_options` go to `Lowered.compile` (e.g.
+    `FAST_COMPILE`). Returns the compiled step, its per-device memory and the abstract
+    (state, batch, ref).
     """
     graphdef, params = abstract_params(
         config, mesh, param_dtype=param_dtype, dtype=dtype, remat=remat
     )
     tx, state = abstract_state(params, mesh)
-    batch = Batch.abstract(batch_size, seq_len)
+    batch = Batch.abstract(batch_size, seq_len, *(packed or ()))
     batch = _with_sharding(batch, batch_shardings(batch, mesh))
     ref = None if ref_dtype is None else _as_dtype(state.params, ref_dtype)
     step = make_train_step(graphdef, tx, step_config)
@@ -626,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retry_turn_tokens", type=int, default=RETRY_TURN_TOKENS)
     p.add_argument("--skip_rollout", action="store_true")
     p.add_argument("--skip_train", action="store_true")
+    p.add_argument("--unpacked", action="store_true", help="train step on one row per sample")
     p.add_argument("--fast_compile", action="store_true", help="compile with FAST_COMPILE options")
     a = p.parse_args(argv)
 
@@ -752,6 +757,17 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
         if not a.skip_train:
+            if g.pack_groups and not a.unpacked:  # reflax.packing's layout of the widest rows
+                ladder = bucket_lengths(seq_len)
+                prefix = fit_length(seq_len - r.max_reflection_tokens, ladder)
+                suffix = fit_length(r.max_reflection_tokens, ladder)
+                rows, slots = shapes.groups, prefix + shapes.group_size * suffix
+                packed = (prefix, shapes.group_size)
+                layout = f"packed: {rows} groups x [{prefix} + {shapes.group_size} x {suffix}]"
+            else:
+                rows, slots, packed = shapes.rows, seq_len, None
+                layout = f"unpacked: {rows} rows x {seq_len}"
+            print(f"  train batch {layout}")
             print(program_header)
             fitting = []
             for m in micro:
@@ -764,11 +780,15 @@ def main(argv: list[str] | None = None) -> int:
                     micro_batches=m,
                     logits_chunk=g.logits_chunk,
                 )
+                if rows % m:
+                    print(f"  train step mb={m}: {rows} rows do not split in {m}; skipped")
+                    continue
                 res = compile_train_step(
                     config,
                     mesh,
-                    batch_size=shapes.rows,
-                    seq_len=seq_len,
+                    batch_size=rows,
+                    seq_len=slots,
+                    packed=packed,
                     step_config=cfg,
                     param_dtype=param_dtype,
                     dtype=dtype,
@@ -776,7 +796,7 @@ def main(argv: list[str] | None = None) -> int:
                     remat=c.model.remat,
                     compiler_options=options,
                 )
-                label = f"train step mb={m} ({shapes.rows // shards // m} rows/dev)"
+                label = f"train step mb={m} ({max(rows // shards // m, 1)} rows/dev)"
                 print(_program_row(label, res), flush=True)
                 if isinstance(res, AotResult) and res.memory.total <= budget:
                     fitting.append((m, res.memory.total))

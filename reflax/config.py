@@ -110,6 +110,9 @@ def base_config() -> ConfigDict:
     c.grpo.loss_type = "token_mean"
     c.grpo.mu = 1  # optimisation steps per rollout batch
     c.grpo.micro_batches = 1
+    # one row per group, [prefix | reflection_1 .. reflection_G]: the shared prefix is run and
+    # differentiated once (same loss and gradients as unpacked rows; reflax.packing)
+    c.grpo.pack_groups = True
     c.grpo.logits_chunk = 128  # sequence positions per LM-head chunk: [B, 128, V] f32 logits
 
     c.optim = ConfigDict(
@@ -234,6 +237,11 @@ def validate(c: ConfigDict) -> ConfigDict:
     need(
         rows % max(g.micro_batches, 1) == 0,
         f"groups_per_step * group_size = {rows} must be divisible by grpo.micro_batches",
+    )
+    need(
+        not g.pack_groups or r.groups_per_step % max(g.micro_batches, 1) == 0,
+        f"grpo.pack_groups splits whole groups: groups_per_step = {r.groups_per_step} must be "
+        "divisible by grpo.micro_batches (or set grpo.pack_groups=False)",
     )
     need(c.optim.learning_rate > 0, "optim.learning_rate must be > 0")
     need(0 <= c.optim.warmup_ratio < 1, "optim.warmup_ratio must be in [0, 1)")

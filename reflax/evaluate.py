@@ -83,9 +83,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Accuracy before and after one reflect-and-retry, with 95% CIs and sample reflections.
 
-    `samples` holds the first `num_samples_kept` failures: reflection, retry, whether the
-    retry passed, and the failed problem's index in `examples`. `errors` is the error
-    analysis of the module docstring.
+    `samples` holds the first `num_samples_kept` failures: the failed attempt, reflection,
+    retry, whether the retry passed, and the failed problem's index in `examples`.
+    `errors` is the error analysis of the module docstring.
     """
     s = RolloutSettings.from_config(rt.config)
     if s.method == "first_attempt":  # the second try always uses the model's own reflection
@@ -127,6 +127,7 @@ def evaluate(
             kept.append(
                 {
                     "index": start + i,  # into `examples`
+                    "attempt": completion_text(rt.tok, attempts[i]),
                     "reflection": g.texts["reflection"][0],
                     "retry": g.texts["retry"][0],
                     "passed": bool(g.rewards[0]),

@@ -35,7 +35,8 @@ def bucket_lengths(max_len: int, minimum: int = 16) -> tuple[int, ...]:
         k *= 2
 
 
-def _fit(n: int, lengths: Sequence[int]) -> int:
+def fit_length(n: int, lengths: Sequence[int]) -> int:
+    """The smallest of `lengths` that holds `n` slots."""
     for length in sorted(lengths):
         if length >= n:
             return int(length)
@@ -84,8 +85,8 @@ def pack_groups(batch: Batch, group_size: int, lengths: Sequence[int] | None = N
         shared[u] = _shared_prefix(tokens[rows], anchor[rows], loss[rows], shortest)
     suffix = n_real - np.repeat(shared, G)  # [B]
     ladder = bucket_lengths(T) if lengths is None else lengths
-    Lp = _fit(max(int(shared.max()), 1), ladder)
-    Ls = _fit(max(int(suffix.max()), 1), ladder)
+    Lp = fit_length(max(int(shared.max()), 1), ladder)
+    Ls = fit_length(max(int(suffix.max()), 1), ladder)
     P = Lp + G * Ls
 
     out = {

@@ -41,6 +41,7 @@ from reflax.episodes import (
 from reflax.evaluate import evaluate, save_json, table
 from reflax.metrics import MetricsWriter, Progress, Timer
 from reflax.models.hf import save_pretrained
+from reflax.packing import bucket_lengths, pack_groups
 from reflax.runtime import (
     Runtime,
     build_model,
@@ -50,17 +51,7 @@ from reflax.runtime import (
     state_to_dict,
 )
 from reflax.sharding import make_mesh
-from reflax.trainer import (
-    Batch,
-    StepConfig,
-    TrainState,
-    init_state,
-    jit_logprob_fn,
-    jit_train_step,
-    make_logprob_fn,
-    make_train_step,
-    shard_batch,
-)
+from reflax.trainer import Batch, CompiledSteps, StepConfig, TrainState, init_state, shard_batch
 from reflax.warm_start import train_problems, warm_start
 
 log = logging.getLogger("reflax.train")
@@ -149,15 +140,11 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
 
     # --- train step, compiled ahead of time from abstract shapes -------------------------
     cfg = StepConfig.from_config(c)
-    abstract = Batch.abstract(U * G, T)
-    step_fn = jit_train_step(
-        make_train_step(graphdef, tx, cfg), state, abstract, mesh, ref is not None
-    )
-    with jax.set_mesh(mesh):
-        train_step = step_fn.lower(state, abstract, ref).compile()
-        if c.grpo.mu > 1:  # the ratio's old log-probs, from the weights that sampled
-            logprobs = jit_logprob_fn(make_logprob_fn(graphdef, cfg), state.params, abstract, mesh)
-            logprobs = logprobs.lower(state.params, abstract).compile()
+    steps = CompiledSteps(graphdef, tx, cfg, state, ref, mesh, with_logprobs=c.grpo.mu > 1)
+    ladder = bucket_lengths(T)
+    if not c.grpo.pack_groups:
+        steps.compile(Batch.abstract(U * G, T))
+    # packed: one program per (prefix, suffix) bucket of the ladder, compiled at its first batch
 
     # --- loop ----------------------------------------------------------------------------
     rng0 = jax.random.key(c.seed)
@@ -170,10 +157,13 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
                 host, stats = build_batch(
                     groups, num_groups=U, group_size=G, seq_len=T, pad_id=tok.pad_id
                 )
+                if c.grpo.pack_groups:
+                    host = pack_groups(host, G, ladder)
             batch = shard_batch(host, mesh)
             with timer("train_step"):
+                train_step = steps.step(batch)
                 if c.grpo.mu > 1:
-                    batch = batch.replace(old_logprobs=logprobs(state.params, batch))
+                    batch = batch.replace(old_logprobs=steps.logprobs(batch)(state.params, batch))
                 finite = True
                 for _ in range(c.grpo.mu):
                     state, m = train_step(state, batch, ref)
@@ -194,6 +184,8 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
                 groups=stats.groups,
                 dropped_too_long=stats.dropped_too_long,
                 reflection_tokens=stats.loss_tokens / max(stats.groups * G, 1),
+                train_slots=int(np.prod(host.tokens.shape)),  # rows x length the step computed
+                train_programs=steps.num_programs,
                 learning_rate=float(schedule(int(state.step))),
             )
             if (step + 1) % c.log_every == 0:

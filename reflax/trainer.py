@@ -15,6 +15,7 @@ moments and count, hence the learning-rate schedule, and `step`) and reports
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -383,6 +384,67 @@ def jit_logprob_fn(logprob_fn: Callable, params: Any, batch: Batch, mesh: Mesh |
     p = param_shardings(jax.eval_shape(lambda x: x, params), mesh)
     b = batch_shardings(batch, mesh)
     return jax.jit(logprob_fn, in_shardings=(p, b), out_shardings=b.old_logprobs)
+
+
+def layout(batch: Batch) -> Batch:
+    """The abstract batch (shapes, dtypes, packing) a compiled step is specialised to."""
+    B, T = batch.tokens.shape
+    return Batch.abstract(B, T, batch.prefix_len, batch.group_size)
+
+
+class CompiledSteps:
+    """The train step (and, for mu > 1, the old-log-prob pass), compiled ahead of time once
+    per batch layout: one for unpacked rows, one per (prefix, suffix) bucket when packed.
+
+    `compile(abstract)` compiles a layout before its first batch; calling `step(batch)` or
+    `logprobs(batch)` on a new layout compiles it then.
+    """
+
+    def __init__(
+        self,
+        graphdef: Any,
+        tx: optax.GradientTransformation,
+        cfg: StepConfig,
+        state: TrainState,
+        ref_params: Any,
+        mesh: Mesh | None,
+        with_logprobs: bool = False,
+    ):
+        self._step = make_train_step(graphdef, tx, cfg)
+        self._logprob = make_logprob_fn(graphdef, cfg) if with_logprobs else None
+        self._state = jax.eval_shape(lambda x: x, state)
+        self._ref = None if ref_params is None else jax.eval_shape(lambda x: x, ref_params)
+        self._mesh = mesh
+        self._programs: dict[Any, tuple[Callable, Callable | None]] = {}
+
+    def compile(self, abstract: Batch) -> tuple[Callable, Callable | None]:
+        key = (abstract.tokens.shape, abstract.prefix_len, abstract.group_size)
+        if key not in self._programs:
+            mesh, state, ref = self._mesh, self._state, self._ref
+            step = jit_train_step(self._step, state, abstract, mesh, ref is not None)
+            logprob = None
+            with contextlib.ExitStack() as stack:
+                if mesh is not None:
+                    stack.enter_context(jax.set_mesh(mesh))
+                step = step.lower(state, abstract, ref).compile()
+                if self._logprob is not None:
+                    logprob = jit_logprob_fn(self._logprob, state.params, abstract, mesh)
+                    logprob = logprob.lower(state.params, abstract).compile()
+            self._programs[key] = (step, logprob)
+        return self._programs[key]
+
+    @property
+    def num_programs(self) -> int:
+        return len(self._programs)
+
+    def step(self, batch: Batch) -> Callable:
+        return self.compile(layout(batch))[0]
+
+    def logprobs(self, batch: Batch) -> Callable:
+        fn = self.compile(layout(batch))[1]
+        if fn is None:
+            raise ValueError("CompiledSteps built without with_logprobs")
+        return fn
 
 
 def shard_batch(batch: Batch, mesh: Mesh | None) -> Batch:

@@ -129,6 +129,30 @@ def test_fits_budget_from_shapes(result):
     assert m.total >= args + rows * CHUNK * V * f32
 
 
+def test_packed_step_needs_less_than_unpacked(result):
+    # the same 32 rows as 8 groups of 4 sharing a 48-token prefix, 16-token reflections:
+    # [48 + 4 x 16] = 112 slots per group instead of 4 x 64 = 256
+    mesh = make_mesh({"fsdp": DEVICES}, devices=jax.devices()[:DEVICES])
+    packed = aot.compile_train_step(
+        CFG,
+        mesh,
+        batch_size=BATCH // 4,
+        seq_len=48 + 4 * 16,
+        packed=(48, 4),
+        step_config=StepConfig(beta=0.001, micro_batches=1, logits_chunk=CHUNK, max_len=SEQ),
+        param_dtype=jnp.float32,
+        dtype=jnp.bfloat16,
+        ref_dtype=jnp.float32,
+        remat=True,
+        compiler_options=aot.FAST_COMPILE,
+    )
+    state, batch, _ = packed.args
+    assert batch.tokens.shape == (BATCH // 4, 112) and batch.advantages.shape == (8, 4)
+    # same weights as arguments; the unpacked step (2 micro-batches) keeps more temporaries
+    assert packed.memory.argument < result.memory.argument
+    assert packed.memory.temp < result.memory.temp
+
+
 # --------------------------------------------------------------------------- rollout phase
 
 

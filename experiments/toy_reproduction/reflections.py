@@ -36,21 +36,72 @@ flags.DEFINE_string("workdir", None, "a finished `reflax.train` run of the toy c
 flags.mark_flag_as_required("workdir")
 
 
+def attempt_op(text: str) -> str:
+    """The operator a bare two-number attempt used ('?' when it has none or several)."""
+    ops = [o for o in "+-*/" if o in text]
+    return ops[0] if len(ops) == 1 else "?"
+
+
+def best_lookup(rows: Sequence[tuple], key) -> float:
+    """Share of failures a reflection chosen from `key(row)` alone (one word per key value)
+    names a solving operator for: the most that information can give."""
+    by_key = collections.defaultdict(list)
+    for row in rows:
+        by_key[key(row)].append(row[0])
+    hits = sum(max(sum(w in ops for ops in group) for w in WORDS) for group in by_key.values())
+    return hits / max(len(rows), 1)
+
+
+def paired_gain(rows: Sequence[tuple], constant: str) -> tuple[float, float]:
+    """(mean, 95% CI half-width) over failures of [the reflection names a solving op] -
+    [`constant` solves]: the reflections' lead over the best constant, paired."""
+    d = [
+        float(any(w in ops and w in text.split() for w in WORDS)) - float(constant in ops)
+        for ops, text, *_ in rows
+    ]
+    n = len(d)
+    if n < 2:
+        return float("nan"), float("nan")
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / (n - 1)
+    return mean, 1.96 * (var / n) ** 0.5
+
+
 def analyse(rt, params, examples: Sequence[dict], batch_size: int = 256) -> dict:
     """The evaluation's greedy protocol, keeping every failure's reflection."""
     r = evaluate(rt, params, examples, batch_size=batch_size, num_samples_kept=len(examples))
-    rows = []  # (words of the operators that solve the problem, reflection, retry passed)
+    # (words of the operators that solve the problem, reflection, retry passed, failed op,
+    # whether the target exceeds both numbers)
+    rows = []
     for k in r["samples"]:
-        solving = solving_operators(examples[k["index"]], rt.task.verify)
-        rows.append(({OP_WORDS[o] for o in solving}, k["reflection"], k["passed"]))
+        ex = examples[k["index"]]
+        solving = solving_operators(ex, rt.task.verify)
+        above = ex["target"] > max(ex["nums"])
+        rows.append(
+            (
+                {OP_WORDS[o] for o in solving},
+                k["reflection"],
+                k["passed"],
+                attempt_op(k["attempt"]),
+                above,
+            )
+        )
     n = max(len(rows), 1)
-    named = sum(any(w in ops and w in text.split() for w in WORDS) for ops, text, _ in rows)
+    named = sum(any(w in ops and w in text.split() for w in WORDS) for ops, text, *_ in rows)
+    constants = {w: sum(w in ops for ops, *_ in rows) / n for w in WORDS}
+    best = max(constants, key=constants.get)
     return {
         "failures": len(rows),
         "names_a_solving_op": named / n,
         "retry_success_given_failure": r["retry_success_given_failure"],
-        "constant_reflection_ceiling": {w: sum(w in ops for ops, _, _ in rows) / n for w in WORDS},
-        "reflections": collections.Counter(text for _, text, _ in rows).most_common(5),
+        "constant_reflection_ceiling": constants,
+        "best_constant": best,
+        "lead_over_best_constant": paired_gain(rows, best),
+        # what a reflection could reach that reads only the failed operator, or the failed
+        # operator and whether the target lies above both numbers
+        "failed_op_ceiling": best_lookup(rows, lambda row: row[3]),
+        "failed_op_and_size_ceiling": best_lookup(rows, lambda row: (row[3], row[4])),
+        "reflections": collections.Counter(text for _, text, *_ in rows).most_common(5),
     }
 
 
@@ -69,11 +120,17 @@ def main(argv: Sequence[str]) -> None:
             ceiling = ", ".join(
                 f"{w} {100 * v:.1f}" for w, v in r["constant_reflection_ceiling"].items()
             )
+            lead, half = r["lead_over_best_constant"]
             print(
                 f"{name}: {r['failures']} failures; reflection names a solving operator "
                 f"{100 * r['names_a_solving_op']:.1f}%, retry passes "
                 f"{100 * r['retry_success_given_failure']:.1f}%; a constant reflection could "
-                f"reach: {ceiling}; reflections: {r['reflections']}"
+                f"reach: {ceiling}; lead over the best constant ({r['best_constant']}): "
+                f"{100 * lead:+.1f} +- {100 * half:.1f}; a reflection from the failed operator "
+                f"could reach {100 * r['failed_op_ceiling']:.1f}%, from it and whether the "
+                f"target is above both numbers {100 * r['failed_op_and_size_ceiling']:.1f}%; "
+                f"reflections: {r['reflections']}",
+                flush=True,
             )
 
 
