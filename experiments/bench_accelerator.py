@@ -90,7 +90,7 @@ SHAPES = {
     "seq": (896, 48),
     "micro_packed": (4, 1),  # micro-batches of the packed step (of 32 group rows)
     "micro_unpacked": (8, 2),  # micro-batches of the unpacked step (of 256 rows)
-    "torch_micro_rows": (16, 4),  # rows per torch forward/backward
+    "torch_micro_rows": (8, 4),  # rows per torch forward/backward (f32 logits: 8 x 896 x V)
     "s_groups": (64, 2),
     "s_prefix": (512, 16),
     "s_new": (256, 8),
