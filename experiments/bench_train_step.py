@@ -50,12 +50,17 @@ chunked LM head's rematerialised logits, is not counted):
                                                              full T x T as computed)
   W4 adds the reference forward: 2 * tokens * (dense + D*V) + 4 * tokens * L * T * H * Dh.
 
-For W4 the same count, that of the unpacked 32 x 512 batch, is used for all three
-implementations: it is the work the step has to do the plain way, so the packed step's
-"MFU" can exceed what its own arithmetic reaches, and every ratio of MFUs equals the ratio of
-step times. The tokens/s column likewise counts the 32 x 512 unpacked tokens. The packed
-step's own token count (U x packed length) is printed beside it. MFU is against the best
-float32 2048^3 matmul probe of the same round in either framework (`bench_common`).
+The packed step computes less: per group its Lp prefix slots once and G suffix regions
+of Ls slots, whose attention spans the prefix and the suffix itself:
+
+  packed = 2 * passes * U * (Lp + G * Ls) * (dense + D*V)
+         + 4 * passes * U * L * H * Dh * (Lp * Lp + G * Ls * (Lp + Ls))
+
+(passes = 4 with the reference forward). Each implementation's MFU counts its own FLOPs, so
+it says how well its arithmetic runs; the tokens/s column counts the 32 x 512 unpacked
+tokens for all three (the work done for the user: the same rows trained), so its ratios are
+the ratios of step times. MFU is against the best float32 2048^3 matmul probe of the same
+round in either framework (`bench_common`).
 
     python experiments/bench_train_step.py [--rounds 3] [--steps 2] [--warmup 0]
 
@@ -217,6 +222,20 @@ def model_flops(c: dict[str, Any], batch: int, seq: int, reference: bool = False
     attention = tokens * n_layers * seq * h * dh  # of QK^T (and as many of PV), full T x T
     passes = 4 if reference else 3  # forward 1, backward 2 (+ reference forward 1)
     return 2.0 * passes * matmuls + 4.0 * passes * attention
+
+
+def packed_flops(
+    c: dict[str, Any], groups: int, group_size: int, prefix: int, suffix: int
+) -> float:
+    """Model FLOPs of the packed W4 step (module docstring), reference forward included."""
+    d, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    h, k, n_layers = c["num_attention_heads"], c["num_key_value_heads"], c["num_hidden_layers"]
+    dh = c.get("head_dim") or d // h
+    dense = n_layers * (d * h * dh + 2 * d * k * dh + h * dh * d + 3 * d * f)
+    slots = groups * (prefix + group_size * suffix)
+    pairs = groups * (prefix * prefix + group_size * suffix * (prefix + suffix))
+    passes = 4
+    return 2.0 * passes * slots * (dense + d * v) + 4.0 * passes * n_layers * h * dh * pairs
 
 
 # ----------------------------------------------------------------------------- reflax worker
@@ -473,7 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     bc.add_harness_args(p, rounds=3)
     p.add_argument("--steps", type=int, default=2, help="timed steps per process")
     p.add_argument("--warmup", type=int, default=0, help="untimed steps after the first")
-    p.add_argument("--logits_chunk", type=int, default=128)
+    # 512: W3's and W4's rows in one LM-head chunk (no recomputation), holding all logits as
+    # PyTorch does; the packed W4 step's regions too
+    p.add_argument("--logits_chunk", type=int, default=512)
     p.add_argument("--remat", action="store_true", help="rematerialise each layer (reflax)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -497,13 +518,22 @@ def main(argv: list[str] | None = None) -> int:
     w3_flops = model_flops(BENCH, W3_BATCH, W3_SEQ)
     w4_flops = model_flops(BENCH, W4_GROUPS * W4_G, W4_SEQ, reference=True)
     flops = {i.name: w3_flops if i.name.startswith("W3") else w4_flops for i in impls}
+    if "W4 reflax packed" in names:
+        r0 = rounds[0]["W4 reflax packed"]
+        suffix = (r0["length"] - r0["prefix_len"]) // W4_G
+        flops["W4 reflax packed"] = packed_flops(BENCH, r0["rows"], W4_G, r0["prefix_len"], suffix)
     tokens = {
         i.name: W3_BATCH * W3_SEQ if i.name.startswith("W3") else W4_GROUPS * W4_G * W4_SEQ
         for i in impls
     }
     print(
-        f"\nmodel FLOPs per step: W3 {w3_flops / 1e9:.1f} G, W4 {w4_flops / 1e9:.1f} G "
-        "(W4: the unpacked 32 x 512 count for every implementation)"
+        f"\nmodel FLOPs per step: W3 {w3_flops / 1e9:.1f} G, W4 unpacked (reflax, torch) "
+        f"{w4_flops / 1e9:.1f} G"
+        + (
+            f", W4 packed {flops['W4 reflax packed'] / 1e9:.1f} G"
+            if "W4 reflax packed" in names
+            else ""
+        )
     )
     for i in impls:
         r0 = rounds[0][i.name]

@@ -31,7 +31,9 @@ Log-probabilities (:func:`token_logprobs`, :func:`token_logprobs_and_entropy`)
   * Entropy is ``logsumexp(z) - sum(softmax(z) * z)``; logits must be finite.
   * The fused LM-head version maps (``lax.map``) over chunks of ``chunk_size`` sequence
     positions with a rematerialised (``jax.checkpoint``) body, so at most
-    ``[B, chunk_size, V]`` logits exist at a time in the forward and the backward pass.
+    ``[B, chunk_size, V]`` logits exist at a time in the forward and the backward pass. A
+    single chunk (``chunk_size >= T``) keeps its logits for the backward pass instead of
+    recomputing them.
     Chunking along ``T`` (not ``B * T``) keeps ``B`` a plain batch axis of every chunk, so a
     batch-sharded input is never scanned over its sharded axis. ``T`` need not be a multiple
     of ``chunk_size``: it is zero-padded and the padding is sliced off.
@@ -258,18 +260,17 @@ def token_logprobs_and_entropy(
     h_kbcd = h_btd.reshape(batch, num_chunks, chunk, dim).transpose(1, 0, 2, 3)
     t_kbc = t_bt.reshape(batch, num_chunks, chunk).transpose(1, 0, 2)
 
-    # Rematerialised body: the backward pass recomputes one chunk's logits instead of keeping
-    # [B, T, V] residuals.
-    @jax.checkpoint
     def one_chunk(args: tuple[Array, Array]) -> tuple[Array, Array]:
         h_bcd, t_bc = args
         z_bcv = jnp.dot(h_bcd, lm_head, preferred_element_type=jnp.float32) / temperature
         return _logprobs_entropy_f32(z_bcv, t_bc)
 
-    if num_chunks == 1:
+    if num_chunks == 1:  # all logits at once, as asked: nothing to save by recomputing them
         lp_kbc, ent_kbc = jax.tree.map(lambda x: x[None], one_chunk((h_kbcd[0], t_kbc[0])))
     else:
-        lp_kbc, ent_kbc = jax.lax.map(one_chunk, (h_kbcd, t_kbc))
+        # Rematerialised body: the backward pass recomputes one chunk's logits instead of
+        # keeping [B, T, V] residuals.
+        lp_kbc, ent_kbc = jax.lax.map(jax.checkpoint(one_chunk), (h_kbcd, t_kbc))
     logprobs = lp_kbc.transpose(1, 0, 2).reshape(batch, num_chunks * chunk)[:, :length]
     entropy = ent_kbc.transpose(1, 0, 2).reshape(batch, num_chunks * chunk)[:, :length]
     if mask is not None:
