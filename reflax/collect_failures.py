@@ -1,6 +1,8 @@
 """Build the failure set the paper trains on (offline mode).
 
     python -m reflax.collect_failures --config=configs/qwen1p5b.py --output=failures.jsonl
+    python -m reflax.collect_failures --config=configs/countdown_toy.py \
+        --warm_start=/tmp/toy --output=failures.jsonl   # from a run's warm-started model
 
 For each training query, sample `rollout.attempts_per_query` first attempts
 from the config's initial model and keep the first failing one: a JSONL row
@@ -23,8 +25,9 @@ from ml_collections import config_flags
 from reflax import data, distributed, logs
 from reflax.config import validate
 from reflax.episodes import RolloutSettings, completion_text, first_attempts
-from reflax.metrics import Progress
+from reflax.metrics import MetricsWriter, Progress
 from reflax.runtime import Runtime, build, load_examples
+from reflax.warm_start import warm_start
 
 log = logging.getLogger("reflax.collect_failures")
 
@@ -90,6 +93,11 @@ def _define_flags() -> None:
     flags.DEFINE_string("output", None, "JSONL file to write")
     flags.DEFINE_integer("num_queries", None, "training queries to attempt (default: all)")
     flags.DEFINE_integer("batch_size", 64, "queries per sampling call")
+    flags.DEFINE_string(
+        "warm_start",
+        None,
+        "a workdir whose warm start is the initial model (configs with warm_start.steps > 0)",
+    )
     flags.mark_flags_as_required(["config", "output"])
 
 
@@ -108,6 +116,9 @@ def _main(argv: Sequence[str]) -> None:
     c = validate(c)
     distributed.initialize(distributed.ClusterSettings(**c.cluster))
     rt, params = build(c)
+    if FLAGS.warm_start:  # the model RL starts from: the warm start trained in that workdir
+        writer = MetricsWriter(FLAGS.warm_start, tensorboard=False, enabled=False)
+        params = warm_start(rt, params, FLAGS.warm_start, writer, restore_only=True)
     examples = load_examples(rt, "train", FLAGS.num_queries or c.task.num_train, seed=c.seed)
     records, stats = collect_failures(
         rt,

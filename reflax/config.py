@@ -162,6 +162,8 @@ def base_config() -> ConfigDict:
     c.eval.greedy = True
     c.eval.before = False  # evaluate the initial model before training
     c.eval.after = True
+    # what the recipe should reach, printed under the final table (a range, with its source)
+    c.eval.expected = ""
     return c
 
 

@@ -227,6 +227,8 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
         save_pretrained(model, os.path.join(workdir, "hf"), tokenizer=tok.tokenizer)
     if results and distributed.is_primary():
         print(table(results, f"{c.task.name}: held-out accuracy (%), n={len(eval_examples)}"))
+        if c.eval.expected:
+            print(f"expected: {c.eval.expected}")
         save_json(os.path.join(workdir, "eval.json"), results)
     writer.close()
     ckpt.close()

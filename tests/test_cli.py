@@ -238,6 +238,19 @@ def test_collect_failures_then_offline_training(tmp_path, env):
     assert len(rows) == 1 and rows[0]["groups"] >= 1
 
 
+def test_collect_failures_from_a_warm_start(uninterrupted, tmp_path, env):
+    # the paper's recipe on a config that warm-starts: failures of the warm-started model
+    # (which solves some problems; the random initial model solves none)
+    f = str(tmp_path / "failures.jsonl")
+    args = [f"--config={SMOKE}", f"--output={f}", "--num_queries=32", *LEARNABLE]
+    fresh = run(cli("collect_failures", *args), env).stdout
+    warm = run(cli("collect_failures", *args, f"--warm_start={uninterrupted}"), env).stdout
+    success = lambda out: float(out.split("attempt_success=")[1].split()[0])
+    assert success(fresh) == 0 < success(warm)
+    bad = run(cli("collect_failures", *args, f"--warm_start={tmp_path}"), env, check=False)
+    assert bad.returncode != 0 and "warm_start is missing" in bad.stderr
+
+
 def test_paper_config_local_variant_end_to_end(tmp_path, env):
     # a paper config loads by path from any directory and runs its whole pipeline
     w = str(tmp_path / "local")
