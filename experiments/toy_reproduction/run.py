@@ -2,7 +2,7 @@
 
     python experiments/toy_reproduction/run.py --root /tmp/toy_repro
     python experiments/toy_reproduction/run.py --root /tmp/toy_repro --seeds 0 1 2 \
-        --ablation-seeds 0
+        --ablation-seeds 0 --recipe-seeds 0
 
 For each seed, `python -m reflax.train --config=configs/countdown_toy.py` trains the
 paper's method ("reflect"): a supervised warm start, then Reflect-Retry-Reward GRPO;
@@ -10,7 +10,11 @@ its eval.json holds the held-out first/second-try accuracy before (vanilla: the
 warm-started model) and after RL. Each ablation on a seed starts from a copy of that
 seed's warm start (the same weights) and runs the same number of steps with the same
 number of sampled rows per step (groups_per_step * group_size), then is evaluated
-on the same held-out problems with the same greedy protocol. Runs whose eval.json
+on the same held-out problems with the same greedy protocol. With --recipe-seeds, the
+paper's own recipe runs beside the shipped design from the same warm start: an offline
+failure set collected once from the warm-started model (`reflax.collect_failures`, 64
+sampled attempts per query), no anchor; then each of the two switches alone (`RECIPES`).
+Runs whose eval.json
 already exists are skipped, so the script can be resumed. Writes results.json,
 results.md and success_vs_step.png into --root (and copies them to --out).
 """
@@ -28,6 +32,21 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "configs", "countdown_toy.py")
 ABLATIONS = ("reflect_retry", "first_attempt", "fixed_reflection")
+# The paper's recipe and the shipped design differ by two switches: the paper trains on an
+# offline failure set (first attempts sampled once from the initial model, up to 64 per
+# query, failing queries kept) with no anchor; the shipped design decodes fresh first
+# attempts greedily every step and anchors them. Each recipe runs from the seed's warm start.
+RECIPES = {
+    "paper": ["--config.grpo.anchor_beta=0"],  # offline failures, no anchor
+    "paper_anchor": [],  # offline failures, the shipped anchor
+    "paper_online_greedy": [  # the shipped online greedy attempts, no anchor
+        "--config.grpo.anchor_beta=0",
+        "--config.rollout.mode=online",
+    ],
+}
+OFFLINE = ["--config.rollout.mode=offline", "--config.rollout.greedy_attempts=False"]
+FAILURE_SAMPLES = 64  # first attempts sampled per query for the failure set
+FAILURE_QUERIES = 2000
 # The toy alphabet is lower-case; a short generic reflection that fits its rows.
 FIXED_REFLECTION = "try another way"
 
@@ -50,14 +69,14 @@ def log_path(workdir: str) -> str:
     return os.path.join(os.path.dirname(workdir), os.path.basename(workdir) + ".log")
 
 
-def train(workdir: str, seed: int, method: str, extra: list[str]) -> float:
+def train(workdir: str, seed: int, method: str, extra: list[str], vanilla: bool = True) -> float:
     """One CLI run; returns its wall time in seconds (0 when already done)."""
     if os.path.exists(os.path.join(workdir, "eval.json")):
         return 0.0
     cmd = train_command(workdir, seed, [f"--config.rollout.method={method}", *extra])
     if method == "fixed_reflection":
         cmd.append(f"--config.rollout.fixed_reflection={FIXED_REFLECTION}")
-    if method != "reflect":  # vanilla is the shared warm start, evaluated in the reflect run
+    if method != "reflect" or not vanilla:  # vanilla: the warm start, evaluated once
         cmd.append("--config.eval.before=False")
     print("$", " ".join(cmd[1:]), flush=True)
     t0 = time.time()
@@ -97,6 +116,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ablation-seeds", type=int, nargs="*", default=[0])
     ap.add_argument("--methods", nargs="*", default=list(ABLATIONS))
+    ap.add_argument("--recipe-seeds", type=int, nargs="*", default=[])
     ap.add_argument("overrides", nargs="*", help="extra --config.key=value flags for every run")
     args = ap.parse_args()
     os.makedirs(args.root, exist_ok=True)
@@ -120,7 +140,54 @@ def main() -> None:
     for seed in args.ablation_seeds:
         for method in args.methods:
             run(f"{method}_s{seed}", seed, method)
-    report(args.root, args.out, args.seeds, args.ablation_seeds, args.methods, times)
+    for seed in args.recipe_seeds:
+        failures = collect(args.root, seed, args.overrides)
+        for name, flags in RECIPES.items():
+            offline = "--config.rollout.mode=online" not in flags
+            extra = [*OFFLINE, f"--config.rollout.failures={failures}"] if offline else []
+            wd = os.path.join(args.root, f"{name}_s{seed}")
+            if not os.path.exists(os.path.join(wd, "warm_start")):
+                shutil.copytree(
+                    os.path.join(args.root, f"reflect_s{seed}", "warm_start"),
+                    os.path.join(wd, "warm_start"),
+                )
+            t = train(wd, seed, "reflect", [*args.overrides, *extra, *flags], vanilla=False)
+            if t:
+                times[f"{name}_s{seed}"] = t
+                dump_json(times_path, times)
+    report(
+        args.root,
+        args.out,
+        args.seeds,
+        args.ablation_seeds,
+        args.methods,
+        times,
+        args.recipe_seeds,
+    )
+
+
+def collect(root: str, seed: int, overrides: list[str]) -> str:
+    """The paper's failure set from the seed's warm-started model (`reflax.collect_failures`)."""
+    out = os.path.join(root, f"failures_s{seed}.jsonl")
+    if os.path.exists(out):
+        return out
+    cmd = [
+        sys.executable,
+        "-m",
+        "reflax.collect_failures",
+        f"--config={CONFIG}",
+        f"--config.seed={seed}",
+        f"--config.rollout.attempts_per_query={FAILURE_SAMPLES}",
+        f"--warm_start={os.path.join(root, f'reflect_s{seed}')}",
+        f"--num_queries={FAILURE_QUERIES}",
+        f"--output={out}.partial",
+        *overrides,
+    ]
+    print("$", " ".join(cmd[1:]), flush=True)
+    with open(out + ".log", "w") as f:
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    os.replace(out + ".partial", out)
+    return out
 
 
 def report(
@@ -130,6 +197,7 @@ def report(
     ablation_seeds: list[int],
     methods: list[str],
     times: dict[str, float],
+    recipe_seeds: list[int] = (),
 ) -> None:
     """results.md (the table), results.json and success_vs_step.png from the run dirs."""
     import matplotlib
@@ -148,11 +216,13 @@ def report(
         van = ev["before"]
         runs = [("vanilla (warm start)", van, None)]
         runs.append(("reflect (paper)", ev["after"], times.get(f"reflect_s{seed}")))
-        if seed in ablation_seeds:
-            for m in methods:
-                p = os.path.join(root, f"{m}_s{seed}", "eval.json")
-                if os.path.exists(p):
-                    runs.append((m, load_json(p)["after"], times.get(f"{m}_s{seed}")))
+        others = [m for m in methods if seed in ablation_seeds]
+        others += [f"recipe {r}" for r in RECIPES if seed in recipe_seeds]
+        for m in others:
+            name = m.removeprefix("recipe ")
+            p = os.path.join(root, f"{name}_s{seed}", "eval.json")
+            if os.path.exists(p):
+                runs.append((m, load_json(p)["after"], times.get(f"{name}_s{seed}")))
         for name, r, t in runs:
             results.setdefault(name, {})[seed] = {k: v for k, v in r.items() if k != "samples"}
             gain = sep = ""
