@@ -25,6 +25,24 @@ import numpy as np
 
 from reflax.tokenizer import char_tokenizer
 
+
+def tiny_train_config():
+    """The tiny decoder of the train-step tests (qwen2: GQA 4/2, q/k/v biases, tied)."""
+    from reflax.models import ModelConfig
+
+    return ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        qkv_bias=True,
+        tie_word_embeddings=True,
+    )
+
+
 # printable ASCII: 100 characters, so a char tokenizer has 104 ids (< the default vocab 128)
 ALPHABET = string.printable
 

@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import tiny_train_config
 
 from reflax import grpo, optim
-from reflax.models import ModelConfig, create
+from reflax.models import create
 from reflax.packing import bucket_lengths, pack_groups
 from reflax.sharding import make_mesh
 from reflax.trainer import (
@@ -25,17 +26,7 @@ from reflax.trainer import (
     shard_batch,
 )
 
-CFG = ModelConfig(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    qkv_bias=True,
-    tie_word_embeddings=True,
-)
+CFG = tiny_train_config()
 U, G, T = 4, 3, 40
 
 

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import np_grpo_loss
+from helpers import np_grpo_loss, tiny_train_config
 
 from reflax import grpo, optim
-from reflax.models import ModelConfig, create
+from reflax.models import create
 from reflax.sharding import make_mesh
 from reflax.trainer import (
     Batch,
@@ -24,17 +24,7 @@ from reflax.trainer import (
     shard_batch,
 )
 
-CFG = ModelConfig(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    qkv_bias=True,
-    tie_word_embeddings=True,
-)
+CFG = tiny_train_config()
 
 
 def make_batch(seed=0, B=8, T=12):
