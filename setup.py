@@ -41,6 +41,8 @@ setup(
         ],
         # the forgetting suite (reflax.forgetting); [math]: sympy etc. for lm_eval's MATH
         "eval": ["lm-eval[math]>=0.4.13,<0.5"],
+        # experiments/toy_reproduction/run.py's success-vs-step plot
+        "experiments": ["matplotlib>=3.7"],
         "tpu": ["jax[tpu]>=0.10"],
         "cuda": ["jax[cuda12]>=0.10"],
     },

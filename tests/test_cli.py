@@ -32,6 +32,11 @@ LEARNABLE = [
     "--config.model.init.hidden_size=64",
     "--config.model.init.num_layers=2",
     "--config.model.init.head_dim=16",
+    # AdamW divides by |g| + eps: with the default 1e-8 an entry whose gradient is round-off
+    # takes a full-size step in round-off's direction, so two exact runs that sum in another
+    # order (packed or not, one process or two) could not be compared; 1e-3 keeps each
+    # update a smooth function of the gradient
+    "--config.optim.eps=1e-3",
 ]
 
 
@@ -79,10 +84,6 @@ def final_params(workdir, sub="checkpoints"):
 
 
 STEPS = [
-    # AdamW divides by |g| + eps: with the default 1e-8 an entry whose gradient is round-off
-    # takes a full-size step in round-off's direction, so two exact runs that sum in another
-    # order could not be compared; 1e-3 keeps each update a smooth function of the gradient
-    "--config.optim.eps=1e-3",
     "--config.total_steps=5",
     "--config.checkpoint_every=1",
     "--config.eval.before=False",
