@@ -158,6 +158,10 @@ def base_config() -> ConfigDict:
 
     c.eval = ConfigDict()
     c.eval.num_examples = 1000
+    # "test" for the final table; "validation" to choose a design without touching the test
+    # set (generated tasks with a validation fraction, e.g. countdown's
+    # task.kwargs.synthetic_validation_fraction)
+    c.eval.split = "test"
     c.eval.batch_size = 64
     c.eval.greedy = True
     c.eval.before = False  # evaluate the initial model before training
@@ -267,6 +271,7 @@ def validate(c: ConfigDict) -> ConfigDict:
     )
     need(c.checkpoint_every >= 1 and c.log_every >= 1, "checkpoint_every, log_every must be >= 1")
     need(c.eval.num_examples >= 0 and c.eval.batch_size >= 1, "bad eval sizes")
+    need(c.eval.split in ("test", "validation"), "eval.split must be 'test' or 'validation'")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     c.lock()

@@ -231,7 +231,7 @@ def _main(argv: Sequence[str]) -> None:
         forgetting.main(rt, params, FLAGS)
         return
     n = FLAGS.num_examples if FLAGS.num_examples is not None else c.eval.num_examples
-    examples = load_examples(rt, "test", n)
+    examples = load_examples(rt, c.eval.split, n)
     kw = dict(batch_size=c.eval.batch_size, greedy=c.eval.greedy, seed=c.seed)
     results: dict[str, Any] = {}
     if FLAGS.baseline or not (FLAGS.checkpoint or FLAGS.hf):
@@ -245,7 +245,8 @@ def _main(argv: Sequence[str]) -> None:
             other, other_params, examples, **kw
         )
     if distributed.is_primary():
-        print(table(results, f"{c.task.name}: held-out accuracy (%), n={len(examples)}"))
+        title = f"{c.task.name}: held-out accuracy (%), {c.eval.split} split, n={len(examples)}"
+        print(table(results, title))
     if FLAGS.output:
         save_json(FLAGS.output, results)
 

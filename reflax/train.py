@@ -97,7 +97,7 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
         raise ValueError("no training examples")
     cursor = data.Cursor(len(items), c.seed)  # checkpointed: a resumed run continues it
     evaluating = c.eval.num_examples and (c.eval.before or c.eval.after)
-    eval_examples = load_examples(rt, "test", c.eval.num_examples) if evaluating else []
+    eval_examples = load_examples(rt, c.eval.split, c.eval.num_examples) if evaluating else []
     results: dict[str, Any] = {}
 
     def run_eval(name: str, params: Any) -> None:
@@ -226,7 +226,9 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
         model = nnx.merge(graphdef, state.params)
         save_pretrained(model, os.path.join(workdir, "hf"), tokenizer=tok.tokenizer)
     if results and distributed.is_primary():
-        print(table(results, f"{c.task.name}: held-out accuracy (%), n={len(eval_examples)}"))
+        n = len(eval_examples)
+        title = f"{c.task.name}: held-out accuracy (%), {c.eval.split} split, n={n}"
+        print(table(results, title))
         if c.eval.expected:
             print(f"expected: {c.eval.expected}")
         save_json(os.path.join(workdir, "eval.json"), results)

@@ -179,3 +179,20 @@ def test_local_and_synthetic_never_touch_the_hub(hub):
     assert len(load_examples(rt, "test", c.eval.num_examples)) == c.eval.num_examples
     assert len(load_examples(rt, "train", c.task.num_train)) == c.task.num_train
     assert hub == []
+
+
+def test_toy_validation_split_through_the_config():
+    # choosing a design: the toy with a validation bucket evaluates on it, never on test
+    c = load_config("countdown_toy").get_config()
+    c.task.kwargs.synthetic_validation_fraction = 0.1
+    c.eval.split = "validation"
+    c = checked(c)
+    task = tasks.get(c.task.name, **c.task.kwargs)
+    rt = types.SimpleNamespace(config=c, task=task)
+    val = load_examples(rt, c.eval.split, 50)
+    test = load_examples(rt, "test", 50)
+    numbers = lambda exs: {tuple(sorted(e["nums"])) for e in exs}
+    assert len(val) == 50 and not numbers(val) & numbers(test)
+    c.eval.split = "train"
+    with pytest.raises(ValueError, match="eval.split"):
+        validate(c)

@@ -494,3 +494,23 @@ def test_missing_local_file_and_bad_split():
         TASK.load("train", source="./missing.jsonl")
     with pytest.raises(ValueError):
         TASK.load("validation")
+
+
+def test_validation_split_is_held_out_of_training_and_test():
+    kw = dict(counts=(2,), num_range=(1, 40), target_range=(1, 80), synthetic_test_fraction=0.3)
+    plain = CountdownTask(**kw, synthetic_unique_test=True)
+    with pytest.raises(ValueError, match="validation fraction"):
+        plain.load("validation", num=10)
+    task = CountdownTask(**kw, synthetic_unique_test=True, synthetic_validation_fraction=0.2)
+    sets = lambda exs: {tuple(sorted(e["nums"])) for e in exs}
+    val = task.load("validation", num=200)
+    train = task.load("train", num=4000, seed=1)
+    test = task.load("test", num=200)
+    assert len({task.split_key(e) for e in val}) == 200  # distinct problems
+    assert not sets(val) & sets(train) and not sets(val) & sets(test)
+    # the test split does not depend on the validation bucket; training loses it
+    assert test == plain.load("test", num=200)
+    assert sets(val) & sets(plain.load("train", num=4000, seed=1))  # trained on without it
+    assert all(reachable_targets(e["nums"]).get(e["target"]) for e in val)
+    with pytest.raises(ValueError, match="synthetic_validation_fraction"):
+        CountdownTask(**kw, synthetic_validation_fraction=0.7)

@@ -48,7 +48,7 @@ from reflax.tasks import sources, splits
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "validation")
 CORRECT = "correct"
 INCORRECT = "incorrect"
 
@@ -108,14 +108,27 @@ class Task(abc.ABC):
         self.test_size = test_size
         self.split_seed = split_seed
         self.last_load_skipped = 0
+        # share of generated problems held out of training for choosing designs (a task that
+        # generates a "validation" split sets it above 0)
+        self.validation_fraction = 0.0
 
     # ----------------------------------------------------------------------------- loading
     def load(
         self, split: str, *, source: str | None = None, num: int | None = None, seed: int = 0
     ) -> list[dict]:
-        """Examples of ``split`` ("train" or "test"); see the module docstring."""
+        """Examples of ``split`` ("train", "test" or "validation"); see the module docstring.
+
+        "validation" exists for generated problems of a task with a validation fraction
+        (Countdown's `synthetic_validation_fraction`): held out of training like the test
+        split, disjoint from it, for choosing a design without touching the test set.
+        """
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if split == "validation" and (source is not None or not self.validation_fraction > 0):
+            raise ValueError(
+                "a validation split exists only for generated problems of a task with a "
+                "validation fraction (countdown: task.kwargs.synthetic_validation_fraction)"
+            )
         if num is not None and num < 0:
             raise ValueError(f"num must be non-negative, got {num}")
         if source is None:

@@ -417,6 +417,7 @@ class CountdownTask(Task):
         synthetic_size: int = 1_000,
         synthetic_test_fraction: float = 0.1,
         synthetic_unique_test: bool = False,
+        synthetic_validation_fraction: float = 0.0,
         hint_gold_fraction: float = 1.0,
     ) -> None:
         super().__init__(test_size=test_size, split_seed=split_seed)
@@ -442,6 +443,12 @@ class CountdownTask(Task):
         self.synthetic_size = synthetic_size
         self.synthetic_test_fraction = synthetic_test_fraction
         self.synthetic_unique_test = synthetic_unique_test
+        if not 0.0 <= synthetic_validation_fraction < 1.0 - synthetic_test_fraction:
+            raise ValueError(
+                "synthetic_validation_fraction must lie in [0, 1 - synthetic_test_fraction), "
+                f"got {synthetic_validation_fraction}"
+            )
+        self.validation_fraction = synthetic_validation_fraction
         if not 0.0 <= hint_gold_fraction <= 1.0:
             raise ValueError(f"hint_gold_fraction must lie in [0, 1], got {hint_gold_fraction}")
         self.hint_gold_fraction = hint_gold_fraction
@@ -472,8 +479,13 @@ class CountdownTask(Task):
         num = self.synthetic_size if num is None else num
         rng = random.Random(f"countdown:{split}:{seed}")
         salt = f"countdown-synthetic:{self.split_seed}"
-        want_test = split == "test"
-        unique = want_test and self.synthetic_unique_test
+        unique = split != "train" and self.synthetic_unique_test
+        # the hash range: [0, test) test, [test, test + validation) validation, the rest train
+        lo_test, hi_test = 0.0, self.synthetic_test_fraction
+        hi_val = hi_test + self.validation_fraction
+        start, stop = {"test": (lo_test, hi_test), "validation": (hi_test, hi_val)}.get(
+            split, (hi_val, 1.0)
+        )
         lo, hi = self.num_range
         t_lo, t_hi = self.target_range
         examples: list[dict] = []
@@ -489,8 +501,7 @@ class CountdownTask(Task):
                 )
             nums = [rng.randint(lo, hi) for _ in range(rng.choice(self.counts))]
             key = tuple(sorted(nums))
-            held_out = splits.in_test_bucket(key, fraction=self.synthetic_test_fraction, salt=salt)
-            if held_out != want_test:
+            if not splits.in_bucket(key, start=start, stop=stop, salt=salt):
                 continue
             reachable = reachable_targets(nums)
             targets = sorted(t for t in reachable if t_lo <= t <= t_hi)

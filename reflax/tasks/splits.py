@@ -61,3 +61,10 @@ def held_out_split(
 def in_test_bucket(key: Hashable, *, fraction: float, salt: str) -> bool:
     """Whether a generated example with ``key`` belongs to the held-out test stream."""
     return key_hash(key, salt) < fraction * _HASH_RANGE
+
+
+def in_bucket(key: Hashable, *, start: float, stop: float, salt: str) -> bool:
+    """Whether ``key``'s salted hash falls in the [start, stop) share of the hash range:
+    ``in_test_bucket`` is the bucket [0, fraction); a validation split takes the one after."""
+    h = key_hash(key, salt)
+    return start * _HASH_RANGE <= h < stop * _HASH_RANGE
