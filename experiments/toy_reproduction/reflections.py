@@ -1,4 +1,5 @@
-"""What the toy's reflections say, before and after RL, on the held-out problems.
+"""What the toy's reflections say, before and after RL, on the held-out problems
+(`eval.split`: test, or validation while choosing a design).
 
     python experiments/toy_reproduction/reflections.py --workdir=/tmp/R2/reflect_s0 \
         --config.seed=0 [--config.key=value ...]
@@ -113,7 +114,7 @@ def main(argv: Sequence[str]) -> None:
     writer = MetricsWriter(wd, tensorboard=False, enabled=False)  # restores, writes nothing
     vanilla = warm_start(rt, initial, wd, writer, restore_only=True)
     trained, step = restore_params(rt, initial, wd)
-    examples = load_examples(rt, "test", c.eval.num_examples)
+    examples = load_examples(rt, c.eval.split, c.eval.num_examples)
     with jax.set_mesh(rt.mesh):
         for name, params in (("vanilla", vanilla), (f"trained (step {step})", trained)):
             r = analyse(rt, params, examples, c.eval.batch_size)
