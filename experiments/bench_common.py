@@ -83,6 +83,20 @@ def check_load(max_load: float, allow_load: bool) -> bool:
     return True
 
 
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def macs(c: dict[str, Any]) -> tuple[int, int]:
+    """Multiply-adds of a Qwen2-style model (`c`: transformers' config names): (one token's
+    forward through every weight, the LM head included; one (query, key) pair's scores
+    summed over layers and heads, as many again for the weighted values)."""
+    d, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    h, k, n_layers = c["num_attention_heads"], c["num_key_value_heads"], c["num_hidden_layers"]
+    dh = c.get("head_dim") or d // h
+    dense = n_layers * (d * h * dh + 2 * d * k * dh + h * dh * d + 3 * d * f)  # q k v o, MLP
+    return dense + d * v, n_layers * h * dh
+
+
 # ----------------------------------------------------------------------------- worker side
 
 

@@ -96,12 +96,9 @@ def generate_flops(c: dict[str, Any], prompts: int, samples: int, prompt: int, n
     """Forward model FLOPs of prefilling `prompts` prompts of `prompt` tokens once, then
     generating `new` tokens in each of `samples` rows per prompt (the module docstring);
     `c` holds transformers' Qwen2 config names."""
-    d, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-    h, k, n_layers = c["num_attention_heads"], c["num_key_value_heads"], c["num_hidden_layers"]
-    dh = c.get("head_dim") or d // h
-    dense = n_layers * (d * h * dh + 2 * d * k * dh + h * dh * d + 3 * d * f)
-    per_token = 2.0 * (dense + d * v)
-    per_key = 4.0 * n_layers * h * dh
+    weights, pair = bc.macs(c)
+    per_token = 2.0 * weights
+    per_key = 4.0 * pair
     # token t (0-based) of a row attends to t + 1 keys
     prefill = prompt * per_token + per_key * prompt * (prompt + 1) / 2
     total = prompt + new

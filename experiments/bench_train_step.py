@@ -213,13 +213,10 @@ def w4_batch(seed: int) -> dict[str, np.ndarray]:
 def model_flops(c: dict[str, Any], batch: int, seq: int, reference: bool = False) -> float:
     """Model FLOPs of one training step on a [batch, seq] batch (see the module docstring);
     `c` holds transformers' Qwen2 config names."""
-    d, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-    h, k, n_layers = c["num_attention_heads"], c["num_key_value_heads"], c["num_hidden_layers"]
-    dh = c.get("head_dim") or d // h
+    weights, pair = bc.macs(c)
     tokens = batch * seq
-    dense = n_layers * (d * h * dh + 2 * d * k * dh + h * dh * d + 3 * d * f)
-    matmuls = tokens * (dense + d * v)  # multiply-adds of one forward, LM head included
-    attention = tokens * n_layers * seq * h * dh  # of QK^T (and as many of PV), full T x T
+    matmuls = tokens * weights  # multiply-adds of one forward, LM head included
+    attention = tokens * seq * pair  # of QK^T (and as many of PV), full T x T
     passes = 4 if reference else 3  # forward 1, backward 2 (+ reference forward 1)
     return 2.0 * passes * matmuls + 4.0 * passes * attention
 
@@ -228,14 +225,11 @@ def packed_flops(
     c: dict[str, Any], groups: int, group_size: int, prefix: int, suffix: int
 ) -> float:
     """Model FLOPs of the packed W4 step (module docstring), reference forward included."""
-    d, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-    h, k, n_layers = c["num_attention_heads"], c["num_key_value_heads"], c["num_hidden_layers"]
-    dh = c.get("head_dim") or d // h
-    dense = n_layers * (d * h * dh + 2 * d * k * dh + h * dh * d + 3 * d * f)
+    weights, pair = bc.macs(c)
     slots = groups * (prefix + group_size * suffix)
     pairs = groups * (prefix * prefix + group_size * suffix * (prefix + suffix))
     passes = 4
-    return 2.0 * passes * slots * (dense + d * v) + 4.0 * passes * n_layers * h * dh * pairs
+    return 2.0 * passes * slots * weights + 4.0 * passes * pair * pairs
 
 
 # ----------------------------------------------------------------------------- reflax worker

@@ -71,6 +71,11 @@ def error_breakdown(
     return out
 
 
+def accuracy_title(c: Any, n: int) -> str:
+    """The accuracy table's title: task, split and number of problems."""
+    return f"{c.task.name}: held-out accuracy (%), {c.eval.split} split, n={n}"
+
+
 def evaluate(
     rt: Runtime,
     params: Any,
@@ -245,8 +250,7 @@ def _main(argv: Sequence[str]) -> None:
             other, other_params, examples, **kw
         )
     if distributed.is_primary():
-        title = f"{c.task.name}: held-out accuracy (%), {c.eval.split} split, n={len(examples)}"
-        print(table(results, title))
+        print(table(results, accuracy_title(c, len(examples))))
     if FLAGS.output:
         save_json(FLAGS.output, results)
 

@@ -72,11 +72,9 @@ def pack_groups(batch: Batch, group_size: int, lengths: Sequence[int] | None = N
     n_real = mask.sum(1)
     if not (mask == (np.arange(T)[None, :] < n_real[:, None])).all():
         raise ValueError("pack_groups needs right-padded rows (real tokens from slot 0)")
-    positions = np.asarray(batch.positions)
     loss = np.asarray(batch.loss_mask, np.float32).copy()
     anchor = np.asarray(batch.anchor_mask, np.float32).copy()
     loss[:, 0] = anchor[:, 0] = 0.0  # position 0 is scored by nothing
-    old = np.asarray(batch.old_logprobs, np.float32)
 
     shared = np.zeros(U, np.int64)
     for u in range(U):
@@ -89,22 +87,15 @@ def pack_groups(batch: Batch, group_size: int, lengths: Sequence[int] | None = N
     Ls = fit_length(max(int(suffix.max()), 1), ladder)
     P = Lp + G * Ls
 
-    out = {
-        "tokens": np.zeros((U, P), np.int32),
-        "positions": np.zeros((U, P), np.int32),
-        "mask": np.zeros((U, P), bool),
-        "loss_mask": np.zeros((U, P), np.float32),
-        "anchor_mask": np.zeros((U, P), np.float32),
-        "old_logprobs": np.zeros((U, P), np.float32),
-    }
-    fields = {
-        "tokens": tokens,
-        "positions": positions,
+    fields = {  # [B, T] each, moved slot by slot into [U, P]
+        "tokens": tokens.astype(np.int32, copy=False),
+        "positions": np.asarray(batch.positions, np.int32),
         "mask": mask,
         "loss_mask": loss,
         "anchor_mask": anchor,
-        "old_logprobs": old,
+        "old_logprobs": np.asarray(batch.old_logprobs, np.float32),
     }
+    out = {name: np.zeros((U, P), src.dtype) for name, src in fields.items()}
     for name, src in fields.items():
         dst = out[name]
         for u in range(U):

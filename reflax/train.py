@@ -38,7 +38,7 @@ from reflax.episodes import (
     first_attempts,
     reflect_and_retry,
 )
-from reflax.evaluate import evaluate, save_json, table
+from reflax.evaluate import accuracy_title, evaluate, save_json, table
 from reflax.metrics import MetricsWriter, Progress, Timer
 from reflax.models.hf import save_pretrained
 from reflax.packing import bucket_lengths, pack_groups
@@ -226,9 +226,7 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
         model = nnx.merge(graphdef, state.params)
         save_pretrained(model, os.path.join(workdir, "hf"), tokenizer=tok.tokenizer)
     if results and distributed.is_primary():
-        n = len(eval_examples)
-        title = f"{c.task.name}: held-out accuracy (%), {c.eval.split} split, n={n}"
-        print(table(results, title))
+        print(table(results, accuracy_title(c, len(eval_examples))))
         if c.eval.expected:
             print(f"expected: {c.eval.expected}")
         save_json(os.path.join(workdir, "eval.json"), results)

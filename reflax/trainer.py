@@ -165,7 +165,7 @@ def _sequence_logprobs(graphdef, params, batch: Batch, cfg: StepConfig):
         pad = jnp.zeros_like(lp[:, :1])
         return jnp.concatenate([pad, lp], 1), jnp.concatenate([pad, ent], 1)
 
-    B, T = batch.tokens.shape
+    B = batch.tokens.shape[0]
     Lp, G = batch.prefix_len, batch.group_size
     h_prefix, h_suffix = model.packed_hidden_states(
         batch.tokens, batch.positions, batch.mask, Lp, G

@@ -2,6 +2,7 @@
 the unpacked step's for every loss type, KL, anchor, mu > 1, micro-batches, on a mesh and
 for every attention variant (sliding windows, q/k norm)."""
 
+import contextlib
 import dataclasses
 
 import jax
@@ -128,17 +129,9 @@ def _grads(config, cfg, batch, mesh=None, ref_shift=0.05):
     graphdef, params = nnx.split(model)
     ref = jax.tree.map(lambda x: x + ref_shift * jnp.sin(17.0 * x), params)
     fn = jax.jit(make_grad_fn(graphdef, cfg))
-    with jax.set_mesh(mesh) if mesh is not None else _nullcontext():
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         out = fn(params, shard_batch(batch, mesh), ref)
     return jax.device_get(out)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def assert_same_step(a, b, tol=1e-5):

@@ -1,6 +1,7 @@
 """The compiled GRPO train step: sharded == unsharded, exact micro-batching, anchor, NaN guard,
 empty steps, the old-log-prob pass."""
 
+import contextlib
 from dataclasses import replace
 
 import jax
@@ -71,20 +72,12 @@ def run_steps(mesh, cfg: StepConfig, steps=2, beta=True, ref_fn=None):
     batch = make_batch()
     fn = jit_train_step(step, state, batch, mesh, with_ref=ref is not None)
     metrics = []
-    with jax.set_mesh(mesh) if mesh is not None else _null():
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         for i in range(steps):
             state, m = fn(state, shard_batch(make_batch(i), mesh), ref)
             metrics.append(jax.device_get(m))
             history.append(jax.device_get(state.params))
     return history, metrics
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def _max_diff(a, b):

@@ -439,9 +439,7 @@ class Decoder(nnx.Module):
 
             return fn
 
-        windows = c.layer_windows()
-        if windows is not None:  # per layer, scanned; a full layer's window is never reached
-            windows = jnp.asarray([_NO_WINDOW if n is None else n for n in windows], jnp.int32)
+        windows = _scanned_windows(c)
         xs = (w["layers"], windows)
         if cache is None:
 
@@ -503,9 +501,8 @@ class Decoder(nnx.Module):
         valid_sp = jnp.broadcast_to(mask_p[:, None, :], (U, 1, Lp))  # [U, 1, Lp]: every slot
         valid_ss = mask_s[:, None, :] & causal_s[None]  # [U * G, Ls, Ls]
 
-        windows = c.layer_windows()
+        windows = _scanned_windows(c)
         if windows is not None:
-            windows = jnp.asarray([_NO_WINDOW if n is None else n for n in windows], jnp.int32)
             # the prefix block's validity depends on each suffix query once windowed
             valid_sp = jnp.broadcast_to(jnp.repeat(mask_p, G, axis=0)[:, None, :], (U * G, Ls, Lp))
 
@@ -549,6 +546,15 @@ class Decoder(nnx.Module):
             positions = positions_from_mask(mask)
         hidden, cache = self.hidden_states(tokens, positions, mask, cache)
         return self.logits(hidden), cache
+
+
+def _scanned_windows(config: ModelConfig) -> jax.Array | None:
+    """Each layer's sliding window as an [L] int32 array for the layer scan (a full layer's
+    window is never reached), or None when no layer slides."""
+    windows = config.layer_windows()
+    if windows is None:
+        return None
+    return jnp.asarray([_NO_WINDOW if n is None else n for n in windows], jnp.int32)
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:

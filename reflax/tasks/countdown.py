@@ -481,11 +481,9 @@ class CountdownTask(Task):
         salt = f"countdown-synthetic:{self.split_seed}"
         unique = split != "train" and self.synthetic_unique_test
         # the hash range: [0, test) test, [test, test + validation) validation, the rest train
-        lo_test, hi_test = 0.0, self.synthetic_test_fraction
-        hi_val = hi_test + self.validation_fraction
-        start, stop = {"test": (lo_test, hi_test), "validation": (hi_test, hi_val)}.get(
-            split, (hi_val, 1.0)
-        )
+        test = self.synthetic_test_fraction
+        held = test + self.validation_fraction
+        start, stop = {"test": (0.0, test), "validation": (test, held)}.get(split, (held, 1.0))
         lo, hi = self.num_range
         t_lo, t_hi = self.target_range
         examples: list[dict] = []
