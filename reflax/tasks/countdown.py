@@ -61,7 +61,10 @@ Warm start (``warm_start_fields``, the templates' fields for :mod:`reflax.warm_s
     ``op``, ``wrong`` / ``wrong_op`` (an operator that fails), ``hint_op`` (the operator a
     reflection names: the solution's with probability ``hint_gold_fraction``, otherwise a
     random one other than ``wrong_op``), ``hint`` (the expression that follows it) and
-    ``hint_word`` / ``wrong_word`` (plus, minus, times, over).
+    ``hint_word`` / ``wrong_word`` (plus, minus, times, over). With probability
+    ``wrong_numbers_fraction`` the failed attempt is instead the solution's operator on
+    one miscopied number (another from ``num_range``), the error a small model makes on
+    unseen number pairs; its ``hint_op`` is then random among all four operators.
 
 Loading (``load(split, source=...)``)
     Rows need an integer ``target`` (an integral float is accepted) and ``nums``, a list of
@@ -352,21 +355,37 @@ def solving_operators(example: dict, verify: Any) -> list[str]:
 
 
 def _pair_fields(
-    example: dict, rng: random.Random, verify: Any, gold_fraction: float
+    example: dict,
+    rng: random.Random,
+    verify: Any,
+    gold_fraction: float,
+    wrong_numbers_fraction: float = 0.0,
+    num_range: tuple[int, int] = (1, 100),
 ) -> dict[str, str]:
     """Two-number fields (module docstring, Warm start); `wrong_op` is `op` only when no
-    operator fails, and `hint_op`, when not gold, may pass too."""
+    operator fails or the attempt miscopies a number, and `hint_op`, when not gold, may
+    pass too."""
     nums = list(example["nums"])
     op = next(ch for ch in "+-*/" if ch in example["solution"])
     solving = solving_operators(example, verify)
     fails = [o for o in "+-*/" if o not in solving]
-    wrong_op = rng.choice(fails) if fails else op
-    others = [o for o in "+-*/" if o != wrong_op]
+    if wrong_numbers_fraction and rng.random() < wrong_numbers_fraction:
+        # the solution's operator on a miscopied number: the reflection may name any
+        # operator, the failed one included, and the retry copies the prompt's numbers
+        k = rng.randrange(2)
+        lo, hi = num_range
+        written = list(nums)
+        written[k] = rng.choice([n for n in range(lo, hi + 1) if n != nums[k]] or [hi + 1])
+        wrong_op, wrong, others = op, pair_expression(op, written), list("+-*/")
+    else:
+        wrong_op = rng.choice(fails) if fails else op
+        wrong = pair_expression(wrong_op, nums)
+        others = [o for o in "+-*/" if o != wrong_op]
     hint_op = op if rng.random() < gold_fraction else rng.choice(others)
     return {
         "expression": pair_expression(op, nums),
         "op": op,
-        "wrong": pair_expression(wrong_op, nums),
+        "wrong": wrong,
         "wrong_op": wrong_op,
         "hint_op": hint_op,
         "hint": pair_expression(hint_op, nums),
@@ -419,6 +438,7 @@ class CountdownTask(Task):
         synthetic_unique_test: bool = False,
         synthetic_validation_fraction: float = 0.0,
         hint_gold_fraction: float = 1.0,
+        wrong_numbers_fraction: float = 0.0,
     ) -> None:
         super().__init__(test_size=test_size, split_seed=split_seed)
         counts = tuple(counts)
@@ -452,6 +472,11 @@ class CountdownTask(Task):
         if not 0.0 <= hint_gold_fraction <= 1.0:
             raise ValueError(f"hint_gold_fraction must lie in [0, 1], got {hint_gold_fraction}")
         self.hint_gold_fraction = hint_gold_fraction
+        if not 0.0 <= wrong_numbers_fraction <= 1.0:
+            raise ValueError(
+                f"wrong_numbers_fraction must lie in [0, 1], got {wrong_numbers_fraction}"
+            )
+        self.wrong_numbers_fraction = wrong_numbers_fraction
 
     # ------------------------------------------------------------------------- loading
     def parse_row(self, row: dict) -> dict | None:
@@ -521,7 +546,14 @@ class CountdownTask(Task):
         if "solution" not in example:
             return {}
         if len(example["nums"]) == 2:
-            return _pair_fields(example, rng, self.verify, self.hint_gold_fraction)
+            return _pair_fields(
+                example,
+                rng,
+                self.verify,
+                self.hint_gold_fraction,
+                self.wrong_numbers_fraction,
+                self.num_range,
+            )
         return _solution_fields(example, rng, self.verify)
 
     # --------------------------------------------------------------------------- turns
