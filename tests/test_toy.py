@@ -69,6 +69,24 @@ def test_toy_smoke_train_then_evaluate(tmp_path: Path) -> None:
     )
     assert "vanilla" in log and "trained (step" in log and "second try" in log
 
+    # the reproduction's reflection analysis replays the same evaluation
+    script = ROOT / "experiments" / "toy_reproduction" / "reflections.py"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run(
+        [sys.executable, str(script), f"--config={CONFIG}:smoke", f"--workdir={workdir}"],
+        cwd=ROOT,
+        env={**env, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [x for x in out.stdout.splitlines() if x.startswith(("vanilla:", "trained"))]
+    assert len(lines) == 2 and all("by first-try error" in x for x in lines)
+    for line, name in zip(lines, ("before", "after"), strict=True):
+        r = results[name]
+        assert line.split(": ")[1].startswith(f"{round(r['n'] * (1 - r['first_try']))} failures")
+
     # the forgetting suite, on a local lm_eval task: vanilla and trained side by side
     rows = [
         {"q": f"{a}+{b}=", "choices": [str(a + b), str(a * b)], "label": 0}

@@ -61,6 +61,35 @@ def test_pair_fields_gold_hint_names_the_solution():
         assert f["hint_op"] == f["op"] and task.verify(ex, f["hint"])
 
 
+def test_pair_fields_miscopied_numbers():
+    # the failed attempt keeps the solution's operator on one miscopied number; its hint
+    # may name any operator, the attempt's included, and always uses the prompt's numbers
+    task = CountdownTask(
+        counts=(2,),
+        num_range=(1, 30),
+        answer_fallback=True,
+        hint_gold_fraction=0.0,
+        wrong_numbers_fraction=0.5,
+    )
+    rng = random.Random(3)
+    miscopied, repeated = 0, 0
+    for ex in task.load("train", num=400, seed=3):
+        f = task.warm_start_fields(ex, rng)
+        assert not task.verify(ex, f["wrong"]) or f["wrong_op"] == f["op"]
+        written = sorted(map(int, re.findall(r"\d+", f["wrong"])))
+        assert sorted(map(int, re.findall(r"\d+", f["hint"]))) == sorted(ex["nums"])
+        if written != sorted(ex["nums"]):
+            miscopied += 1
+            assert f["wrong_op"] == f["op"] and not task.verify(ex, f["wrong"])
+            assert len(set(written) ^ set(ex["nums"])) <= 2 and max(written) <= 30
+            repeated += f["hint_op"] == f["wrong_op"]
+        else:
+            assert f["hint_op"] != f["wrong_op"]
+    assert 150 < miscopied < 250 and 20 < repeated < 90  # about 1/2, and 1/4 of those
+    with pytest.raises(ValueError, match="wrong_numbers_fraction"):
+        CountdownTask(counts=(2,), wrong_numbers_fraction=-0.1)
+
+
 def test_countdown_fields_for_three_numbers():
     task = _task((3,))
     rng = random.Random(2)

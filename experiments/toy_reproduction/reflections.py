@@ -72,7 +72,7 @@ def analyse(rt, params, examples: Sequence[dict], batch_size: int = 256) -> dict
     """The evaluation's greedy protocol, keeping every failure's reflection."""
     r = evaluate(rt, params, examples, batch_size=batch_size, num_samples_kept=len(examples))
     # (words of the operators that solve the problem, reflection, retry passed, failed op,
-    # whether the target exceeds both numbers)
+    # whether the target exceeds both numbers, the first try's error category)
     rows = []
     for k in r["samples"]:
         ex = examples[k["index"]]
@@ -85,6 +85,7 @@ def analyse(rt, params, examples: Sequence[dict], batch_size: int = 256) -> dict
                 k["passed"],
                 attempt_op(k["attempt"]),
                 above,
+                rt.task.explain(ex, k["attempt"]),
             )
         )
     n = max(len(rows), 1)
@@ -103,6 +104,17 @@ def analyse(rt, params, examples: Sequence[dict], batch_size: int = 256) -> dict
         "failed_op_ceiling": best_lookup(rows, lambda row: row[3]),
         "failed_op_and_size_ceiling": best_lookup(rows, lambda row: (row[3], row[4])),
         "reflections": collections.Counter(text for _, text, *_ in rows).most_common(5),
+        # per first-try error: (failures, share whose reflection names a solving op, share
+        # the best constant overall would solve)
+        "by_error": {
+            cat: (
+                len(sub),
+                sum(any(w in r[0] and w in r[1].split() for w in WORDS) for r in sub) / len(sub),
+                sum(best in r[0] for r in sub) / len(sub),
+            )
+            for cat in sorted({r[5] for r in rows})
+            for sub in [[r for r in rows if r[5] == cat]]
+        },
     }
 
 
@@ -122,6 +134,10 @@ def main(argv: Sequence[str]) -> None:
                 f"{w} {100 * v:.1f}" for w, v in r["constant_reflection_ceiling"].items()
             )
             lead, half = r["lead_over_best_constant"]
+            by_error = ", ".join(
+                f"{cat} {n} {100 * named:.1f}% {100 * const:.1f}%"
+                for cat, (n, named, const) in r["by_error"].items()
+            )
             print(
                 f"{name}: {r['failures']} failures; reflection names a solving operator "
                 f"{100 * r['names_a_solving_op']:.1f}%, retry passes "
@@ -130,7 +146,8 @@ def main(argv: Sequence[str]) -> None:
                 f"{100 * lead:+.1f} +- {100 * half:.1f}; a reflection from the failed operator "
                 f"could reach {100 * r['failed_op_ceiling']:.1f}%, from it and whether the "
                 f"target is above both numbers {100 * r['failed_op_and_size_ceiling']:.1f}%; "
-                f"reflections: {r['reflections']}",
+                f"reflections: {r['reflections']}; by first-try error (failures, names a "
+                f"solving operator, the best constant): {by_error}",
                 flush=True,
             )
 

@@ -48,7 +48,10 @@ Generation (``load(split)`` without ``source``)
     stored ``solution`` has integer intermediates) and pick the target uniformly among the
     reachable integers inside ``target_range`` (redraw when none). A number multiset is held
     out for test iff its salted hash falls in the first ``synthetic_test_fraction`` of the
-    hash range, so generated train and test problems never share numbers. Train problems
+    hash range, so generated train and test problems never share numbers; with
+    ``synthetic_split="problems"`` the hash is of the problem (target, number multiset)
+    instead, so a held-out problem's numbers may appear in training with another target,
+    as in the paper's Countdown split. Train problems
     are drawn with replacement; with ``synthetic_unique_test=True`` the test split holds
     each problem (target, number multiset) at most once, so a small number range still
     gives distinct held-out problems (a request larger than the pool raises an error).
@@ -439,6 +442,7 @@ class CountdownTask(Task):
         synthetic_validation_fraction: float = 0.0,
         hint_gold_fraction: float = 1.0,
         wrong_numbers_fraction: float = 0.0,
+        synthetic_split: str = "numbers",
     ) -> None:
         super().__init__(test_size=test_size, split_seed=split_seed)
         counts = tuple(counts)
@@ -477,6 +481,11 @@ class CountdownTask(Task):
                 f"wrong_numbers_fraction must lie in [0, 1], got {wrong_numbers_fraction}"
             )
         self.wrong_numbers_fraction = wrong_numbers_fraction
+        if synthetic_split not in ("numbers", "problems"):
+            raise ValueError(
+                f"synthetic_split must be 'numbers' or 'problems', got {synthetic_split!r}"
+            )
+        self.synthetic_split = synthetic_split
 
     # ------------------------------------------------------------------------- loading
     def parse_row(self, row: dict) -> dict | None:
@@ -524,13 +533,18 @@ class CountdownTask(Task):
                 )
             nums = [rng.randint(lo, hi) for _ in range(rng.choice(self.counts))]
             key = tuple(sorted(nums))
-            if not splits.in_bucket(key, start=start, stop=stop, salt=salt):
+            by_problem = self.synthetic_split == "problems"
+            if not by_problem and not splits.in_bucket(key, start=start, stop=stop, salt=salt):
                 continue
             reachable = reachable_targets(nums)
             targets = sorted(t for t in reachable if t_lo <= t <= t_hi)
             if not targets:
                 continue
             target = rng.choice(targets)
+            if by_problem and not splits.in_bucket(
+                (target, key), start=start, stop=stop, salt=salt
+            ):
+                continue
             if unique and (target, key) in seen:
                 continue
             seen.add((target, key))
