@@ -514,3 +514,26 @@ def test_validation_split_is_held_out_of_training_and_test():
     assert all(reachable_targets(e["nums"]).get(e["target"]) for e in val)
     with pytest.raises(ValueError, match="synthetic_validation_fraction"):
         CountdownTask(**kw, synthetic_validation_fraction=0.7)
+
+
+def test_problem_split_holds_out_problems_not_number_sets():
+    kw = dict(counts=(2,), num_range=(1, 40), target_range=(1, 80), synthetic_test_fraction=0.3)
+    task = CountdownTask(
+        **kw,
+        synthetic_unique_test=True,
+        synthetic_validation_fraction=0.2,
+        synthetic_split="problems",
+    )
+    val = task.load("validation", num=200)
+    train = task.load("train", num=4000, seed=1)
+    test = task.load("test", num=200)
+    keys = lambda exs: {task.split_key(e) for e in exs}
+    sets = lambda exs: {tuple(sorted(e["nums"])) for e in exs}
+    assert len(keys(val)) == 200 and len(keys(test)) == 200
+    assert not keys(val) & keys(train) and not keys(test) & keys(train)
+    assert not keys(val) & keys(test)
+    # a held-out problem's numbers do appear in training, with another target
+    assert len(sets(test) & sets(train)) > 50
+    assert all(reachable_targets(e["nums"]).get(e["target"]) for e in test)
+    with pytest.raises(ValueError, match="synthetic_split"):
+        CountdownTask(**kw, synthetic_split="targets")

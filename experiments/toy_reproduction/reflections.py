@@ -85,7 +85,7 @@ def analyse(rt, params, examples: Sequence[dict], batch_size: int = 256) -> dict
                 k["passed"],
                 attempt_op(k["attempt"]),
                 above,
-                rt.task.explain(ex, k["attempt"]),
+                rt.task.category(ex, k["attempt"]),
             )
         )
     n = max(len(rows), 1)
