@@ -53,13 +53,20 @@ def best_lookup(rows: Sequence[tuple], key) -> float:
     return hits / max(len(rows), 1)
 
 
+def _names(row: tuple) -> bool:
+    """Whether a failure's reflection names an operator that solves its problem."""
+    ops, text = row[0], row[1]
+    return any(w in ops and w in text.split() for w in WORDS)
+
+
+def _share(flags: Sequence[bool]) -> float:
+    return sum(flags) / len(flags) if flags else float("nan")
+
+
 def paired_gain(rows: Sequence[tuple], constant: str) -> tuple[float, float]:
     """(mean, 95% CI half-width) over failures of [the reflection names a solving op] -
     [`constant` solves]: the reflections' lead over the best constant, paired."""
-    d = [
-        float(any(w in ops and w in text.split() for w in WORDS)) - float(constant in ops)
-        for ops, text, *_ in rows
-    ]
+    d = [float(_names(row)) - float(constant in row[0]) for row in rows]
     n = len(d)
     if n < 2:
         return float("nan"), float("nan")
@@ -89,7 +96,7 @@ def analyse(rt, params, examples: Sequence[dict], batch_size: int = 256) -> dict
             )
         )
     n = max(len(rows), 1)
-    named = sum(any(w in ops and w in text.split() for w in WORDS) for ops, text, *_ in rows)
+    named = sum(map(_names, rows))
     constants = {w: sum(w in ops for ops, *_ in rows) / n for w in WORDS}
     best = max(constants, key=constants.get)
     return {
@@ -104,12 +111,16 @@ def analyse(rt, params, examples: Sequence[dict], batch_size: int = 256) -> dict
         "failed_op_ceiling": best_lookup(rows, lambda row: row[3]),
         "failed_op_and_size_ceiling": best_lookup(rows, lambda row: (row[3], row[4])),
         "reflections": collections.Counter(text for _, text, *_ in rows).most_common(5),
+        # how often the retry passes after a reflection that names a solving op, and after
+        # one that does not: the reward sees the retry, so it credits what the retry follows
+        "retry_given_right": _share([r[2] for r in rows if _names(r)]),
+        "retry_given_wrong": _share([r[2] for r in rows if not _names(r)]),
         # per first-try error: (failures, share whose reflection names a solving op, share
         # the best constant overall would solve)
         "by_error": {
             cat: (
                 len(sub),
-                sum(any(w in r[0] and w in r[1].split() for w in WORDS) for r in sub) / len(sub),
+                _share([_names(r) for r in sub]),
                 sum(best in r[0] for r in sub) / len(sub),
             )
             for cat in sorted({r[5] for r in rows})
@@ -141,7 +152,9 @@ def main(argv: Sequence[str]) -> None:
             print(
                 f"{name}: {r['failures']} failures; reflection names a solving operator "
                 f"{100 * r['names_a_solving_op']:.1f}%, retry passes "
-                f"{100 * r['retry_success_given_failure']:.1f}%; a constant reflection could "
+                f"{100 * r['retry_success_given_failure']:.1f}% (after a reflection naming a "
+                f"solving operator {100 * r['retry_given_right']:.1f}%, after one that does "
+                f"not {100 * r['retry_given_wrong']:.1f}%); a constant reflection could "
                 f"reach: {ceiling}; lead over the best constant ({r['best_constant']}): "
                 f"{100 * lead:+.1f} +- {100 * half:.1f}; a reflection from the failed operator "
                 f"could reach {100 * r['failed_op_ceiling']:.1f}%, from it and whether the "
