@@ -70,6 +70,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.task.kwargs.hint_gold_fraction = 0.0  # warm-start reflections name a random operator
     c.task.kwargs.wrong_numbers_fraction = 0.0
     c.task.kwargs.synthetic_split = "numbers"
+    c.task.kwargs.synthetic_descending = False
     c.task.kwargs.synthetic_size = 8000
     c.task.num_train = 8000
 

@@ -51,7 +51,8 @@ Generation (``load(split)`` without ``source``)
     hash range, so generated train and test problems never share numbers; with
     ``synthetic_split="problems"`` the hash is of the problem (target, number multiset)
     instead, so a held-out problem's numbers may appear in training with another target,
-    as in the paper's Countdown split. Train problems
+    as in the paper's Countdown split. ``synthetic_descending=True`` lists each problem's
+    numbers largest first (the same problems, so the same splits). Train problems
     are drawn with replacement; with ``synthetic_unique_test=True`` the test split holds
     each problem (target, number multiset) at most once, so a small number range still
     gives distinct held-out problems (a request larger than the pool raises an error).
@@ -443,6 +444,7 @@ class CountdownTask(Task):
         hint_gold_fraction: float = 1.0,
         wrong_numbers_fraction: float = 0.0,
         synthetic_split: str = "numbers",
+        synthetic_descending: bool = False,
     ) -> None:
         super().__init__(test_size=test_size, split_seed=split_seed)
         counts = tuple(counts)
@@ -486,6 +488,7 @@ class CountdownTask(Task):
                 f"synthetic_split must be 'numbers' or 'problems', got {synthetic_split!r}"
             )
         self.synthetic_split = synthetic_split
+        self.synthetic_descending = synthetic_descending
 
     # ------------------------------------------------------------------------- loading
     def parse_row(self, row: dict) -> dict | None:
@@ -532,6 +535,8 @@ class CountdownTask(Task):
                     "num_range/target_range or change synthetic_test_fraction"
                 )
             nums = [rng.randint(lo, hi) for _ in range(rng.choice(self.counts))]
+            if self.synthetic_descending:
+                nums.sort(reverse=True)
             key = tuple(sorted(nums))
             by_problem = self.synthetic_split == "problems"
             if not by_problem and not splits.in_bucket(key, start=start, stop=stop, salt=salt):
