@@ -537,3 +537,13 @@ def test_problem_split_holds_out_problems_not_number_sets():
     assert all(reachable_targets(e["nums"]).get(e["target"]) for e in test)
     with pytest.raises(ValueError, match="synthetic_split"):
         CountdownTask(**kw, synthetic_split="targets")
+
+
+def test_descending_numbers_are_the_same_problems_largest_first():
+    kw = dict(counts=(2, 3), num_range=(1, 40), target_range=(1, 80), synthetic_test_fraction=0.3)
+    plain, desc = CountdownTask(**kw), CountdownTask(**kw, synthetic_descending=True)
+    for split in ("train", "test"):
+        a, b = plain.load(split, num=100), desc.load(split, num=100)
+        assert [plain.split_key(e) for e in a] == [desc.split_key(e) for e in b]
+        assert all(e["nums"] == sorted(e["nums"], reverse=True) for e in b)
+        assert all(reachable_targets(e["nums"]).get(e["target"]) for e in b)
