@@ -69,6 +69,8 @@ Warm start (``warm_start_fields``, the templates' fields for :mod:`reflax.warm_s
     ``wrong_numbers_fraction`` the failed attempt is instead the solution's operator on
     one miscopied number (another from ``num_range``), the error a small model makes on
     unseen number pairs; its ``hint_op`` is then random among all four operators.
+    ``wrong_side`` says whether the failed attempt's value lies above the target
+    (``high``) or not (``low``): what a reflection can observe about the failure.
 
 Loading (``load(split, source=...)``)
     Rows need an integer ``target`` (an integral float is accepted) and ``nums``, a list of
@@ -384,9 +386,12 @@ def _pair_fields(
     else:
         wrong_op = rng.choice(fails) if fails else op
         wrong = pair_expression(wrong_op, nums)
-        others = [o for o in "+-*/" if o != wrong_op]
+        written, others = nums, [o for o in "+-*/" if o != wrong_op]
     hint_op = op if rng.random() < gold_fraction else rng.choice(others)
+    x, y = sorted(written, reverse=wrong_op in "-/")
+    value = {"+": x + y, "-": x - y, "*": x * y, "/": Fraction(x, y) if y else x}[wrong_op]
     return {
+        "wrong_side": "high" if value > example["target"] else "low",
         "expression": pair_expression(op, nums),
         "op": op,
         "wrong": wrong,
