@@ -50,6 +50,11 @@ def test_pair_fields_answer_passes_wrong_fails_and_hint_avoids_the_failure():
         assert f["hint_op"] in f["hint"]
         assert sorted(map(int, re.findall(r"\d+", f["hint"]))) == sorted(ex["nums"])
         hint_ops.add(f["hint_op"])
+        x, op, y = re.fullmatch(r"(\d+)([-+*/])(\d+)", f["wrong"]).groups()
+        value = {"+": int(x) + int(y), "-": int(x) - int(y), "*": int(x) * int(y)}.get(
+            op, int(x) / int(y)
+        )
+        assert f["wrong_side"] == ("high" if value > ex["target"] else "low")
     assert hint_ops == set("+-*/")  # uninformed hints range over every operator
 
 
