@@ -61,8 +61,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.task.kwargs.target_range = (1, 99)
     c.task.kwargs.synthetic_test_fraction = 0.3
     c.task.kwargs.synthetic_unique_test = True
-    # > 0 holds a bucket of number sets out of training for --config.eval.split=validation
-    c.task.kwargs.synthetic_validation_fraction = 0.0
+    # a bucket of number sets held out of training for --config.eval.split=validation
+    c.task.kwargs.synthetic_validation_fraction = 0.2
     c.task.kwargs.prompt_template = "{nums} to {target}"
     c.task.kwargs.reflection_template = "wrong"
     c.task.kwargs.retry_template = "again"
@@ -70,7 +70,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.task.kwargs.hint_gold_fraction = 0.0  # warm-start reflections name a random operator
     c.task.kwargs.wrong_numbers_fraction = 0.0
     c.task.kwargs.synthetic_split = "numbers"
-    c.task.kwargs.synthetic_descending = False
+    c.task.kwargs.synthetic_descending = True  # `-` and `/` answers copy the prompt's order
     c.task.kwargs.synthetic_size = 8000
     c.task.num_train = 8000
 
@@ -81,7 +81,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.rollout.greedy_attempts = True
     c.rollout.temperature = 0.7
     c.rollout.max_attempt_tokens = 8
-    c.rollout.max_reflection_tokens = 12
+    c.rollout.max_reflection_tokens = 16
     c.rollout.max_retry_tokens = 8
     c.rollout.seq_len = 112
     c.rollout.cache_dtype = "float32"
@@ -97,14 +97,16 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.optim.warmup_ratio = 0.05
     c.total_steps = 100
 
-    c.warm_start.steps = 1000
+    c.warm_start.steps = 1500
     c.warm_start.batch_size = 32
     c.warm_start.learning_rate = 3e-3
     c.warm_start.seq_len = 128
     c.warm_start.answer_template = "{expression}"
     c.warm_start.episode_fraction = 0.8
     c.warm_start.wrong_template = "{wrong}"
-    c.warm_start.reflection_template = "use {hint_word}"
+    # what the failed attempt got wrong (its value above or below the target: a fact the
+    # warm start teaches), then a random operator: RL is left to connect the two
+    c.warm_start.reflection_template = "{wrong_side}, use {hint_word}"
     c.warm_start.retry_template = "{hint}"
 
     c.checkpoint_every = 50
