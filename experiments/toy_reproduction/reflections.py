@@ -16,7 +16,9 @@ follows its reflection turns it into second-try accuracy.
 from __future__ import annotations
 
 import collections
+import re
 from collections.abc import Sequence
+from fractions import Fraction
 
 import jax
 from absl import app, flags
@@ -41,6 +43,17 @@ def attempt_op(text: str) -> str:
     """The operator a bare two-number attempt used ('?' when it has none or several)."""
     ops = [o for o in "+-*/" if o in text]
     return ops[0] if len(ops) == 1 else "?"
+
+
+def attempt_side(text: str, target: int) -> str:
+    """Whether a bare two-number attempt's value lies above the target ('high'), not
+    ('low'), or '?' when it is not `x op y`: what design 12's reflections state."""
+    m = re.fullmatch(r"\s*(\d+)\s*([-+*/])\s*(\d+)\s*", text)
+    if not m:
+        return "?"
+    x, op, y = int(m[1]), m[2], int(m[3])
+    value = {"+": x + y, "-": x - y, "*": x * y}.get(op) if op != "/" else Fraction(x, y or 1)
+    return "high" if value > target else "low"
 
 
 def best_lookup(rows: Sequence[tuple], key) -> float:
@@ -79,7 +92,8 @@ def analyse(rt, params, examples: Sequence[dict], batch_size: int = 256) -> dict
     """The evaluation's greedy protocol, keeping every failure's reflection."""
     r = evaluate(rt, params, examples, batch_size=batch_size, num_samples_kept=len(examples))
     # (words of the operators that solve the problem, reflection, retry passed, failed op,
-    # whether the target exceeds both numbers, the first try's error category)
+    # whether the target exceeds both numbers, the first try's error category, whether the
+    # failed attempt overshot the target)
     rows = []
     for k in r["samples"]:
         ex = examples[k["index"]]
@@ -93,6 +107,7 @@ def analyse(rt, params, examples: Sequence[dict], batch_size: int = 256) -> dict
                 attempt_op(k["attempt"]),
                 above,
                 rt.task.category(ex, k["attempt"]),
+                attempt_side(k["attempt"], ex["target"]),
             )
         )
     n = max(len(rows), 1)
@@ -110,6 +125,13 @@ def analyse(rt, params, examples: Sequence[dict], batch_size: int = 256) -> dict
         # operator and whether the target lies above both numbers
         "failed_op_ceiling": best_lookup(rows, lambda row: row[3]),
         "failed_op_and_size_ceiling": best_lookup(rows, lambda row: (row[3], row[4])),
+        # reflections that state a side (design 12): how many, and how many state it right
+        "states_a_side": _share([r[1].split(",")[0] in ("high", "low") for r in rows]),
+        "side_right": _share(
+            [r[1].split(",")[0] == r[6] for r in rows if r[1].split(",")[0] in ("high", "low")]
+        ),
+        # or the failed operator and whether its value lies above the target
+        "failed_op_and_side_ceiling": best_lookup(rows, lambda row: (row[3], row[6])),
         "reflections": collections.Counter(text for _, text, *_ in rows).most_common(5),
         # how often the retry passes after a reflection that names a solving op, and after
         # one that does not: the reward sees the retry, so it credits what the retry follows
@@ -158,9 +180,11 @@ def main(argv: Sequence[str]) -> None:
                 f"reach: {ceiling}; lead over the best constant ({r['best_constant']}): "
                 f"{100 * lead:+.1f} +- {100 * half:.1f}; a reflection from the failed operator "
                 f"could reach {100 * r['failed_op_ceiling']:.1f}%, from it and whether the "
-                f"target is above both numbers {100 * r['failed_op_and_size_ceiling']:.1f}%; "
-                f"reflections: {r['reflections']}; by first-try error (failures, names a "
-                f"solving operator, the best constant): {by_error}",
+                f"target is above both numbers {100 * r['failed_op_and_size_ceiling']:.1f}%, "
+                f"from it and whether it overshot {100 * r['failed_op_and_side_ceiling']:.1f}%; "
+                f"reflections: {r['reflections']}; {100 * r['states_a_side']:.1f}% state "
+                f"a side, {100 * r['side_right']:.1f}% of those rightly; by first-try error "
+                f"(failures, names a solving operator, the best constant): {by_error}",
                 flush=True,
             )
 
