@@ -26,6 +26,13 @@ LEARNABLE = [
     "--config.task.kwargs.num_range=(1, 3)",
     "--config.task.kwargs.target_range=(1, 6)",
     "--config.task.kwargs.synthetic_unique_test=False",  # the tiny range has few problems
+    "--config.task.kwargs.synthetic_validation_fraction=0.0",  # and no set to spare
+    # the smoke model does not learn to state the failed attempt's side in 300 steps (its
+    # retries then never pass), and with the numbers largest first most groups agree: the
+    # toy's earlier reflection and number order keep every step's GRPO update well above
+    # the round-off of an anchor-only gradient, which packed and unpacked sum differently
+    "--config.warm_start.reflection_template=use {hint_word}",
+    "--config.task.kwargs.synthetic_descending=False",
     "--config.warm_start.steps=300",
     "--config.warm_start.learning_rate=1e-2",
     "--config.warm_start.batch_size=16",
@@ -99,7 +106,7 @@ def uninterrupted(tmp_path_factory, env):
     a = str(tmp_path_factory.mktemp("runs") / "a")
     run(cli("train", f"--config={SMOKE}", f"--workdir={a}", *STEPS), env)
     rows = [r for r in read_jsonl(os.path.join(a, "metrics.jsonl")) if "loss" in r]
-    assert any(r["grad_norm"] > 0 for r in rows), "no GRPO update happened: test is vacuous"
+    assert any(r["grad_norm"] > 1e-3 for r in rows), "no GRPO update happened: test is vacuous"
     return a
 
 

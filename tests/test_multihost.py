@@ -115,7 +115,7 @@ def assert_same_run(a, b):
     ma = [r for r in rows(a, "metrics.jsonl") if "loss" in r]
     mb = [r for r in rows(b, "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in ma] == [r["step"] for r in mb] == [1, 2, 3, 4]
-    assert any(r["grad_norm"] > 0 for r in ma), "no GRPO update happened: test is vacuous"
+    assert any(r["grad_norm"] > 1e-3 for r in ma), "no GRPO update happened: test is vacuous"
     for ra, rb in zip(ma, mb):
         # step 1 starts from the same weights: its metrics agree to f32 round-off; later
         # steps start from weights that carry the earlier steps' round-off, so they are
