@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import re
 from collections.abc import Sequence
-from fractions import Fraction
 
 import jax
 from absl import app, flags
@@ -29,7 +28,7 @@ from reflax.config import validate
 from reflax.evaluate import evaluate
 from reflax.metrics import MetricsWriter
 from reflax.runtime import build, load_examples, restore_params
-from reflax.tasks.countdown import OP_WORDS, solving_operators
+from reflax.tasks.countdown import OP_WORDS, apply_operator, solving_operators
 from reflax.warm_start import warm_start
 
 WORDS = tuple(OP_WORDS.values())
@@ -51,9 +50,7 @@ def attempt_side(text: str, target: int) -> str:
     m = re.fullmatch(r"\s*(\d+)\s*([-+*/])\s*(\d+)\s*", text)
     if not m:
         return "?"
-    x, op, y = int(m[1]), m[2], int(m[3])
-    value = {"+": x + y, "-": x - y, "*": x * y}.get(op) if op != "/" else Fraction(x, y or 1)
-    return "high" if value > target else "low"
+    return "high" if apply_operator(m[2], int(m[1]), int(m[3])) > target else "low"
 
 
 def best_lookup(rows: Sequence[tuple], key) -> float:
@@ -70,6 +67,12 @@ def _names(row: tuple) -> bool:
     """Whether a failure's reflection names an operator that solves its problem."""
     ops, text = row[0], row[1]
     return any(w in ops and w in text.split() for w in WORDS)
+
+
+def _stated_side(text: str) -> str | None:
+    """The side a design-12 reflection states (`high, use minus` -> 'high'), if any."""
+    side = text.split(",")[0]
+    return side if side in ("high", "low") else None
 
 
 def _share(flags: Sequence[bool]) -> float:
@@ -126,10 +129,8 @@ def analyse(rt, params, examples: Sequence[dict], batch_size: int = 256) -> dict
         "failed_op_ceiling": best_lookup(rows, lambda row: row[3]),
         "failed_op_and_size_ceiling": best_lookup(rows, lambda row: (row[3], row[4])),
         # reflections that state a side (design 12): how many, and how many state it right
-        "states_a_side": _share([r[1].split(",")[0] in ("high", "low") for r in rows]),
-        "side_right": _share(
-            [r[1].split(",")[0] == r[6] for r in rows if r[1].split(",")[0] in ("high", "low")]
-        ),
+        "states_a_side": _share([_stated_side(r[1]) is not None for r in rows]),
+        "side_right": _share([_stated_side(r[1]) == r[6] for r in rows if _stated_side(r[1])]),
         # or the failed operator and whether its value lies above the target
         "failed_op_and_side_ceiling": best_lookup(rows, lambda row: (row[3], row[6])),
         "reflections": collections.Counter(text for _, text, *_ in rows).most_common(5),
@@ -143,7 +144,7 @@ def analyse(rt, params, examples: Sequence[dict], batch_size: int = 256) -> dict
             cat: (
                 len(sub),
                 _share([_names(r) for r in sub]),
-                sum(best in r[0] for r in sub) / len(sub),
+                _share([best in r[0] for r in sub]),
             )
             for cat in sorted({r[5] for r in rows})
             for sub in [[r for r in rows if r[5] == cat]]

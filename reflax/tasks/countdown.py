@@ -332,8 +332,7 @@ def _solution_fields(example: dict, rng: random.Random, verify: Any) -> dict[str
             if isinstance(node.left, ast.Constant) and isinstance(node.right, ast.Constant):
                 a, b = Fraction(node.left.value), Fraction(node.right.value)
                 op = _OPERATORS[type(node.op)]
-                v = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else a}[op]
-                step = f"{a}{op}{b}={v}"
+                step = f"{a}{op}{b}={apply_operator(op, a, b)}"
                 break
             stack += [node.right, node.left]
     wrong = expression
@@ -347,11 +346,22 @@ def _solution_fields(example: dict, rng: random.Random, verify: Any) -> dict[str
     return {"expression": expression, "step": step, "wrong": wrong}
 
 
-def pair_expression(op: str, nums: list[int]) -> str:
-    """Two numbers joined by `op`; `-` and `/` put the larger first (targets are positive)."""
+def apply_operator(op: str, a: Fraction | int, b: Fraction | int) -> Fraction:
+    """`a op b` exactly; a division by zero gives `a` (callers only describe values)."""
+    a, b = Fraction(a), Fraction(b)
+    return {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else a}[op]
+
+
+def pair_operands(op: str, nums: Sequence[int]) -> tuple[int, int]:
+    """The two numbers in the order `x op y` writes them: `-` and `/` put the larger first
+    (targets are positive)."""
     x, y = nums
-    if op in "-/":
-        x, y = max(x, y), min(x, y)
+    return (max(x, y), min(x, y)) if op in "-/" else (x, y)
+
+
+def pair_expression(op: str, nums: Sequence[int]) -> str:
+    """Two numbers joined by `op`, in `pair_operands` order."""
+    x, y = pair_operands(op, nums)
     return f"{x}{op}{y}"
 
 
@@ -388,8 +398,7 @@ def _pair_fields(
         wrong = pair_expression(wrong_op, nums)
         written, others = nums, [o for o in "+-*/" if o != wrong_op]
     hint_op = op if rng.random() < gold_fraction else rng.choice(others)
-    x, y = sorted(written, reverse=wrong_op in "-/")
-    value = {"+": x + y, "-": x - y, "*": x * y, "/": Fraction(x, y) if y else x}[wrong_op]
+    value = apply_operator(wrong_op, *pair_operands(wrong_op, written))
     return {
         "wrong_side": "high" if value > example["target"] else "low",
         "expression": pair_expression(op, nums),
@@ -526,6 +535,7 @@ class CountdownTask(Task):
         test = self.synthetic_test_fraction
         held = test + self.validation_fraction
         start, stop = {"test": (0.0, test), "validation": (test, held)}.get(split, (held, 1.0))
+        by_problem = self.synthetic_split == "problems"  # else by number multiset
         lo, hi = self.num_range
         t_lo, t_hi = self.target_range
         examples: list[dict] = []
@@ -543,7 +553,6 @@ class CountdownTask(Task):
             if self.synthetic_descending:
                 nums.sort(reverse=True)
             key = tuple(sorted(nums))
-            by_problem = self.synthetic_split == "problems"
             if not by_problem and not splits.in_bucket(key, start=start, stop=stop, salt=salt):
                 continue
             reachable = reachable_targets(nums)
