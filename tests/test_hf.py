@@ -21,13 +21,8 @@ from helpers import (
 from reflax import api
 from reflax.checkpoint import CheckpointError
 from reflax.models.config import UnsupportedModelError
-from reflax.models.hf import (
-    iter_hf_tensors,
-    load_pretrained,
-    parse_size,
-    read_safetensors_header,
-    save_pretrained,
-)
+from reflax.models.hf import iter_hf_tensors, load_pretrained, save_pretrained
+from reflax.models.safetensors_io import parse_size, read_safetensors_header
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",

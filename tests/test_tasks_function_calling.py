@@ -14,12 +14,8 @@ from hypothesis import strategies as st
 from reflax import tasks
 from reflax.tasks import function_calling as fc
 from reflax.tasks import xlam_synthetic
-from reflax.tasks.function_calling import (
-    FunctionCallingTask,
-    parse_tool_calls,
-    xlam_param_schema,
-    xlam_tool_to_schema,
-)
+from reflax.tasks.function_calling import FunctionCallingTask, parse_tool_calls
+from reflax.tasks.xlam_schema import xlam_param_schema, xlam_tool_to_schema
 
 TASK = FunctionCallingTask()
 SAMPLE = Path(fc.__file__).parent / "data" / "xlam_synthetic_sample.jsonl"

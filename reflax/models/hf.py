@@ -1,27 +1,18 @@
-"""Hugging Face checkpoints in and out: safetensors <-> sharded `Decoder` parameters.
+"""Hugging Face checkpoints in and out: HF tensor names <-> sharded `Decoder` parameters.
 
 Loading never holds the whole model on the host. Every parameter is created with
 `jax.make_array_from_callback`, whose callback reads only the byte range the
 requesting shard needs (a range of layers, a range of rows of each layer's
-tensor) straight from the safetensors file.
+tensor) straight from the safetensors file (`reflax.models.safetensors_io`), into
+64-byte aligned buffers the CPU backend adopts without a copy; the layers of a
+stacked parameter are read by a few threads. Everything (config, index, every
+file header, every tensor's presence, shape and dtype) is checked before any device
+array is created.
 
-The safetensors format is an 8-byte little-endian header length, a JSON header
-(dtype, shape, byte offsets of each tensor) and the raw little-endian tensor
-bytes. The reader here parses that header itself and reads with `os.preadv`
-rather than `safetensors.safe_open(..., framework="numpy")`, because:
-  * safetensors 0.8's numpy backend cannot return bfloat16 tensors (numpy has no
-    bfloat16; here the bytes are viewed as `ml_dtypes.bfloat16`), and
-  * safe_open memory-maps the file, and every mapped page it touches counts in
-    the process's resident memory until the file is closed; reads into fresh
-    buffers keep peak RSS at the size of the arrays actually built.
-Parsing the header up front also lets every file, tensor name, shape and byte
-range be checked before anything is created on a device. Shards are built in
-64-byte aligned buffers, which the CPU backend adopts without a copy, and the
-layers of a stacked parameter are read by a few threads.
-
-HF layout -> reflax layout: per-layer tensors `model.layers.{i}.<name>` are
-stacked along a leading [L] axis; linear weights ([out, in] in HF) are stored
-transposed as [in, out] kernels; a tied `lm_head.weight` is ignored.
+HF layout -> reflax layout (`hf_param_specs`, one table for every family): per-layer
+tensors `model.layers.{i}.<name>` are stacked along a leading [L] axis; linear weights
+([out, in] in HF) are stored transposed as [in, out] kernels; Phi-3's fused qkv_proj and
+gate_up_proj are split by rows; a tied `lm_head.weight` is ignored.
 """
 
 from __future__ import annotations
@@ -31,17 +22,12 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
-import struct
-import threading
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
@@ -51,12 +37,27 @@ from reflax.checkpoint import CheckpointError
 from reflax.models import abstract_model
 from reflax.models.config import ModelConfig, UnsupportedModelError
 from reflax.models.decoder import Decoder, param_shapes
+from reflax.models.safetensors_io import (
+    FLOAT_DTYPES,
+    SAFE_INDEX,
+    SAVE_DTYPES,
+    PlannedTensor,
+    Reader,
+    ShardedWriter,
+    TensorInfo,
+    aligned_empty,
+    collect_tensors,
+    copy_transposed,
+    normalize_index,
+    parse_size,
+    plan_shards,
+    remove_weight_files,
+)
 from reflax.sharding import fetch, param_shardings
+from reflax.tokenizer import ChatTokens
 
 log = logging.getLogger(__name__)
 
-SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
 CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
 # what a Hub download fetches: config, weights, tokenizer; never pytorch .bin files
@@ -76,35 +77,6 @@ HUB_PATTERNS = [
     "chat_template.json",
 ]
 
-# safetensors dtype -> numpy dtype (only these may hold parameters)
-_FLOAT_DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype("<f8"),
-    "F32": np.dtype("<f4"),
-    "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-}
-# byte size of every safetensors dtype, to validate byte ranges of any tensor in a file
-_DTYPE_SIZES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U64": 8,
-    "U32": 4,
-    "U16": 2,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "F8_E8M0": 1,
-}
-_MAX_HEADER = 100 * 1024 * 1024  # the safetensors reference implementation's limit
-_ALIGN = 64  # bytes; what XLA's CPU client needs to use a host buffer in place
-_TRANSPOSE_BLOCK = 64  # rows per block of the cache-friendly transpose
 _MAX_READ_WORKERS = 4
 
 
@@ -219,148 +191,11 @@ def hf_tensor_groups(specs: list[ParamSpec]) -> list[list[ParamSpec]]:
     return list(groups.values())
 
 
-# --------------------------------------------------------------------------- safetensors files
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorInfo:
-    file: str
-    name: str
-    dtype: str  # safetensors dtype, e.g. "BF16"
-    shape: tuple[int, ...]
-    start: int  # absolute byte offset of the data in the file
-    nbytes: int
-
-
-def read_safetensors_header(file: str) -> dict[str, TensorInfo]:
-    """Parse and validate a safetensors header: every byte range must lie inside the file."""
-    try:
-        size = os.path.getsize(file)
-        with open(file, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{file}: {size} bytes, too short to be a safetensors file")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, _MAX_HEADER):
-                raise CheckpointError(
-                    f"{file}: corrupt or truncated safetensors file (header length {n} but "
-                    f"the file has {size} bytes)"
-                )
-            raw = f.read(n)
-    except OSError as e:
-        raise CheckpointError(f"cannot read safetensors file {file}: {e}") from None
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: corrupt safetensors header: {e}") from None
-    data_start, data_size = 8 + n, size - 8 - n
-    tensors = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape = entry["dtype"], tuple(int(d) for d in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{file}: corrupt header entry for tensor {name!r}") from None
-        if dtype in _DTYPE_SIZES and (end - begin) != math.prod(shape) * _DTYPE_SIZES[dtype]:
-            raise CheckpointError(
-                f"{file}: tensor {name!r} of shape {list(shape)} {dtype} has "
-                f"{end - begin} bytes in the header; corrupt file"
-            )
-        if not 0 <= begin <= end or end > data_size:
-            raise CheckpointError(
-                f"{file}: truncated or corrupt: tensor {name!r} needs bytes {begin}..{end} of "
-                f"the data section but the file holds {data_size}"
-            )
-        tensors[name] = TensorInfo(file, name, dtype, shape, data_start + begin, end - begin)
-    return tensors
-
-
-class _Reader:
-    """Reads row ranges of tensors into fresh aligned host buffers.
-
-    Files stay open (one descriptor each) while loading. Reads use `os.preadv`,
-    which has no file position, so the threads that read the layers of a stacked
-    parameter in parallel share descriptors; preadv and numpy copies release the GIL.
-    """
-
-    def __init__(self, tensors: dict[str, TensorInfo], workers: int):
-        self.tensors = tensors
-        self.pool = ThreadPoolExecutor(workers)
-        self._fds: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> _Reader:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.pool.shutdown()
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def _fd(self, file: str) -> int:
-        with self._lock:
-            if file not in self._fds:
-                self._fds[file] = os.open(file, os.O_RDONLY)
-            return self._fds[file]
-
-    def read(self, name: str, index: Sequence[tuple[int, int]]) -> np.ndarray:
-        """tensor[index] for an index of (start, stop) per dim; only rows start..stop are read."""
-        info = self.tensors[name]
-        dtype = _FLOAT_DTYPES[info.dtype]
-        (r0, r1), rest = index[0], index[1:]
-        row = math.prod(info.shape[1:]) * dtype.itemsize
-        buf = aligned_empty((r1 - r0) * row, np.uint8)
-        fd, view, pos, done = self._fd(info.file), memoryview(buf), info.start + r0 * row, 0
-        while done < buf.size:  # one read returns at most ~2 GB on Linux
-            n = os.preadv(fd, [view[done:]], pos + done)
-            if n == 0:
-                raise CheckpointError(f"{info.file}: unexpected end of file in tensor {name!r}")
-            done += n
-        rows = buf.view(dtype).reshape((r1 - r0, *info.shape[1:]))
-        if any((a, b) != (0, d) for (a, b), d in zip(rest, info.shape[1:])):
-            rows = rows[(slice(None), *(slice(a, b) for a, b in rest))]
-        return rows
-
-
-def _normalize_index(index: tuple[slice, ...], shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
-    out = []
-    for s, d in zip(index, shape):
-        start, stop, step = s.indices(d)
-        if step != 1:
-            raise ValueError(f"strided shard index {index}")
-        out.append((start, stop))
-    return tuple(out)
-
-
-def aligned_empty(shape: int | Sequence[int], dtype: Any) -> np.ndarray:
-    """np.empty aligned to 64 bytes.
-
-    The CPU backend adopts such a buffer as a device array without copying it
-    (jax.device_put / make_array_from_callback alias it), so on CPU the loaded
-    model costs its own size and no transient copy.
-    """
-    dtype = np.dtype(dtype)
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = np.empty(nbytes + _ALIGN, np.uint8)
-    offset = -raw.ctypes.data % _ALIGN
-    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
-
-
-def _copy_transposed(dst: np.ndarray, src: np.ndarray) -> None:
-    """dst[...] = src.T (2-D, with a cast), in row blocks of src: ~2x faster than one strided
-    copy for large matrices because each block stays in cache."""
-    for i in range(0, src.shape[0], _TRANSPOSE_BLOCK):
-        dst[:, i : i + _TRANSPOSE_BLOCK] = src[i : i + _TRANSPOSE_BLOCK].T
+# --------------------------------------------------------------------------- reading shards
 
 
 def _read_shard(
-    reader: _Reader, spec: ParamSpec, index: tuple[tuple[int, int], ...], dtype: np.dtype
+    reader: Reader, spec: ParamSpec, index: tuple[tuple[int, int], ...], dtype: np.dtype
 ) -> np.ndarray:
     """The shard `param[index]` of a reflax parameter, as a contiguous aligned array of `dtype`."""
 
@@ -369,7 +204,7 @@ def _read_shard(
         (r0, r1), off = hf_idx[0], spec.hf_offset  # a fused tensor: this parameter's rows
         hf_idx[0] = (r0 + off, r1 + off)
         if spec.transpose:
-            _copy_transposed(dst, reader.read(name, hf_idx))
+            copy_transposed(dst, reader.read(name, hf_idx))
         else:
             dst[...] = reader.read(name, hf_idx)
 
@@ -433,53 +268,6 @@ def read_config(path: str) -> ModelConfig:
         raise CheckpointError(f"{file}: missing or malformed field {e}") from None
 
 
-def weight_files(path: str) -> dict[str, list[str]]:
-    """safetensors file -> tensor names the index assigns to it ([] = whatever the header says)."""
-    index_file = os.path.join(path, SAFE_INDEX)
-    if os.path.exists(index_file):
-        try:
-            with open(index_file) as f:
-                weight_map = json.load(f)["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index_file} is not a valid safetensors index: {e}") from None
-        files: dict[str, list[str]] = {}
-        for name, file in weight_map.items():
-            files.setdefault(os.path.join(path, file), []).append(name)
-        for file, names in files.items():
-            if not os.path.isfile(file):
-                raise CheckpointError(
-                    f"missing safetensors file {file} (listed in {index_file} for tensor "
-                    f"{names[0]!r})"
-                )
-        return files
-    single = os.path.join(path, SAFE_WEIGHTS)
-    if os.path.isfile(single):
-        return {single: []}
-    others = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".msgpack")))
-    hint = f" (found {others}; only safetensors is supported)" if others else ""
-    raise CheckpointError(
-        f"missing safetensors file: no {SAFE_WEIGHTS} or {SAFE_INDEX} in {path}{hint}"
-    )
-
-
-def _collect_tensors(path: str) -> dict[str, TensorInfo]:
-    tensors: dict[str, TensorInfo] = {}
-    for file, names in weight_files(path).items():
-        header = read_safetensors_header(file)
-        listed = set(names)
-        for name in listed:
-            if name not in header:
-                raise CheckpointError(
-                    f"tensor {name!r} is listed in {SAFE_INDEX} for {file} but is not in that file"
-                )
-        for name, info in header.items():
-            if not listed or name in listed:
-                tensors[name] = info
-    return tensors
-
-
 def _check_tensors(specs: list[ParamSpec], tensors: dict[str, TensorInfo], path: str) -> None:
     missing = [n for s in specs for n in s.hf_names if n not in tensors]
     if missing:
@@ -503,10 +291,10 @@ def _check_tensors(specs: list[ParamSpec], tensors: dict[str, TensorInfo], path:
                     f"tensor {name!r} in {info.file} has shape {list(info.shape)}, "
                     f"expected {list(s.hf_shape)} from {CONFIG}"
                 )
-            if info.dtype not in _FLOAT_DTYPES:
+            if info.dtype not in FLOAT_DTYPES:
                 raise CheckpointError(
                     f"tensor {name!r} in {info.file} has dtype {info.dtype}; "
-                    f"supported: {sorted(_FLOAT_DTYPES)}"
+                    f"supported: {sorted(FLOAT_DTYPES)}"
                 )
 
 
@@ -533,7 +321,7 @@ def load_pretrained(
     path = resolve_checkpoint(path_or_id, revision=revision)
     config = read_config(path)
     specs = hf_param_specs(config)
-    tensors = _collect_tensors(path)
+    tensors = collect_tensors(path)
     _check_tensors(specs, tensors, path)
 
     graphdef, abstract_state = nnx.split(
@@ -556,7 +344,7 @@ def load_pretrained(
         items.append((by_key[key], leaf, sharding))
 
     arrays: dict[tuple[str, ...], jax.Array] = {}
-    with _Reader(tensors, workers=_read_workers()) as reader:
+    with Reader(tensors, workers=_read_workers()) as reader:
         # largest first: peak host memory is the loaded part plus the parameter in flight,
         # so the big transients happen while little is loaded
         for spec, leaf, sharding in sorted(items, key=lambda it: -math.prod(it[1].shape)):
@@ -572,13 +360,13 @@ def _read_workers() -> int:
     return max(1, min(_MAX_READ_WORKERS, cpus or 1))
 
 
-def _make_param(reader: _Reader, spec: ParamSpec, leaf: Any, sharding: Any) -> jax.Array:
+def _make_param(reader: Reader, spec: ParamSpec, leaf: Any, sharding: Any) -> jax.Array:
     np_dtype = np.dtype(leaf.dtype)
     # replicas of one shard ask for the same index: read it once
     cache: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
 
     def callback(index: tuple[slice, ...]) -> np.ndarray:
-        idx = _normalize_index(index, leaf.shape)
+        idx = normalize_index(index, leaf.shape)
         if idx not in cache:
             cache[idx] = _read_shard(reader, spec, idx, np_dtype)
         return cache[idx]
@@ -589,79 +377,8 @@ def _make_param(reader: _Reader, spec: ParamSpec, leaf: Any, sharding: Any) -> j
 # --------------------------------------------------------------------------- save
 
 
-def parse_size(size: int | str) -> int:
-    """Bytes in "2GB" (10^9), "500MiB" (2^20), "10KB" or an int."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", size.upper().replace("IB", "iB"))
-    if not m:
-        raise ValueError(f"cannot parse size {size!r}; use e.g. '2GB' or '500MiB'")
-    base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2) or " "))
-
-
-_SAVE_DTYPES = {np.dtype(v): k for k, v in _FLOAT_DTYPES.items()}
+# safetensors dtype -> config.json's torch_dtype
 _TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-
-
-class _ShardedWriter:
-    """Writes tensors, in a planned order, into one or more safetensors files as they come."""
-
-    def __init__(self, path: str, plan: list[list[tuple[str, str, tuple[int, ...], int]]]):
-        self.path, self.plan = path, plan
-        n = len(plan)
-        self.names = [
-            SAFE_WEIGHTS if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            for i in range(n)
-        ]
-        self.weight_map = {t[0]: self.names[i] for i, ts in enumerate(plan) for t in ts}
-        self._file_index, self._pos, self._f = -1, 0, None
-
-    def _open_next(self) -> None:
-        if self._f is not None:
-            self._f.close()
-        self._file_index += 1
-        self._pos = 0
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for name, dtype, shape, nbytes in self.plan[self._file_index]:
-            header[name] = {
-                "dtype": dtype,
-                "shape": list(shape),
-                "data_offsets": [offset, offset + nbytes],
-            }
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # data section 8-byte aligned, as safetensors writes it
-        self._f = open(os.path.join(self.path, self.names[self._file_index]), "wb")  # noqa: SIM115
-        self._f.write(struct.pack("<Q", len(raw)) + raw)
-
-    def write(self, name: str, array: np.ndarray) -> None:
-        while self._f is None or self._pos >= len(self.plan[self._file_index]):
-            self._open_next()
-        expected = self.plan[self._file_index][self._pos]
-        assert expected[0] == name and expected[2] == array.shape, (expected, name, array.shape)
-        self._f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
-        self._pos += 1
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-
-
-def _plan_shards(
-    entries: list[tuple[str, str, tuple[int, ...], int]], max_bytes: int
-) -> list[list[tuple[str, str, tuple[int, ...], int]]]:
-    plan: list[list[tuple[str, str, tuple[int, ...], int]]] = [[]]
-    size = 0
-    for entry in entries:
-        if plan[-1] and size + entry[3] > max_bytes:
-            plan.append([])
-            size = 0
-        plan[-1].append(entry)
-        size += entry[3]
-    return plan
 
 
 def _model_params(model: Decoder) -> dict[tuple[str, ...], jax.Array]:
@@ -694,24 +411,23 @@ def save_pretrained(
     params = _model_params(model)
     specs = hf_param_specs(config)
     save_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
-    if save_dtype is not None and save_dtype not in _SAVE_DTYPES:
+    if save_dtype is not None and save_dtype not in SAVE_DTYPES:
         raise ValueError(f"cannot save as {save_dtype}; use one of float32, bfloat16, float16")
 
-    entries = []
+    tensors = []
     for spec, *_ in hf_tensor_groups(specs):  # a fused tensor once
         out_dtype = save_dtype or np.dtype(params[spec.key].dtype)
-        st_dtype = _SAVE_DTYPES[out_dtype]
         nbytes = math.prod(spec.hf_shape) * out_dtype.itemsize
-        entries += [(name, st_dtype, spec.hf_shape, nbytes) for name in spec.hf_names]
-    plan = _plan_shards(entries, parse_size(max_shard_size))
-    writer = _ShardedWriter(path, plan)
+        tensors += [
+            PlannedTensor(name, SAVE_DTYPES[out_dtype], spec.hf_shape, nbytes)
+            for name in spec.hf_names
+        ]
+    writer = ShardedWriter(path, plan_shards(tensors, parse_size(max_shard_size)))
     is_writer = distributed.is_primary()
 
     if is_writer:
         os.makedirs(path, exist_ok=True)
-        for f in os.listdir(path):  # a previous save with other sharding must not linger
-            if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", f):
-                os.remove(os.path.join(path, f))
+        remove_weight_files(path)
     try:
         for name, tensor in iter_hf_tensors(model):  # every process joins each gather
             if is_writer:
@@ -721,14 +437,11 @@ def save_pretrained(
     if not is_writer:
         return
 
-    if len(plan) > 1:
-        index = {
-            "metadata": {"total_size": sum(e[3] for e in entries)},
-            "weight_map": dict(sorted(writer.weight_map.items())),
-        }
+    index = writer.index()
+    if index is not None:
         _write_json(os.path.join(path, SAFE_INDEX), index)
     hf = config.to_hf()
-    torch_dtype = _TORCH_DTYPE_NAMES[entries[0][1]]
+    torch_dtype = _TORCH_DTYPE_NAMES[tensors[0].dtype]
     hf.update(torch_dtype=torch_dtype, dtype=torch_dtype)
     generation = _generation_config(tokenizer)
     hf.update({k: v for k, v in generation.items() if k != "eos_token_id"})
@@ -748,8 +461,6 @@ def _generation_config(tokenizer: Any) -> dict[str, Any]:
         return {}
     stop: list[int] = []
     try:
-        from reflax.tokenizer import ChatTokens
-
         stop = list(ChatTokens(tokenizer).stop_ids)
     except ValueError:  # no usable chat template (a base model's tokenizer): eos alone
         if tokenizer.eos_token_id is not None:
