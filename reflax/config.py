@@ -9,12 +9,12 @@ is one `base_config` declares, before any compute and reports all problems in on
 
 from __future__ import annotations
 
-import ml_collections
 from ml_collections import ConfigDict
 
-# A leaf module: it imports nothing of reflax, and the modules that build objects from a
-# config (episodes.RolloutSettings, trainer.StepConfig, sharding) take their choices from here.
-MESH_AXES = ("data", "fsdp", "tensor")
+from reflax.sharding import MESH_AXES  # its only reflax import: sharding imports no reflax
+
+# the modules that build objects from a config (episodes.RolloutSettings, trainer.StepConfig)
+# take their choices from here
 METHODS = ("reflect", "reflect_retry", "fixed_reflection", "first_attempt")
 DEFAULT_FIXED_REFLECTION = (
     "My previous answer was wrong. I will read the task again carefully, check every "
@@ -276,7 +276,3 @@ def validate(c: ConfigDict) -> ConfigDict:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     c.lock()
     return c
-
-
-def to_dict(c: ConfigDict) -> dict:
-    return c.to_dict() if isinstance(c, ml_collections.ConfigDict) else dict(c)

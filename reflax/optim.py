@@ -24,7 +24,6 @@ Decisions
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -33,22 +32,6 @@ import jax.numpy as jnp
 import optax
 
 _NO_DECAY_NAME_PARTS = ("norm", "bias")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class OptimConfig:
-    """Keyword arguments accepted by :func:`make_optimizer`."""
-
-    total_steps: int
-    learning_rate: float = 5e-7
-    warmup_ratio: float = 0.03
-    warmup_steps: int | None = None
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    max_grad_norm: float | None = 1.0
 
 
 def resolve_warmup_steps(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from typing import Any
 
@@ -19,8 +18,6 @@ from reflax.models.hf import load_pretrained
 from reflax.sampling import Sampler
 from reflax.sharding import make_mesh
 from reflax.tokenizer import ChatTokens, char_tokenizer, load_tokenizer
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)

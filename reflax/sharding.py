@@ -21,7 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from reflax.config import MESH_AXES
+# the mesh axes, in this order in every mesh (meanings in the module docstring)
+MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None for replicated)
 LOGICAL_RULES: dict[str, Any] = {
