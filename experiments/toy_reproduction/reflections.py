@@ -11,11 +11,18 @@ retry success, and what the reflections say; and, for comparison, the success a
 constant reflection (`use minus` for every failure, say) would reach if the retry
 followed it. A reflection-only reward can raise the first share; only a retry that
 follows its reflection turns it into second-try accuracy.
+
+Prints both analyses and writes them to `--output` (default: `reflections.json` in the
+workdir), the file `run.py` gathers into its results.json; every figure quoted from this
+script (the lead over the best constant, the ceilings, the stated side) is in it.
 """
 
 from __future__ import annotations
 
 import collections
+import json
+import math
+import os
 import re
 from collections.abc import Sequence
 
@@ -35,7 +42,9 @@ WORDS = tuple(OP_WORDS.values())
 
 config_flags.DEFINE_config_file("config", CONFIG, "the toy config and its overrides")
 flags.DEFINE_string("workdir", None, "a finished `reflax.train` run of the toy config")
+flags.DEFINE_string("output", "", "json file for the results (default: workdir/reflections.json)")
 flags.mark_flag_as_required("workdir")
+OUTPUT = "reflections.json"
 
 
 def attempt_op(text: str) -> str:
@@ -161,9 +170,14 @@ def main(argv: Sequence[str]) -> None:
     vanilla = warm_start(rt, initial, wd, writer, restore_only=True)
     trained, step = restore_params(rt, initial, wd)
     examples = load_examples(rt, c.eval.split, c.eval.num_examples)
+    out: dict = {"workdir": wd, "seed": c.seed, "split": c.eval.split, "n": len(examples)}
     with jax.set_mesh(rt.mesh):
-        for name, params in (("vanilla", vanilla), (f"trained (step {step})", trained)):
+        for key, name, params in (
+            ("vanilla", "vanilla", vanilla),
+            ("trained", f"trained (step {step})", trained),
+        ):
             r = analyse(rt, params, examples, c.eval.batch_size)
+            out[key] = {**r, "step": step if key == "trained" else 0}
             ceiling = ", ".join(
                 f"{w} {100 * v:.1f}" for w, v in r["constant_reflection_ceiling"].items()
             )
@@ -188,6 +202,21 @@ def main(argv: Sequence[str]) -> None:
                 f"(failures, names a solving operator, the best constant): {by_error}",
                 flush=True,
             )
+    path = flags.FLAGS.output or os.path.join(wd, OUTPUT)
+    with open(path, "w") as f:
+        json.dump(_json_safe(out), f, indent=1)
+    print(f"wrote {path}")
+
+
+def _json_safe(value):
+    """NaN (an empty share) as null, so the file is strict JSON; tuples as lists."""
+    if isinstance(value, float):
+        return None if math.isnan(value) else value
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 if __name__ == "__main__":

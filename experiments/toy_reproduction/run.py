@@ -5,18 +5,20 @@
         --ablation-seeds 0 --recipe-seeds 0
 
 For each seed, `python -m reflax.train --config=configs/countdown_toy.py` trains the
-paper's method ("reflect"): a supervised warm start, then Reflect-Retry-Reward GRPO;
-its eval.json holds the held-out first/second-try accuracy before (vanilla: the
-warm-started model) and after RL. Each ablation on a seed starts from a copy of that
-seed's warm start (the same weights) and runs the same number of steps with the same
-number of sampled rows per step (groups_per_step * group_size), then is evaluated
-on the same held-out problems with the same greedy protocol. With --recipe-seeds, the
+config's design ("reflect": the paper's reward on the reflection tokens, with the config's
+online greedy first attempts and attempt anchor): a supervised warm start, then
+Reflect-Retry-Reward GRPO; its eval.json holds the held-out first/second-try accuracy
+before (vanilla: the warm-started model) and after RL. Each ablation on a seed starts
+from a copy of that seed's warm start (the same weights) and runs the same number of
+steps with the same number of sampled rows per step (groups_per_step * group_size), then
+is evaluated on the same held-out problems with the same greedy protocol. With --recipe-seeds, the
 paper's own recipe runs beside the shipped design from the same warm start: an offline
 failure set collected once from the warm-started model (`reflax.collect_failures`, 64
 sampled attempts per query), no anchor; then each of the two switches alone (`RECIPES`).
-Runs whose eval.json
-already exists are skipped, so the script can be resumed. Writes results.json,
-results.md and success_vs_step.png into --root (and copies them to --out).
+Only that recipe is labelled "paper". Runs whose eval.json already exists are skipped, so
+the script can be resumed. Writes results.json (with each seed's `reflections.py` results
+where its reflect run holds a reflections.json), results.md and success_vs_step.png into
+--root (and copies them to --out).
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ ABLATIONS = ("reflect_retry", "first_attempt", "fixed_reflection")
 # attempts greedily every step and anchors them. Each recipe runs from the seed's warm start.
 RECIPES = {
     "paper": ["--config.grpo.anchor_beta=0"],  # offline failures, no anchor
-    "paper_anchor": [],  # offline failures, the shipped anchor
-    "paper_online_greedy": [  # the shipped online greedy attempts, no anchor
+    "offline_anchor": [],  # offline failures, the shipped anchor
+    "online_greedy": [  # the shipped online greedy attempts, no anchor
         "--config.grpo.anchor_beta=0",
         "--config.rollout.mode=online",
     ],
@@ -215,7 +217,7 @@ def report(
         ev = load_json(os.path.join(root, f"reflect_s{seed}", "eval.json"))
         van = ev["before"]
         runs = [("vanilla (warm start)", van, None)]
-        runs.append(("reflect (paper)", ev["after"], times.get(f"reflect_s{seed}")))
+        runs.append(("reflect", ev["after"], times.get(f"reflect_s{seed}")))
         others = [m for m in methods if seed in ablation_seeds]
         others += [f"recipe {r}" for r in RECIPES if seed in recipe_seeds]
         for m in others:
@@ -237,8 +239,13 @@ def report(
             )
     table = "\n".join(lines)
     print(table)
+    reflections = {}  # seed -> reflections.py's results for its reflect run
+    for seed in seeds:
+        p = os.path.join(root, f"reflect_s{seed}", "reflections.json")
+        if os.path.exists(p):
+            reflections[seed] = load_json(p)
     with open(os.path.join(root, "results.json"), "w") as f:
-        json.dump({"results": results, "times_s": times}, f, indent=1)
+        json.dump({"results": results, "times_s": times, "reflections": reflections}, f, indent=1)
     with open(os.path.join(root, "results.md"), "w") as f:
         f.write(table + "\n")
 
