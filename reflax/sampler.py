@@ -95,6 +95,21 @@ class CachedRows:
         return len(self.seq_lens)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    """One call: `block` holds prompts, or new turns after rows `rows` of `prev`."""
+
+    state: Any
+    block: Sequence[Sequence[int]]
+    spec: SamplingSpec
+    num_samples: int
+    max_new_tokens: int
+    rng: jax.Array | int
+    keep_cache: bool
+    prev: CachedRows | None = None
+    rows: np.ndarray | None = None
+
+
 @dataclasses.dataclass
 class SampleOutput:
     tokens: np.ndarray  # [B, N] int32; pad after a stop token
@@ -236,26 +251,15 @@ class Sampler:
         self._fns[key] = fn
         return fn
 
-    def _prepare(
-        self,
-        state: Any,
-        prev: CachedRows | None,
-        rows: np.ndarray | None,
-        block: Sequence[Sequence[int]],
-        spec: SamplingSpec,
-        *,
-        num_samples: int,
-        max_new_tokens: int,
-        rng: jax.Array | int,
-        keep_cache: bool,
-        abstract: bool = False,
-    ) -> tuple[Any, tuple]:
+    def _prepare(self, req: _Request, abstract: bool = False) -> tuple[Any, tuple]:
         """The jitted program of a call and its arguments (inputs placed on the mesh;
         `abstract`: their ShapeDtypeStructs, for `lower`).
 
-        `state` and `prev.cache` are passed through as they are, so they may be
+        `req.state` and `req.prev.cache` are passed through as they are, so they may be
         `jax.ShapeDtypeStruct`s carrying shardings.
         """
+        state, prev, rows, block, spec = req.state, req.prev, req.rows, req.block, req.spec
+        num_samples, max_new_tokens, rng = req.num_samples, req.max_new_tokens, req.rng
         put = self._abstract if abstract else self._put
         if isinstance(state, nnx.Module):
             state = nnx.state(state)
@@ -287,14 +291,14 @@ class Sampler:
         longest = max(int(lens[i]) + len(block[i]) for i in range(n))
         check_rope_range(config, longest + max_new_tokens)
         cache_shape = None
-        if keep_cache:
+        if req.keep_cache:
             cache_size = prefix_size + gen_len
             cache_shape = (config.num_layers, B, cache_size, config.num_kv_heads, config.head_dim)
         # continuing every row in order (a retry per reflection) needs no gather of the cache
         in_order = prev is not None and prev.cache.k.shape[1] == U
         in_order = in_order and np.array_equal(rows, np.arange(n))
         kind = "new" if prev is None else ("in_order" if in_order else "gather")
-        key = (kind, config, num_samples, gen_len, prefix_size, keep_cache, U, C)
+        key = (kind, config, num_samples, gen_len, prefix_size, req.keep_cache, U, C)
         key += (jax.tree.structure(device_spec), *(x.shape for x in jax.tree.leaves(device_spec)))
         if prev is not None:
             key += (prev.cache.k.shape, prev.cache.k.dtype)
@@ -320,46 +324,24 @@ class Sampler:
         )
         return fn, args
 
-    def _call(
-        self,
-        state: Any,
-        prev: CachedRows | None,
-        rows: np.ndarray | None,
-        block: Sequence[Sequence[int]],
-        spec: SamplingSpec,
-        *,
-        num_samples: int,
-        max_new_tokens: int,
-        rng: jax.Array | int,
-        keep_cache: bool,
-    ) -> SampleOutput:
-        fn, args = self._prepare(
-            state,
-            prev,
-            rows,
-            block,
-            spec,
-            num_samples=num_samples,
-            max_new_tokens=max_new_tokens,
-            rng=rng,
-            keep_cache=keep_cache,
-        )
+    def _call(self, req: _Request) -> SampleOutput:
+        fn, args = self._prepare(req)
         if self.mesh is not None:
             with jax.set_mesh(self.mesh):
                 out = fn(*args)
         else:
             out = fn(*args)
-        real = len(block) * num_samples
+        real, n = len(req.block) * req.num_samples, req.max_new_tokens
         host = jax.device_get({k: v for k, v in out.items() if k != "cache"})
         cached = None
-        if keep_cache:
+        if req.keep_cache:
             index = int(jax.device_get(out["cache"].index))
             seq_lens = np.asarray(host["seq_lens"])[:real]
             cached = CachedRows(out["cache"], seq_lens, index=index)
         logprobs = host.get("logprobs")
         return SampleOutput(
-            tokens=np.asarray(host["tokens"])[:real, :max_new_tokens],
-            logprobs=None if logprobs is None else np.asarray(logprobs)[:real, :max_new_tokens],
+            tokens=np.asarray(host["tokens"])[:real, :n],
+            logprobs=None if logprobs is None else np.asarray(logprobs)[:real, :n],
             lengths=np.asarray(host["lengths"])[:real],
             done=np.asarray(host["done"])[:real],
             cached=cached,
@@ -388,18 +370,11 @@ class Sampler:
         of an earlier lowering, with `index` = the slots it may have used.
         """
         rows = None if prev is None else np.arange(num_rows) % prev.num_rows
-        fn, args = self._prepare(
-            state,
-            prev,
-            rows,
-            [[0] * block_len] * num_rows,
-            spec,
-            num_samples=num_samples,
-            max_new_tokens=max_new_tokens,
-            rng=0,
-            keep_cache=keep_cache,
-            abstract=True,
+        block = [[0] * block_len] * num_rows
+        request = _Request(
+            state, block, spec, num_samples, max_new_tokens, 0, keep_cache, prev, rows
         )
+        fn, args = self._prepare(request, abstract=True)
         if self.mesh is None:
             return fn.lower(*args)
         with jax.set_mesh(self.mesh):
@@ -432,15 +407,7 @@ class Sampler:
             prompts = [p for p in prompts for _ in range(num_samples)]
             num_samples = 1
         return self._call(
-            state,
-            None,
-            None,
-            prompts,
-            spec,
-            num_samples=num_samples,
-            max_new_tokens=max_new_tokens,
-            rng=rng,
-            keep_cache=keep_cache,
+            _Request(state, prompts, spec, num_samples, max_new_tokens, rng, keep_cache)
         )
 
     def continue_rows(
@@ -473,13 +440,15 @@ class Sampler:
         if len(rows_arr) and (rows_arr.min() < 0 or rows_arr.max() >= cached.num_rows):
             raise ValueError(f"rows must index the earlier call's {cached.num_rows} rows")
         return self._call(
-            state,
-            cached,
-            rows_arr,
-            new_turns,
-            spec,
-            num_samples=num_samples,
-            max_new_tokens=max_new_tokens,
-            rng=rng,
-            keep_cache=keep_cache,
+            _Request(
+                state,
+                new_turns,
+                spec,
+                num_samples,
+                max_new_tokens,
+                rng,
+                keep_cache,
+                cached,
+                rows_arr,
+            )
         )

@@ -154,6 +154,19 @@ def _from_torch(hf) -> Decoder:
     return from_hf_state_dict(ModelConfig.from_hf(hf.config.to_dict()), tensors)
 
 
+def _hf_greedy(hf, prompt: list[int], n: int) -> np.ndarray:
+    """transformers' greedy `generate` on one unpadded prompt -> its n new tokens."""
+    with torch.no_grad():
+        out = hf.generate(
+            input_ids=torch.tensor([prompt]),
+            do_sample=False,
+            max_new_tokens=n,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].numpy()
+
+
 GENERATE_CASES = [
     "qwen3-untied-bias",
     "phi3-fused",
@@ -211,15 +224,7 @@ def test_sampling_past_the_longrope_context_is_refused():
     greedy = SamplingSpec(greedy=True)
     prompt = [1, 2, 3]
     out = sampler.sample(model, [prompt], greedy, max_new_tokens=5, rng=0)  # 12 slots
-    with torch.no_grad():
-        ref = hf.generate(
-            input_ids=torch.tensor([prompt]),
-            do_sample=False,
-            max_new_tokens=5,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    np.testing.assert_array_equal(out.tokens[0], ref[0, len(prompt) :].numpy())
+    np.testing.assert_array_equal(out.tokens[0], _hf_greedy(hf, prompt, 5))
     with pytest.raises(ValueError, match="longrope original context of 8 positions"):
         sampler.sample(model, [prompt], greedy, max_new_tokens=6, rng=0)
     with pytest.raises(ValueError, match="longrope original context of 8 positions"):
@@ -286,15 +291,7 @@ def test_window_counts_tokens_not_padding():
     greedy = dict(max_new_tokens=6, rng=0)
     out = sampler.sample(model, prompts, SamplingSpec(greedy=True), **greedy)
     for p, tokens in zip(prompts, out.tokens):
-        with torch.no_grad():
-            ref = hf.generate(
-                input_ids=torch.tensor([p]),
-                do_sample=False,
-                max_new_tokens=6,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-        np.testing.assert_array_equal(tokens, ref[0, len(p) :].numpy())
+        np.testing.assert_array_equal(tokens, _hf_greedy(hf, p, 6))
     turn = [[5, 6], [7], [8, 9, 10]]
     more = sampler.continue_rows(model, out.cached, turn, SamplingSpec(greedy=True), **greedy)
     seqs = [p + c + t for p, c, t in zip(prompts, out.completions(), turn)]
