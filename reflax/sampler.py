@@ -47,18 +47,18 @@ __all__ = ["BucketSpec", "CachedRows", "SampleOutput", "Sampler", "bucket_size",
 _LOWERING_SPEC = SamplingSpec(stop_ids=(0,))  # `lower`'s default: sampled, one stop id
 
 
-def bucket_size(n: int, spec: BucketSpec) -> int:
-    """The bucket for a size n: None -> next power of two; int m -> next multiple of m;
-    a sequence -> its smallest entry >= n."""
-    n = max(int(n), 1)
-    if spec is None:
-        return 1 << (n - 1).bit_length()
-    if isinstance(spec, int):
-        return -(-n // spec) * spec
-    for b in sorted(spec):
-        if b >= n:
+def bucket_size(size: int, buckets: BucketSpec) -> int:
+    """The bucket for a size: None -> next power of two; int m -> next multiple of m;
+    a sequence -> its smallest entry >= size."""
+    size = max(int(size), 1)
+    if buckets is None:
+        return 1 << (size - 1).bit_length()
+    if isinstance(buckets, int):
+        return -(-size // buckets) * buckets
+    for b in sorted(buckets):
+        if b >= size:
             return int(b)
-    raise ValueError(f"size {n} exceeds the largest bucket {max(spec)}")
+    raise ValueError(f"size {size} exceeds the largest bucket {max(buckets)}")
 
 
 def left_pad(
