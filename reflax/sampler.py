@@ -367,7 +367,8 @@ class Sampler:
         nothing is allocated or placed, so `.compile().memory_analysis()` sizes a rollout
         ahead of time, also for devices that are only described (a TPU topology from
         `jax.experimental.topologies`). An abstract `prev` is built from the output shapes
-        of an earlier lowering, with `index` = the slots it may have used.
+        of an earlier lowering, with `index` = the slots it may have used and `seq_lens` any
+        [num_rows] int32 array (only its length shapes the program).
         """
         rows = None if prev is None else np.arange(num_rows) % prev.num_rows
         block = [[0] * block_len] * num_rows
