@@ -11,7 +11,7 @@ keeps alive around the programs are added to find the peak of each phase:
               reflect  `Sampler.sample`: prefill the U failed attempts' prefixes (query,
                        attempt, reflection instruction: seq_len - max_reflection_tokens
                        slots), decode G reflections per prefix, keep the [U*G]-row cache
-              retry    `Sampler.continue_`: every row's cache grown by the retry turn,
+              retry    `Sampler.continue_rows`: every row's cache grown by the retry turn,
                        decode one retry per row (max_retry_tokens)
               Their arguments hold the policy's params and (retry) the reflect program's
               cache; their temporaries hold the prefill's cache, the decode's cache, the
@@ -116,13 +116,14 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 from reflax import optim  # noqa: E402
 from reflax.models import ModelConfig, abstract_model  # noqa: E402
 from reflax.packing import bucket_lengths, fit_length  # noqa: E402
-from reflax.sampling import Rollout, Sampler, bucket_size  # noqa: E402
+from reflax.sampler import CachedRows, Sampler, bucket_size  # noqa: E402
 from reflax.sharding import make_mesh, param_shardings  # noqa: E402
 from reflax.trainer import (  # noqa: E402
     Batch,
@@ -446,7 +447,7 @@ class RolloutShapes:
 @dataclasses.dataclass(frozen=True)
 class RolloutAot:
     reflect: AotResult | OutOfMemory  # Sampler.sample: U prefixes, G reflections, cache kept
-    retry: AotResult | OutOfMemory  # Sampler.continue_: every reflection row, one retry each
+    retry: AotResult | OutOfMemory  # Sampler.continue_rows: every reflection row, one retry each
     reflect_cache: Any  # the [U*G]-row KVCache the reflect program returns (abstract)
     reflect_prefix_slots: int  # slots of the reflect program's prefill (a prompt bucket)
     retry_prefix_slots: int  # slots of the retry's prefix: kept cache + retry turn, bucketed
@@ -469,7 +470,7 @@ def compile_rollout(
     """Lower and compile the sampler's programs of one `reflect_and_retry` from abstract
     shapes: the policy's params (as the train state holds them) on the mesh, a `Sampler`
     built as `reflax.runtime.build` builds it, the reflect call (`sample`, G samples per
-    prefix, cache kept) and the retry call (`continue_` of every row, one sample each)."""
+    prefix, cache kept) and the retry call (`continue_rows` of every row, one sample each)."""
     graphdef, params = abstract_params(config, mesh, param_dtype=param_dtype, dtype=dtype)
     sampler = Sampler(graphdef, mesh, cache_dtype=cache_dtype, compiler_options=compiler_options)
     sampler.config = config
@@ -486,10 +487,9 @@ def compile_rollout(
     reflect = _compile(lowered, None, t0, (params,))
     outputs = abstract_outputs(lowered)
     cache = outputs["cache"]
-    prev = Rollout(
+    prev = CachedRows(
         cache=cache,
-        seq_lens=outputs["seq_lens"],
-        num_rows=s.rows,
+        seq_lens=np.zeros((s.rows,), np.int32),  # values do not change the program's shapes
         index=cache.k.shape[2],  # every slot used: each row ran to max_reflection_tokens
     )
     t0 = time.perf_counter()

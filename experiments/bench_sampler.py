@@ -128,7 +128,8 @@ def reflax_worker(
     from flax import nnx
 
     from reflax.models.hf import load_pretrained
-    from reflax.sampling import Sampler
+    from reflax.sampler import Sampler
+    from reflax.sampling import SamplingSpec
 
     dt = jnp.dtype(dtype)
     model = load_pretrained(ckpt, param_dtype=dt, dtype=dt)
@@ -147,9 +148,9 @@ def reflax_worker(
         out = sampler.sample(
             state,
             rows,
+            SamplingSpec(temperature=1.0),
             max_new_tokens=new,
             rng=next(calls),
-            temperature=1.0,
             num_samples=samples,
             share_prefix=share,
         )

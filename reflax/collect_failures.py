@@ -41,7 +41,7 @@ def collect_failures(
     batch_size: int,
     seed: int = 0,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    s = RolloutSettings.from_config(rt.config)
+    s = RolloutSettings.from_config(rt.config, rt.tok)
     rng = jax.random.key(seed)
     records: list[dict[str, Any]] = []
     solved_all = 0

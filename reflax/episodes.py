@@ -32,7 +32,8 @@ import numpy as np
 from reflax import grpo
 from reflax.config import DEFAULT_FIXED_REFLECTION, METHODS
 from reflax.metrics import Timer
-from reflax.sampling import Sampler
+from reflax.sampler import SampleOutput, Sampler
+from reflax.sampling import SamplingSpec
 from reflax.tasks import Task
 from reflax.tokenizer import ChatTokens
 from reflax.trainer import Batch
@@ -42,10 +43,11 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class RolloutSettings:
+    """A run's rollout choices; `sampling` is the one spec every sampler call uses (greedy
+    where a caller asks for greedy decoding)."""
+
+    sampling: SamplingSpec = SamplingSpec(temperature=0.9, logprobs=False)
     group_size: int = 8
-    temperature: float = 0.9
-    top_k: int = 0
-    top_p: float = 1.0
     max_attempt_tokens: int = 256
     max_reflection_tokens: int = 256
     max_retry_tokens: int = 256
@@ -53,19 +55,17 @@ class RolloutSettings:
     fixed_reflection: str = DEFAULT_FIXED_REFLECTION
 
     @classmethod
-    def from_config(cls, c: Any) -> RolloutSettings:
-        """From a run config's `rollout` section."""
-        r = c.rollout
+    def from_config(cls, config: Any, tok: ChatTokens) -> RolloutSettings:
+        """From a run config's `rollout` section and the run's tokenizer (stop and pad ids)."""
+        rollout = config.rollout
         return cls(
-            group_size=r.group_size,
-            temperature=r.temperature,
-            top_k=r.top_k,
-            top_p=r.top_p,
-            max_attempt_tokens=r.max_attempt_tokens,
-            max_reflection_tokens=r.max_reflection_tokens,
-            max_retry_tokens=r.max_retry_tokens,
-            method=r.method,
-            fixed_reflection=r.fixed_reflection,
+            sampling=SamplingSpec.from_config(config, tok),
+            group_size=rollout.group_size,
+            max_attempt_tokens=rollout.max_attempt_tokens,
+            max_reflection_tokens=rollout.max_reflection_tokens,
+            max_retry_tokens=rollout.max_retry_tokens,
+            method=rollout.method,
+            fixed_reflection=rollout.fixed_reflection,
         )
 
     def __post_init__(self):
@@ -88,7 +88,7 @@ class Failure:
 class Segment:
     ids: list[int]
     trainable: bool = False
-    logprobs: list[float] | None = None  # sampler log-probs of `ids` when sampled
+    logprobs: list[float] | None = None  # sampler log-probs of `ids` (SamplingSpec.logprobs)
     anchored: bool = False  # sampled but not rewarded: KL to the reference (grpo.anchor_beta)
 
 
@@ -120,6 +120,13 @@ def _seed(rng: jax.Array, i: int) -> jax.Array:
     return jax.random.fold_in(rng, i)
 
 
+def _logprobs(out: SampleOutput) -> list[list[float] | None]:
+    """Each row's completion log-probs; Nones when the spec asked for none."""
+    if out.logprobs is None:
+        return [None] * len(out.lengths)
+    return [lp[:n].tolist() for lp, n in zip(out.logprobs, out.lengths)]
+
+
 def _verify(
     task: Task, examples: Sequence[dict], texts: Sequence[str], timer: Timer | None
 ) -> list[bool]:
@@ -134,13 +141,14 @@ def first_attempts(
     task: Task,
     examples: Sequence[dict],
     rng: jax.Array,
-    s: RolloutSettings,
+    settings: RolloutSettings,
     *,
     num_samples: int = 1,
     greedy: bool = False,
     timer: Timer | None = None,
-) -> tuple[list[list[int]], list[list[int]], list[list[float]], list[bool]]:
-    """Sample attempts; returns (prompts, attempts, attempt log-probs, passed) per row.
+) -> tuple[list[list[int]], list[list[int]], list[list[float] | None], list[bool]]:
+    """Sample attempts; returns (prompts, attempts, attempt log-probs, passed) per row
+    (log-probs None unless `settings.sampling.logprobs`).
 
     Row e * num_samples + k is sample k of example e.
     """
@@ -148,19 +156,14 @@ def first_attempts(
     out = sampler.sample(
         state,
         prompts,
-        max_new_tokens=s.max_attempt_tokens,
+        settings.sampling.with_greedy(greedy),
+        max_new_tokens=settings.max_attempt_tokens,
         rng=rng,
-        temperature=s.temperature,
-        top_k=s.top_k,
-        top_p=s.top_p,
-        greedy=greedy,
-        stop_ids=tok.stop_ids,
-        pad_id=tok.pad_id,
         num_samples=num_samples,
         keep_cache=False,  # attempts are continued from their ids, not this cache
     )
     attempts = out.completions()
-    lps = [lp[:n].tolist() for lp, n in zip(out.logprobs, out.lengths)]
+    lps = _logprobs(out)
     passed = _verify(
         task,
         [examples[i // num_samples] for i in range(len(attempts))],
@@ -178,7 +181,7 @@ def reflect_and_retry(
     task: Task,
     failures: Sequence[Failure],
     rng: jax.Array,
-    s: RolloutSettings,
+    settings: RolloutSettings,
     *,
     num_samples: int | None = None,
     greedy: bool = False,
@@ -187,7 +190,8 @@ def reflect_and_retry(
     """For each failure: G reflections sharing one prefill, one retry each, verified."""
     if not failures:
         return []
-    G = s.group_size if num_samples is None else num_samples
+    G = settings.group_size if num_samples is None else num_samples
+    spec = settings.sampling.with_greedy(greedy)
     # [prompt, attempt content (sampled: anchored), attempt close + reflect instruction]
     prefix_parts = []
     for f in failures:
@@ -197,23 +201,21 @@ def reflect_and_retry(
         if turn[: len(content)] != content:  # a template that rewrites content: anchor nothing
             content = []
         prefix_parts.append([f.prompt_ids, content, turn[len(content) :]])
-    if s.method == "fixed_reflection":
-        fixed = tok.encode(s.fixed_reflection)
+    if settings.method == "fixed_reflection":
+        fixed = tok.encode(settings.fixed_reflection)
         for parts in prefix_parts:
             parts[2] = parts[2] + tok.close_assistant(fixed)
     prefixes = [sum(parts, []) for parts in prefix_parts]
-    common = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, greedy=greedy)
-    common.update(stop_ids=tok.stop_ids, pad_id=tok.pad_id)
-    if s.method == "fixed_reflection":
+    if settings.method == "fixed_reflection":
         retry_turns = [tok.user_turn_ids(task.retry_instruction(f.example)) for f in failures]
         retry = sampler.sample(
             state,
             [p + r for p, r in zip(prefixes, retry_turns)],
-            max_new_tokens=s.max_retry_tokens,
+            spec,
+            max_new_tokens=settings.max_retry_tokens,
             rng=_seed(rng, 1),
             num_samples=G,
             keep_cache=False,
-            **common,
         )
         reflections = [fixed] * (len(failures) * G)
         refl_lps = [None] * len(reflections)
@@ -222,13 +224,13 @@ def reflect_and_retry(
         refl = sampler.sample(
             state,
             prefixes,
-            max_new_tokens=s.max_reflection_tokens,
+            spec,
+            max_new_tokens=settings.max_reflection_tokens,
             rng=_seed(rng, 0),
             num_samples=G,
-            **common,
         )
         reflections = refl.completions()
-        refl_lps = [lp[:n].tolist() for lp, n in zip(refl.logprobs, refl.lengths)]
+        refl_lps = _logprobs(refl)
         turns = [
             tok.close_assistant(r)
             + tok.user_turn_ids(task.retry_instruction(failures[i // G].example))
@@ -236,17 +238,17 @@ def reflect_and_retry(
         ]
         # the reflection's stop token is already in the cache: append only what follows it
         new_ids = [_after_sampled(tok, r, t) for r, t in zip(reflections, turns)]
-        retry = sampler.continue_(
+        retry = sampler.continue_rows(
             state,
-            refl.rollout,
+            refl.cached,
             new_ids,
-            max_new_tokens=s.max_retry_tokens,
+            spec,
+            max_new_tokens=settings.max_retry_tokens,
             rng=_seed(rng, 1),
             keep_cache=False,
-            **common,
         )
     retries = retry.completions()
-    retry_lps = [lp[:n].tolist() for lp, n in zip(retry.logprobs, retry.lengths)]
+    retry_lps = _logprobs(retry)
     retry_texts = [completion_text(tok, r) for r in retries]
     verdicts = _verify(task, [f.example for f in failures for _ in range(G)], retry_texts, timer)
     groups = []
@@ -259,9 +261,9 @@ def reflect_and_retry(
             texts["retry"].append(retry_texts[i])
             prompt, attempt, closing_turn = prefix_parts[u]
             prefix = [Segment(prompt), Segment(attempt, anchored=True), Segment(closing_turn)]
-            if s.method == "reflect":
+            if settings.method == "reflect":
                 row = [*prefix, Segment(reflections[i], True, refl_lps[i])]
-            elif s.method == "reflect_retry":
+            elif settings.method == "reflect_retry":
                 closing = _after_sampled(tok, reflections[i], turns[i])
                 row = [
                     *prefix,
@@ -303,14 +305,14 @@ def first_attempt_groups(
     task: Task,
     examples: Sequence[dict],
     rng: jax.Array,
-    s: RolloutSettings,
+    settings: RolloutSettings,
     *,
     timer: Timer | None = None,
 ) -> list[Group]:
     """Plain GRPO on first attempts: G samples per query, attempt tokens rewarded."""
-    G = s.group_size
+    G = settings.group_size
     prompts, attempts, lps, passed = first_attempts(
-        sampler, state, tok, task, examples, rng, s, num_samples=G, timer=timer
+        sampler, state, tok, task, examples, rng, settings, num_samples=G, timer=timer
     )
     groups = []
     for e in range(len(examples)):
@@ -339,7 +341,9 @@ def build_batch(
     """Fixed-shape [num_groups * group_size, seq_len] batch; missing groups are padding.
 
     A group with any row longer than seq_len is dropped (counted), never truncated:
-    a truncated row would train on a context the model did not see.
+    a truncated row would train on a context the model did not see. `old_logprobs` holds
+    the sampler's log-probs where the segments carry them (`SamplingSpec.logprobs`), else
+    zeros: a run samples none, and the train step computes its own when grpo.mu > 1.
     """
     B = num_groups * group_size
     tokens = np.full((B, seq_len), pad_id, np.int32)

@@ -92,7 +92,7 @@ def evaluate(
     retry, whether the retry passed, and the failed problem's index in `examples`.
     `errors` is the error analysis of the module docstring.
     """
-    s = RolloutSettings.from_config(rt.config)
+    s = RolloutSettings.from_config(rt.config, rt.tok)
     if s.method == "first_attempt":  # the second try always uses the model's own reflection
         s = dataclasses.replace(s, method="reflect")
     rng = jax.random.key(seed)

@@ -20,7 +20,7 @@ forward and sampler, on the run's mesh:
   log-probs and whether every continuation token is the argmax.
 * ``loglikelihood_rolling`` (perplexity tasks): the harness's rolling windows, scored as
   above.
-* ``generate_until`` (GSM8K, MMLU-Pro, MATH): `reflax.sampling.Sampler.sample`, greedy
+* ``generate_until`` (GSM8K, MMLU-Pro, MATH): `reflax.sampler.Sampler.sample`, greedy
   unless the task samples; it stops on the tokenizer's stop ids or ``max_gen_toks``, and the
   text is cut at the first of the task's ``until`` strings afterwards (the sampler has no
   stop strings, so a model that never emits a stop id decodes ``max_gen_toks`` tokens).
@@ -55,7 +55,8 @@ from lm_eval.models.utils import (
 
 from reflax import distributed
 from reflax.models.decoder import positions_from_mask
-from reflax.sampling import BucketSpec, Sampler, bucket_size, left_pad
+from reflax.sampler import BucketSpec, Sampler, bucket_size, left_pad
+from reflax.sampling import SamplingSpec
 from reflax.sharding import batch_sharding, constrain, fetch, put
 from reflax.tokenizer import ChatTokens
 
@@ -289,7 +290,15 @@ class ReflaxLM(TemplateLM):
             kwargs = normalize_gen_kwargs(requests[members[0]].args[1], self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_new = int(kwargs.pop("max_gen_toks"))
-            greedy = not kwargs.get("do_sample") or not kwargs.get("temperature")
+            spec = SamplingSpec(
+                temperature=float(kwargs.get("temperature") or 1.0),
+                top_p=float(kwargs.get("top_p") or 1.0),
+                top_k=int(kwargs.get("top_k") or 0),
+                greedy=not kwargs.get("do_sample") or not kwargs.get("temperature"),
+                stop_ids=self.tok.stop_ids,
+                pad_id=self.tok.pad_id,
+                logprobs=False,
+            )
             budget = self.max_length - max_new
             if budget < 1:
                 raise ValueError(
@@ -303,14 +312,9 @@ class ReflaxLM(TemplateLM):
                 sampled = self.sampler.sample(
                     self.state,
                     [contexts[i] or [self.prefix_token_id] for i in batch],
+                    spec,
                     max_new_tokens=max_new,
                     rng=jax.random.fold_in(jax.random.key(self.seed), start),
-                    temperature=float(kwargs.get("temperature") or 1.0),
-                    top_p=float(kwargs.get("top_p") or 1.0),
-                    top_k=int(kwargs.get("top_k") or 0),
-                    greedy=greedy,
-                    stop_ids=self.tok.stop_ids,
-                    pad_id=self.tok.pad_id,
                     keep_cache=False,
                 )
                 for i, ids in zip(batch, sampled.completions()):

@@ -15,7 +15,7 @@ from ml_collections import ConfigDict
 from reflax import tasks
 from reflax.models import ModelConfig, create
 from reflax.models.hf import load_pretrained
-from reflax.sampling import Sampler
+from reflax.sampler import Sampler
 from reflax.sharding import make_mesh
 from reflax.tokenizer import ChatTokens, char_tokenizer, load_tokenizer
 

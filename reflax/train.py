@@ -130,7 +130,7 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
         log.info("resumed from %s at step %d", ckpt.step_dir(latest), start)
 
     # --- rollout, chosen once ------------------------------------------------------------
-    settings = RolloutSettings.from_config(c)
+    settings = RolloutSettings.from_config(c, tok)
     if c.rollout.method == "first_attempt":
         rollout = first_attempt_rollout(rt, items, cursor, settings, timer)
     elif online:

@@ -1,5 +1,5 @@
 """Episodes: token in, token out; loss_mask exactly on reflection tokens; sampler and
-trainer log-probs agree on the train rows."""
+trainer log-probs agree on the train rows; one sampling spec from the config."""
 
 import dataclasses
 
@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from reflax import tasks
+from reflax.config import base_config
 from reflax.episodes import (
     Failure,
     RolloutSettings,
@@ -20,7 +21,8 @@ from reflax.episodes import (
     reflect_and_retry,
 )
 from reflax.models import ModelConfig, create
-from reflax.sampling import Sampler
+from reflax.sampler import Sampler
+from reflax.sampling import SamplingSpec
 from reflax.tokenizer import ChatTokens, char_tokenizer
 from reflax.trainer import StepConfig, make_logprob_fn
 
@@ -59,14 +61,22 @@ def setup():
         Failure(ex, prompt_ids(tok, task, ex), tok.encode("1+2") + [tok.stop_ids[0]])
         for ex in examples[:2]
     ] + [Failure(examples[2], prompt_ids(tok, task, examples[2]), tok.encode("9*9"))]
-    sampler = Sampler(graphdef, prompt_buckets=32, gen_buckets=16, cache_buckets=64)
+    # XLA CPU options that cut compile time (what the programs compute is unchanged)
+    fast = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+    sampler = Sampler(
+        graphdef, prompt_buckets=32, gen_buckets=16, cache_buckets=64, compiler_options=fast
+    )
     return tok, task, graphdef, params, sampler, failures
 
 
-def _settings(method, G=3):
+def _settings(tok, method, G=3):
+    """Sampler log-probs on: the tests compare them with the trainer's."""
+    spec = SamplingSpec(
+        temperature=TEMPERATURE, stop_ids=tok.stop_ids, pad_id=tok.pad_id, logprobs=True
+    )
     return RolloutSettings(
+        sampling=spec,
         group_size=G,
-        temperature=TEMPERATURE,
         max_attempt_tokens=8,
         max_reflection_tokens=10,
         max_retry_tokens=8,
@@ -76,7 +86,7 @@ def _settings(method, G=3):
 
 def test_reflect_rows_and_logprobs(setup):
     tok, task, graphdef, params, sampler, failures = setup
-    s = _settings("reflect")
+    s = _settings(tok, "reflect")
     groups = reflect_and_retry(sampler, params, tok, task, failures, jax.random.key(0), s)
     assert len(groups) == len(failures) and all(len(g.rows) == 3 for g in groups)
     batch, stats = build_batch(groups, num_groups=4, group_size=3, seq_len=256, pad_id=tok.pad_id)
@@ -115,7 +125,7 @@ def test_reflect_rows_and_logprobs(setup):
 
 def test_retry_continues_the_exact_context(setup):
     tok, task, graphdef, params, sampler, failures = setup
-    s = _settings("reflect", G=2)
+    s = _settings(tok, "reflect", G=2)
     groups = reflect_and_retry(
         sampler, params, tok, task, failures, jax.random.key(1), s, greedy=True
     )
@@ -129,22 +139,15 @@ def test_retry_continues_the_exact_context(setup):
             )
             contexts.append(prefix + reflection + _after_sampled(tok, reflection, turn))
             expected.append(g.texts["retry"][k])
-    fresh = sampler.sample(
-        params,
-        contexts,
-        max_new_tokens=8,
-        rng=jax.random.key(2),
-        greedy=True,
-        stop_ids=tok.stop_ids,
-        pad_id=tok.pad_id,
-    )
+    spec = SamplingSpec(greedy=True, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+    fresh = sampler.sample(params, contexts, spec, max_new_tokens=8, rng=jax.random.key(2))
     assert [completion_text(tok, c) for c in fresh.completions()] == expected
 
 
 @pytest.mark.parametrize("method", ["reflect_retry", "fixed_reflection"])
 def test_ablation_masks(setup, method):
     tok, task, graphdef, params, sampler, failures = setup
-    s = _settings(method, G=2)
+    s = _settings(tok, method, G=2)
     groups = reflect_and_retry(sampler, params, tok, task, failures, jax.random.key(0), s)
     batch, _ = build_batch(groups, num_groups=3, group_size=2, seq_len=512, pad_id=tok.pad_id)
     assert int(np.asarray(batch.mask).any(1).sum()) == 6  # no group dropped
@@ -169,7 +172,7 @@ def test_ablation_masks(setup, method):
 def test_long_groups_are_dropped_not_truncated(setup):
     tok, task, graphdef, params, sampler, failures = setup
     groups = reflect_and_retry(
-        sampler, params, tok, task, failures[:1], jax.random.key(0), _settings("reflect", 2)
+        sampler, params, tok, task, failures[:1], jax.random.key(0), _settings(tok, "reflect", 2)
     )
     batch, stats = build_batch(groups, num_groups=1, group_size=2, seq_len=8, pad_id=tok.pad_id)
     assert stats.dropped_too_long == 1 and stats.groups == 0
@@ -181,3 +184,47 @@ def test_settings_validation():
         RolloutSettings(method="nope")
     with pytest.raises(ValueError, match="group_size"):
         dataclasses.replace(RolloutSettings(), group_size=1)
+
+
+class RecordingSampler:
+    """A Sampler that records the spec and output of every call."""
+
+    def __init__(self, sampler: Sampler):
+        self.sampler, self.calls = sampler, []
+
+    def sample(self, state, prompts, spec, **kw):
+        self.calls.append((spec, self.sampler.sample(state, prompts, spec, **kw)))
+        return self.calls[-1][1]
+
+    def continue_rows(self, state, cached, new_turns, spec, **kw):
+        self.calls.append((spec, self.sampler.continue_rows(state, cached, new_turns, spec, **kw)))
+        return self.calls[-1][1]
+
+
+def test_one_sampling_spec_from_the_config(setup):
+    """The config's sampling options become one SamplingSpec, and every sampler call of an
+    episode gets that spec (greedy where asked). A run's spec asks for no log-probs: none
+    come back from the device and the batch's old_logprobs stay zero."""
+    tok, task, graphdef, params, sampler, failures = setup
+    c = base_config()
+    c.rollout.temperature, c.rollout.top_k, c.rollout.top_p = TEMPERATURE, 7, 0.95
+    c.rollout.group_size, c.rollout.max_reflection_tokens, c.rollout.max_retry_tokens = 2, 10, 8
+    s = RolloutSettings.from_config(c, tok)
+    want = SamplingSpec(
+        temperature=TEMPERATURE,
+        top_k=7,
+        top_p=0.95,
+        stop_ids=tuple(tok.stop_ids),
+        pad_id=tok.pad_id,
+        logprobs=False,
+    )
+    assert s.sampling == want and hash(s.sampling) == hash(want)
+    recording = RecordingSampler(sampler)
+    groups = reflect_and_retry(recording, params, tok, task, failures, jax.random.key(0), s)
+    assert [spec for spec, _ in recording.calls] == [s.sampling] * 2  # reflect, retry
+    assert all(out.logprobs is None for _, out in recording.calls)
+    batch, _ = build_batch(groups, num_groups=3, group_size=2, seq_len=256, pad_id=tok.pad_id)
+    assert np.asarray(batch.loss_mask).any() and not np.asarray(batch.old_logprobs).any()
+    recording.calls.clear()
+    reflect_and_retry(recording, params, tok, task, failures, jax.random.key(0), s, greedy=True)
+    assert [spec for spec, _ in recording.calls] == [dataclasses.replace(want, greedy=True)] * 2

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from reflax.config import base_config
 from reflax.evaluate import error_breakdown, evaluate, table
 from reflax.runtime import Runtime
-from reflax.sampling import SampleOutput
+from reflax.sampler import SampleOutput
 from reflax.tasks.base import CORRECT
 from reflax.tasks.countdown import CountdownTask, reachable_targets
 from reflax.tasks.function_calling import FunctionCallingTask
@@ -181,11 +181,11 @@ class ScriptedSampler:
         lengths = np.asarray([len(i) for i in ids], np.int32)
         return SampleOutput(tokens, np.zeros(tokens.shape, np.float32), lengths, lengths > 0, None)
 
-    def sample(self, state, prompts, *, num_samples=1, **kwargs) -> SampleOutput:
+    def sample(self, state, prompts, spec, *, num_samples=1, **kwargs) -> SampleOutput:
         return self._out(len(prompts), num_samples)
 
-    def continue_(self, state, rollout, new_ids, *, num_samples=1, **kwargs) -> SampleOutput:
-        return self._out(len(new_ids), num_samples)
+    def continue_rows(self, state, cached, new_turns, spec, *, num_samples=1, **kw) -> SampleOutput:
+        return self._out(len(new_turns), num_samples)
 
 
 def test_evaluate_counts_categories_per_try():

@@ -32,7 +32,8 @@ from reflax import api
 from reflax.models import Decoder, ModelConfig, abstract_model
 from reflax.models.config import UnsupportedModelError
 from reflax.models.hf import from_hf_state_dict, iter_hf_tensors, load_pretrained, save_pretrained
-from reflax.sampling import Sampler, left_pad
+from reflax.sampler import Sampler, left_pad
+from reflax.sampling import SamplingSpec
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
@@ -153,6 +154,19 @@ def _from_torch(hf) -> Decoder:
     return from_hf_state_dict(ModelConfig.from_hf(hf.config.to_dict()), tensors)
 
 
+def _hf_greedy(hf, prompt: list[int], n: int) -> np.ndarray:
+    """transformers' greedy `generate` on one unpadded prompt -> its n new tokens."""
+    with torch.no_grad():
+        out = hf.generate(
+            input_ids=torch.tensor([prompt]),
+            do_sample=False,
+            max_new_tokens=n,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].numpy()
+
+
 GENERATE_CASES = [
     "qwen3-untied-bias",
     "phi3-fused",
@@ -185,7 +199,7 @@ def test_greedy_generate_matches_transformers(case):
     sampler = Sampler(
         model, prompt_buckets=8, gen_buckets=8, cache_buckets=16, compiler_options=FAST_COMPILE
     )
-    out = sampler.sample(model, prompts, max_new_tokens=n, rng=0, greedy=True)
+    out = sampler.sample(model, prompts, SamplingSpec(greedy=True), max_new_tokens=n, rng=0)
     np.testing.assert_array_equal(out.tokens, ref)
     # the greedy choices are not near-ties (else float noise could flip them)
     seqs = [p + c for p, c in zip(prompts, out.completions())]
@@ -199,14 +213,22 @@ def test_greedy_generate_matches_transformers(case):
 
 def test_sampling_past_the_longrope_context_is_refused():
     """transformers recomputes the cache when a sequence passes longrope's original context
-    (the factors change for every position); the sampler refuses instead of diverging."""
+    (the factors change for every position); the sampler refuses instead of diverging. It
+    counts the positions a call uses, not its bucketed cache slots: 3 prompt tokens and 5
+    new ones fill the 8 positions of the context in 4 + 8 slots, and decode as transformers
+    does; a continuation counts the tokens its rows already hold."""
     arch, overrides = CASES["phi3-longrope-long-partial-window"]  # original context 8
-    model = _from_torch(tiny_torch_model(arch, **overrides))
+    hf = tiny_torch_model(arch, **overrides)
+    model = _from_torch(hf)
     sampler = Sampler(model, prompt_buckets=4, gen_buckets=4, compiler_options=FAST_COMPILE)
-    out = sampler.sample(model, [[1, 2, 3]], max_new_tokens=4, rng=0, greedy=True)  # 8 slots
-    assert out.tokens.shape == (1, 4)
+    greedy = SamplingSpec(greedy=True)
+    prompt = [1, 2, 3]
+    out = sampler.sample(model, [prompt], greedy, max_new_tokens=5, rng=0)  # 12 slots
+    np.testing.assert_array_equal(out.tokens[0], _hf_greedy(hf, prompt, 5))
     with pytest.raises(ValueError, match="longrope original context of 8 positions"):
-        sampler.sample(model, [[1, 2, 3]], max_new_tokens=5, rng=0, greedy=True)
+        sampler.sample(model, [prompt], greedy, max_new_tokens=6, rng=0)
+    with pytest.raises(ValueError, match="longrope original context of 8 positions"):
+        sampler.continue_rows(model, out.cached, [[4]], greedy, max_new_tokens=1, rng=0)
 
 
 EXPORT_CASES = [
@@ -266,19 +288,12 @@ def test_window_counts_tokens_not_padding():
     sampler = Sampler(model, **kw)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(1, model.config.vocab_size, n).tolist() for n in (7, 2, 5)]
-    greedy = dict(max_new_tokens=6, rng=0, greedy=True)
-    out = sampler.sample(model, prompts, **greedy)
+    greedy = dict(max_new_tokens=6, rng=0)
+    out = sampler.sample(model, prompts, SamplingSpec(greedy=True), **greedy)
     for p, tokens in zip(prompts, out.tokens):
-        with torch.no_grad():
-            ref = hf.generate(
-                input_ids=torch.tensor([p]),
-                do_sample=False,
-                max_new_tokens=6,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-        np.testing.assert_array_equal(tokens, ref[0, len(p) :].numpy())
+        np.testing.assert_array_equal(tokens, _hf_greedy(hf, p, 6))
     turn = [[5, 6], [7], [8, 9, 10]]
-    more = sampler.continue_(model, out.rollout, turn, **greedy)
+    more = sampler.continue_rows(model, out.cached, turn, SamplingSpec(greedy=True), **greedy)
     seqs = [p + c + t for p, c, t in zip(prompts, out.completions(), turn)]
-    np.testing.assert_array_equal(more.tokens, sampler.sample(model, seqs, **greedy).tokens)
+    scratch = sampler.sample(model, seqs, SamplingSpec(greedy=True), **greedy)
+    np.testing.assert_array_equal(more.tokens, scratch.tokens)

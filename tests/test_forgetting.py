@@ -16,7 +16,7 @@ import reflax  # noqa: E402
 from reflax import forgetting  # noqa: E402
 from reflax.forgetting import ReflaxLM, forgetting_table, run_suite  # noqa: E402
 from reflax.models.hf import load_pretrained  # noqa: E402
-from reflax.sampling import Sampler  # noqa: E402
+from reflax.sampler import Sampler  # noqa: E402
 from reflax.tokenizer import ChatTokens, load_tokenizer  # noqa: E402
 from tests.helpers import cpu_mesh, tiny_hf_checkpoint  # noqa: E402
 

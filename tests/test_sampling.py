@@ -3,6 +3,7 @@ continuation, sharding and the number of compiled programs."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -15,20 +16,12 @@ from helpers import assert_close_scaled
 from scipy import stats
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from reflax.decoding import StepCache, _step, prefill, resize_cache
 from reflax.models import Decoder, ModelConfig, abstract_model
 from reflax.models.decoder import KVCache
 from reflax.models.hf import from_hf_state_dict
-from reflax.sampling import (
-    Sampler,
-    SamplingSettings,
-    StepCache,
-    _step,
-    bucket_size,
-    left_pad,
-    prefill,
-    resize_cache,
-    sample_logits,
-)
+from reflax.sampler import Sampler, bucket_size, left_pad
+from reflax.sampling import SamplingSpec, sample_logits
 from reflax.sharding import make_mesh, param_shardings, put
 
 VOCAB = 64
@@ -41,6 +34,7 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitter
 SAMPLER_KW = dict(
     prompt_buckets=16, gen_buckets=16, cache_buckets=32, compiler_options=FAST_COMPILE
 )
+GREEDY = SamplingSpec(greedy=True)
 
 
 def to_reflax(hf: Qwen2ForCausalLM) -> Decoder:
@@ -119,7 +113,9 @@ def test_greedy_matches_transformers(hf_model, model, sampler, tied):
         sampler = Sampler(model, **SAMPLER_KW)
     n = 12
     ref = hf_greedy(hf_model, PROMPTS, n, eos=None)
-    out = sampler.sample(nnx.state(model), PROMPTS, max_new_tokens=n, rng=0, temperature=0.0)
+    out = sampler.sample(
+        nnx.state(model), PROMPTS, SamplingSpec(temperature=0.0), max_new_tokens=n, rng=0
+    )
     np.testing.assert_array_equal(out.tokens, ref)
     assert (out.lengths == n).all() and not out.done.any()
     # the greedy choices are not near-ties (else float noise could flip them)
@@ -131,7 +127,9 @@ def test_greedy_matches_transformers(hf_model, model, sampler, tied):
     # a stop id taken from the greedy output: rows stop at different steps, then pad
     eos = int(ref[0, 4])
     ref = hf_greedy(hf_model, PROMPTS, n, eos=eos)
-    out = sampler.sample(model, PROMPTS, max_new_tokens=n, rng=0, greedy=True, stop_ids=[eos])
+    out = sampler.sample(
+        model, PROMPTS, SamplingSpec(greedy=True, stop_ids=[eos]), max_new_tokens=n, rng=0
+    )
     np.testing.assert_array_equal(out.tokens[:, : ref.shape[1]], ref)
     assert (out.tokens[:, ref.shape[1] :] == 0).all()
     for row, length, done in zip(out.tokens, out.lengths, out.done):
@@ -184,7 +182,12 @@ def test_temperature_sampling_matches_softmax(model, sampler, logit_scale):
     probs = next_token_probs(model, prompt, T_CHI)
     assert (probs > 0.01).sum() >= 8  # the test would be weak on a peaked distribution
     out = sampler.sample(
-        model, [prompt], num_samples=N_DRAWS, max_new_tokens=1, rng=1, temperature=T_CHI
+        model,
+        [prompt],
+        SamplingSpec(temperature=T_CHI),
+        num_samples=N_DRAWS,
+        max_new_tokens=1,
+        rng=1,
     )
     assert out.tokens.shape == (N_DRAWS, 1)
     assert chi_square_pvalue(out.tokens[:, 0], probs) > 1e-3
@@ -205,12 +208,10 @@ def test_top_k_top_p_truncation(model, sampler, logit_scale):
         out = sampler.sample(
             model,
             [prompt],
+            SamplingSpec(temperature=T_CHI, top_k=5, top_p=top_p),
             num_samples=N_DRAWS,
             max_new_tokens=1,
             rng=2,
-            temperature=T_CHI,
-            top_k=5,
-            top_p=top_p,
         )
         drawn = out.tokens[:, 0]
         assert np.isin(drawn, allowed).all()
@@ -239,9 +240,7 @@ def test_tail_tokens_are_drawn_at_their_rate():
     cdf = np.asarray(jnp.cumsum(jnp.exp(logits - logits.max())))
     hidden = np.flatnonzero(np.diff(cdf) == 0) + 1  # a CDF in float32 never lands on these
     assert len(hidden) > V // 2
-    settings = SamplingSettings.make(
-        temperature=1.0, top_k=0, top_p=1.0, greedy=False, vocab_size=V
-    )
+    spec = SamplingSpec(temperature=1.0).on_device(V)
 
     @jax.jit
     def draw(chunk):
@@ -249,7 +248,7 @@ def test_tail_tokens_are_drawn_at_their_rate():
             jnp.arange(rows)
         )
         batch = jnp.broadcast_to(logits, (rows, V))
-        return sample_logits(batch, keys, jnp.float32(1.0), jnp.float32(1.0), settings)
+        return sample_logits(batch, keys, spec)
 
     tokens, logprobs = map(np.concatenate, zip(*(jax.device_get(draw(c)) for c in range(chunks))))
     n = rows * chunks
@@ -278,13 +277,10 @@ def test_banned_ids_and_min_new_tokens(model, sampler, logit_scale):
     out = sampler.sample(
         model,
         [prompt],
+        SamplingSpec(temperature=T_CHI, stop_ids=stop, banned_ids=banned, min_new_tokens=MIN_NEW),
         num_samples=256,
         max_new_tokens=8,
         rng=4,
-        temperature=T_CHI,
-        stop_ids=stop,
-        banned_ids=banned,
-        min_new_tokens=MIN_NEW,
     )
     assert not np.isin(out.tokens, banned).any()
     assert not np.isin(out.tokens[:, :MIN_NEW], stop).any()
@@ -295,9 +291,11 @@ def test_banned_ids_and_min_new_tokens(model, sampler, logit_scale):
     kept = np.where(np.isin(np.arange(VOCAB), banned + stop), 0.0, probs)
     assert chi_square_pvalue(drawn, kept / kept.sum()) > 1e-3  # renormalised over the rest
     with pytest.raises(ValueError, match="banned_ids"):
-        sampler.sample(model, [prompt], max_new_tokens=2, rng=0, banned_ids=[VOCAB])
+        sampler.sample(model, [prompt], SamplingSpec(banned_ids=[VOCAB]), max_new_tokens=2, rng=0)
     with pytest.raises(ValueError, match="forbid every token"):
-        sampler.sample(model, [prompt], max_new_tokens=2, rng=0, banned_ids=range(VOCAB))
+        sampler.sample(
+            model, [prompt], SamplingSpec(banned_ids=range(VOCAB)), max_new_tokens=2, rng=0
+        )
 
 
 def test_greedy_forbidding_matches_transformers(hf_model, model, sampler):
@@ -314,32 +312,26 @@ def test_greedy_forbidding_matches_transformers(hf_model, model, sampler):
         bad_words_ids=[[b] for b in banned],
         min_new_tokens=MIN_NEW,
     )
-    out = sampler.sample(
-        model,
-        PROMPTS,
-        max_new_tokens=n,
-        rng=0,
-        greedy=True,
-        stop_ids=[eos],
-        banned_ids=banned,
-        min_new_tokens=MIN_NEW,
-    )
+    spec = SamplingSpec(greedy=True, stop_ids=[eos], banned_ids=banned, min_new_tokens=MIN_NEW)
+    out = sampler.sample(model, PROMPTS, spec, max_new_tokens=n, rng=0)
     np.testing.assert_array_equal(out.tokens[:, : ref.shape[1]], ref)
     assert not np.isin(out.tokens, banned).any()
     assert (ref != free[:, : ref.shape[1]]).any()  # the constraints changed the output
 
 
 # Settings shared by several tests, so that they reuse one compiled program.
-SAMPLED = dict(temperature=0.8, top_p=0.9, num_samples=3)  # top-p over the vocabulary
+SAMPLED = SamplingSpec(temperature=0.8, top_p=0.9)  # top-p over the vocabulary
+G = 3  # samples per prompt
 
 
 def test_logprobs_match_training_forward_and_reproducible(model, sampler, logit_scale):
-    T, top_p = SAMPLED["temperature"], SAMPLED["top_p"]
+    T, top_p = SAMPLED.temperature, SAMPLED.top_p
     stop = STOP
-    kw = dict(max_new_tokens=10, stop_ids=stop, **SAMPLED)
-    out = sampler.sample(model, PROMPTS, rng=jax.random.key(7), **kw)
-    again = sampler.sample(model, PROMPTS, rng=jax.random.key(7), **kw)
-    other = sampler.sample(model, PROMPTS, rng=jax.random.key(8), **kw)
+    spec = dataclasses.replace(SAMPLED, stop_ids=stop)
+    kw = dict(max_new_tokens=10, num_samples=G)
+    out = sampler.sample(model, PROMPTS, spec, rng=jax.random.key(7), **kw)
+    again = sampler.sample(model, PROMPTS, spec, rng=jax.random.key(7), **kw)
+    other = sampler.sample(model, PROMPTS, spec, rng=jax.random.key(8), **kw)
     np.testing.assert_array_equal(out.tokens, again.tokens)
     np.testing.assert_array_equal(out.logprobs, again.logprobs)
     assert (out.tokens != other.tokens).any()
@@ -365,13 +357,12 @@ def test_logprobs_match_training_forward_and_reproducible(model, sampler, logit_
 
 def test_prefix_sharing_equals_unshared(model, sampler, logit_scale):
     """Same rng -> same tokens: row u*G+g uses key fold_in(rng, u*G+g) on both paths."""
-    shared = sampler.sample(model, PROMPTS, max_new_tokens=9, rng=3, **SAMPLED)
-    unshared = sampler.sample(
-        model, PROMPTS, max_new_tokens=9, rng=3, share_prefix=False, keep_cache=False, **SAMPLED
-    )
-    assert unshared.rollout is None
+    kw = dict(max_new_tokens=9, rng=3, num_samples=G)
+    shared = sampler.sample(model, PROMPTS, SAMPLED, **kw)
+    unshared = sampler.sample(model, PROMPTS, SAMPLED, share_prefix=False, keep_cache=False, **kw)
+    assert unshared.cached is None
     np.testing.assert_array_equal(shared.tokens, unshared.tokens)
-    scale = logit_scale / SAMPLED["temperature"]
+    scale = logit_scale / SAMPLED.temperature
     assert_close_scaled(shared.logprobs, unshared.logprobs, LP_RTOL, scale=scale)
     assert (shared.tokens[0] != shared.tokens[1]).any()  # the G samples of a prompt differ
 
@@ -384,16 +375,17 @@ REFLECT = [[50, 51, 52, 53, 54], [50], [52, 53, 54, 55, 56, 57, 58]]  # ragged n
 def attempt_and_reflect(sampler: Sampler, state) -> tuple:
     """Sampled attempts (3 per prompt), then greedy reflections (2 per selected row) that
     continue selected attempt rows after a ragged new turn."""
-    attempt = sampler.sample(state, PROMPTS, max_new_tokens=8, rng=5, stop_ids=STOP, **SAMPLED)
-    reflect = sampler.continue_(
+    spec = dataclasses.replace(SAMPLED, stop_ids=STOP)
+    attempt = sampler.sample(state, PROMPTS, spec, max_new_tokens=8, rng=5, num_samples=G)
+    reflect = sampler.continue_rows(
         state,
-        attempt.rollout,
+        attempt.cached,
         REFLECT,
+        GREEDY,
         rows=REFLECT_ROWS,
         num_samples=2,
         max_new_tokens=4,
         rng=0,
-        greedy=True,
     )
     return attempt, reflect
 
@@ -405,21 +397,21 @@ def test_continuation_equals_from_scratch(model, sampler, logit_scale):
     completions = attempt.completions()
     seqs = [PROMPTS[r // 3] + completions[r] + n for r, n in zip(REFLECT_ROWS, REFLECT)]
     seqs = [s for s in seqs for _ in range(2)]  # sample g of row i is output row i*G+g
-    scratch = sampler.sample(model, seqs, max_new_tokens=4, rng=0, greedy=True)
+    scratch = sampler.sample(model, seqs, GREEDY, max_new_tokens=4, rng=0)
     np.testing.assert_array_equal(refl.tokens, scratch.tokens)
     assert_close_scaled(refl.logprobs, scratch.logprobs, LP_RTOL, scale=logit_scale)
 
     seqs = [s + c for s, c in zip(seqs, refl.completions())]
     retry = [[60 + i % 3] * (1 + i % 2) for i in range(len(seqs))]
-    greedy = dict(greedy=True, stop_ids=[3, 17])
-    out = sampler.continue_(model, refl.rollout, retry, max_new_tokens=4, rng=0, **greedy)
+    greedy = SamplingSpec(greedy=True, stop_ids=[3, 17])
+    out = sampler.continue_rows(model, refl.cached, retry, greedy, max_new_tokens=4, rng=0)
     seqs = [s + r for s, r in zip(seqs, retry)]
-    scratch = sampler.sample(model, seqs, max_new_tokens=4, rng=0, **greedy)
+    scratch = sampler.sample(model, seqs, greedy, max_new_tokens=4, rng=0)
     np.testing.assert_array_equal(out.tokens, scratch.tokens)
     assert_close_scaled(out.logprobs, scratch.logprobs, LP_RTOL, scale=logit_scale)
     # positions continue from each row's true length: the scratch run saw no gaps
     lens = np.array([len(s) for s in seqs]) + out.lengths
-    assert (np.asarray(out.rollout.seq_lens)[: len(seqs)] == lens).all()
+    assert (out.cached.seq_lens == lens).all()
 
 
 def test_sharded_equals_unsharded(model, sampler, logit_scale):
@@ -432,13 +424,13 @@ def test_sharded_equals_unsharded(model, sampler, logit_scale):
     sharded = Sampler(model, mesh, **SAMPLER_KW)
     ref = attempt_and_reflect(sampler, model)
     out = attempt_and_reflect(sharded, sharded_state)
-    assert len(out[0].rollout.cache.k.sharding.device_set) == 8
-    assert len(out[1].rollout.cache.k.sharding.device_set) == 8
+    assert len(out[0].cached.cache.k.sharding.device_set) == 8
+    assert len(out[1].cached.cache.k.sharding.device_set) == 8
     for o, r in zip(out, ref):
         np.testing.assert_array_equal(o.tokens, r.tokens)
         np.testing.assert_array_equal(o.lengths, r.lengths)
         # attempts at temperature 0.8, reflections greedy: bound by the larger 1 / T
-        scale = logit_scale / SAMPLED["temperature"]
+        scale = logit_scale / SAMPLED.temperature
         assert_close_scaled(o.logprobs, r.logprobs, LP_RTOL, scale=scale)
 
 
@@ -449,10 +441,11 @@ def test_compilations_bounded(model, sampler):
     for i in range(8):
         batch = int(rng.integers(3, 5))  # 3..4 prompts: one batch bucket
         prompts = [rng.integers(1, VOCAB, int(rng.integers(1, 17))).tolist() for _ in range(batch)]
-        settings = dict(SAMPLED, temperature=float(rng.uniform(0.5, 1.5)))
-        settings["top_p"] = float(rng.uniform(0.5, 0.99))
+        spec = SamplingSpec(
+            temperature=float(rng.uniform(0.5, 1.5)), top_p=float(rng.uniform(0.5, 0.99))
+        )
         n = int(rng.integers(1, 17))
-        out = sampler.sample(model, prompts, max_new_tokens=n, rng=i, **settings)
+        out = sampler.sample(model, prompts, spec, max_new_tokens=n, rng=i, num_samples=G)
         assert out.tokens.shape == (batch * 3, n)
         if before is None:  # the first call compiles at most once (none if already cached)
             before = sampler.num_compilations
@@ -558,7 +551,7 @@ def test_sampler_and_trainer_run_the_same_block(model, monkeypatch):
 
     monkeypatch.setattr(decoder, "block", altered)
     n, prompts = 4, PROMPTS[:2]
-    out = Sampler(model, **SAMPLER_KW).sample(model, prompts, max_new_tokens=n, rng=0, greedy=True)
+    out = Sampler(model, **SAMPLER_KW).sample(model, prompts, GREEDY, max_new_tokens=n, rng=0)
     L = model.config.num_layers
     assert [s[1] for s in shapes] == [16] + [1] * L  # the prefill scan, then L decode layers
 
@@ -571,7 +564,5 @@ def test_sampler_and_trainer_run_the_same_block(model, monkeypatch):
         seqs = [s + [int(t)] for s, t in zip(seqs, logits.argmax(-1))]
     np.testing.assert_array_equal(out.tokens, [s[len(p) :] for s, p in zip(seqs, prompts)])
     monkeypatch.undo()
-    plain = Sampler(model, **SAMPLER_KW).sample(
-        model, prompts, max_new_tokens=n, rng=0, greedy=True
-    )
+    plain = Sampler(model, **SAMPLER_KW).sample(model, prompts, GREEDY, max_new_tokens=n, rng=0)
     assert (plain.tokens != out.tokens).any()  # the alteration mattered
