@@ -4,6 +4,7 @@ windows, left and right padding; the decoder's packed and unpacked forward with 
 on a mesh), and the cuDNN path's call run through XLA."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import pytest
 from flax import nnx
 from helpers import tiny_train_config
 
-from reflax.models import create
+from reflax.models import abstract_model, create
 from reflax.models.attention_kernels import (
     Layout,
     block_size,
@@ -20,7 +21,7 @@ from reflax.models.attention_kernels import (
     resolve,
     splash_attention,
 )
-from reflax.models.decoder import KVBlock, attention, positions_from_mask, window_valid
+from reflax.models.decoder import KVBlock, KVCache, attention, positions_from_mask, window_valid
 from reflax.sharding import make_mesh
 
 H, K, DH = 4, 2, 8  # GQA: two query heads per key head
@@ -140,6 +141,25 @@ def test_traced_window_switches_kernels():
     assert _rel(traced[1], traced[0]) > 1e-2, "vacuous: the window changed nothing"
 
 
+def test_splash_on_a_mesh():
+    """Rows over (data, fsdp), heads over tensor: the kernel runs per shard (shard_map),
+    values and gradients as on one device."""
+    layout, mask, _ = _packed_case(None)
+    mask = jnp.concatenate([mask, mask[::-1]])  # 4 rows, one per (data, fsdp) shard
+    q, k, v = _qkv(4, layout.length, seed=6)
+
+    def fn(q, k, v):
+        out = splash_attention(q, k, v, mask, layout, interpret=True)
+        return jnp.sum(jnp.where(mask[..., None], out, 0.0) ** 2)
+
+    program = jax.jit(jax.value_and_grad(fn, (0, 1, 2)))
+    with jax.set_mesh(make_mesh({"data": 2, "fsdp": 2, "tensor": 2})):
+        on_mesh = program(q, k, v)
+    single = program(q, k, v)
+    for x, y in zip(jax.tree.leaves(on_mesh), jax.tree.leaves(single)):
+        assert _rel(x, y) < 1e-6
+
+
 def test_block_sizes_and_bad_input():
     assert block_size(16) == (128, 128) and block_size(384) == (128, 384)
     assert block_size(520) == (128, 640) and block_size(1024) == (512, 1024)
@@ -169,7 +189,7 @@ def test_cudnn_call_through_xla_equals_attention():
 CFG = dataclasses.replace(tiny_train_config(), sliding_window=6, sliding_layers=(True, False))
 
 
-def _packed_batch(seed=0, U=2, G=3, Lp=16, Ls=16):
+def _packed_batch(seed=0, U=4, G=3, Lp=16, Ls=16):
     rng = np.random.default_rng(seed)
     P = Lp + G * Ls
     tokens = rng.integers(1, CFG.vocab_size, (U, P)).astype(np.int32)
@@ -194,9 +214,18 @@ def _token_loss(model, hidden, tokens, mask):
     return -jnp.sum(jnp.where(scored, picked, 0.0)) / jnp.sum(scored)
 
 
-def _loss_and_grads(impl, mesh=None):
-    model = create(dataclasses.replace(CFG, attention_impl=impl), seed=1)
-    graphdef, params = nnx.split(model)
+@functools.cache
+def _params():
+    return nnx.split(create(CFG, seed=1))[1]
+
+
+def _model(impl):
+    """(graphdef, params): one set of parameters, the graph of `impl`'s config."""
+    return nnx.split(abstract_model(dataclasses.replace(CFG, attention_impl=impl)))[0], _params()
+
+
+def _loss_and_grads(impl):
+    graphdef, params = _model(impl)
     tokens, positions, mask, Lp, G = _packed_batch()
 
     def loss(params):
@@ -208,11 +237,7 @@ def _loss_and_grads(impl, mesh=None):
         prefix_loss = _token_loss(m, hp, tokens[:, :Lp], mask[:, :Lp])
         return prefix_loss + _token_loss(m, hs, suffix_tokens, suffix_mask)
 
-    fn = jax.jit(jax.value_and_grad(loss))
-    if mesh is None:
-        return jax.device_get(fn(params))
-    with jax.set_mesh(mesh):
-        return jax.device_get(fn(params))
+    return jax.device_get(jax.jit(jax.value_and_grad(loss))(params))
 
 
 def _assert_same(a, b, tol=1e-5):
@@ -222,8 +247,30 @@ def _assert_same(a, b, tol=1e-5):
         assert _rel(x, y) <= tol
 
 
-def test_packed_decoder_with_splash_on_a_mesh_equals_xla():
+def test_packed_decoder_with_splash_equals_xla():
     """The packed forward's loss and every parameter's gradient, with a sliding and a full
-    layer, rows over (data, fsdp) and heads over tensor (the kernel runs per shard)."""
-    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    _assert_same(_loss_and_grads("splash", mesh), _loss_and_grads("xla"))
+    layer."""
+    _assert_same(_loss_and_grads("splash"), _loss_and_grads("xla"))
+
+
+def _prefill(impl, tokens, mask):
+    graphdef, params = _model(impl)
+    cache = KVCache.empty(CFG, tokens.shape[0], tokens.shape[1])
+
+    def prefill(params, cache):
+        return nnx.merge(graphdef, params)(tokens, mask=mask, cache=cache)
+
+    return jax.jit(prefill)(params, cache)
+
+
+def test_fresh_prefill_with_splash_equals_xla():
+    """A prefill that fills its cache (left-padded prompts): logits and the cache."""
+    tokens = _packed_batch(seed=2)[0]
+    mask = jnp.asarray(np.arange(64)[None, :] >= np.asarray([0, 9, 30, 50])[:, None])
+    logits, cache = _prefill("splash", tokens, mask)
+    ref_logits, ref_cache = _prefill("xla", tokens, mask)
+    real = mask[..., None]
+    assert _rel(jnp.where(real, logits, 0), jnp.where(real, ref_logits, 0)) < 1e-5
+    slots = mask[None, :, :, None, None]  # padding slots hold garbage keys, never read
+    for x, ref in ((cache.k, ref_cache.k), (cache.v, ref_cache.v)):
+        assert _rel(jnp.where(slots, x, 0), jnp.where(slots, ref, 0)) < 1e-5
