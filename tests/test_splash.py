@@ -220,8 +220,10 @@ def _params():
 
 
 def _model(impl):
-    """(graphdef, params): one set of parameters, the graph of `impl`'s config."""
-    return nnx.split(abstract_model(dataclasses.replace(CFG, attention_impl=impl)))[0], _params()
+    """(graphdef, params): one set of parameters, the graph of `impl`'s config (layers
+    rematerialised, as the train configs run them)."""
+    config = dataclasses.replace(CFG, attention_impl=impl)
+    return nnx.split(abstract_model(config, remat=True))[0], _params()
 
 
 def _loss_and_grads(impl):
