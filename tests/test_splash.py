@@ -169,6 +169,8 @@ def test_block_sizes_and_bad_input():
     q, k, v = _qkv(1, 16, seed=0)
     with pytest.raises(ValueError, match="do not match the layout's 24"):
         splash_attention(q, k, v, jnp.ones((1, 16), bool), Layout(8, 2, 8))
+    with pytest.raises(ValueError, match="a traced window needs `windows`"):
+        jax.jit(lambda w: splash_attention(q, k, v, jnp.ones((1, 16), bool), Layout(16), w))(3)
 
 
 def test_cudnn_call_through_xla_equals_attention():

@@ -235,8 +235,10 @@ def splash_attention(
         static = None if window is None or window >= T else window
         out = branch(static)(qh, kh, vh, segments)
     else:
+        if windows is None:
+            raise ValueError("a traced window needs `windows`, every layer's window")
         # windows at least T long exclude nothing, so they share the full layers' kernel
-        choices = sorted({w for w in windows or () if w is not None and w < T})
+        choices = sorted({w for w in windows if w is not None and w < T})
         index = sum((window == w).astype(jnp.int32) * (i + 1) for i, w in enumerate(choices))
         fns = [branch(None)] + [branch(w) for w in choices]
         if len(fns) == 1:
