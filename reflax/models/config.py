@@ -60,6 +60,9 @@ class ModelConfig:
     sliding_window: int | None = None
     sliding_layers: tuple[bool, ...] | None = None
     partial_rotary_factor: float = 1.0  # rope on the first head_dim * factor dims (Phi-3)
+    # the forward's attention without a cache: "auto" (splash on TPU, cuDNN on GPU, XLA on
+    # CPU), "xla", "splash" or "cudnn" (reflax.models.attention_kernels); decoding is XLA
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from reflax.models.attention_kernels import Layout, cudnn_attention, resolve, splash_attention
 from reflax.models.config import ModelConfig
 from reflax.sharding import CACHE_AXES, CACHE_MASK_AXES, constrain
 
@@ -402,10 +403,20 @@ class Decoder(nnx.Module):
         positions: jax.Array,  # [B, T] int32
         mask: jax.Array,  # [B, T] bool, False on padding
         cache: KVCache | None = None,
+        layout: Layout | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Final-norm hidden states [B, T, D] and the updated cache."""
+        """Final-norm hidden states [B, T, D] and the updated cache.
+
+        Without a cache, or with one this call fills (a fresh prefill), attention runs
+        through `config.attention_impl`'s kernel (`attention_kernels`); `layout` (splash
+        only) sets the regions of the rows, a causal row by default.
+        """
         c = self.config
         T = tokens.shape[1]
+        impl = resolve(c.attention_impl, self.dtype)
+        fresh = impl != "xla" and (cache is None or cache.size == T)
+        if layout is not None and not (fresh and impl == "splash"):
+            raise ValueError("a row layout needs the splash attention and no cache")
         w = self.weights()
         x = constrain(jnp.take(w["embed"], tokens, axis=0), ("batch", "length", "embed"))
         rope = rope_tables(c, positions)
@@ -435,7 +446,14 @@ class Decoder(nnx.Module):
                 else:
                     kc_ = vc_ = None
                 ok = window_valid(valid, positions, key_positions, window)
-                return attention(q, [KVBlock(k, v, ok)]), (kc_, vc_)
+                if fresh and impl == "splash":
+                    lay = layout or Layout(T)
+                    out = splash_attention(q, k, v, mask, lay, window, c.layer_windows())
+                elif fresh and impl == "cudnn":
+                    out = cudnn_attention(q, k, v, ok)
+                else:
+                    out = attention(q, [KVBlock(k, v, ok)])
+                return out, (kc_, vc_)
 
             return fn
 
@@ -477,7 +495,9 @@ class Decoder(nnx.Module):
         (right-padded). The prefix attends causally to itself; suffix g to the prefix and
         causally to itself, through the same `attention` the sampler's decode step uses
         (a shared prefix `KVBlock` read by G query rows plus each row's own block), so no
-        score is ever computed between two suffixes or for a padded [P, P] square.
+        score is ever computed between two suffixes or for a padded [P, P] square. With
+        splash attention the whole row runs at once under a mask of these regions, whose
+        kernel skips the blocks between two suffixes.
         """
         c = self.config
         U, P = tokens.shape
@@ -485,11 +505,15 @@ class Decoder(nnx.Module):
         Ls = (P - Lp) // G
         if Lp < 1 or Ls < 1 or Lp + G * Ls != P:
             raise ValueError(f"packed rows of {P} slots do not split as {Lp} + {G} x Ls")
-        w = self.weights()
-        x = constrain(jnp.take(w["embed"], tokens, axis=0), ("batch", "length", "embed"))
 
         def suffixes(a: jax.Array) -> jax.Array:  # [U, P, ...] -> [U * G, Ls, ...]
             return a[:, Lp:].reshape(U * G, Ls, *a.shape[2:])
+
+        if resolve(c.attention_impl, self.dtype) == "splash":
+            hidden, _ = self.hidden_states(tokens, positions, mask, layout=Layout(Lp, G, Ls))
+            return hidden[:, :Lp], suffixes(hidden)
+        w = self.weights()
+        x = constrain(jnp.take(w["embed"], tokens, axis=0), ("batch", "length", "embed"))
 
         xp, xs = x[:, :Lp], suffixes(x)
         pos_p, pos_s = positions[:, :Lp], suffixes(positions)
