@@ -25,7 +25,7 @@ ones), plus beta * k3 where beta > 0, token-mean over the loss mask, global-norm
 Implementations (each run in its own process, see `bench_common`)
   reflax            `reflax.trainer.make_train_step` compiled ahead on one device with the
                     state donated (compile time reported apart, never timed as a step);
-  reflax packed     (W4) the same step on the batch packed by `reflax.packing.pack_groups`:
+  reflax packed     (W4) the same step on the batch packed by `reflax.batch.pack_groups`:
                     one row per group holding the shared prefix once and the 8 reflections
                     after it, at the smallest `bucket_lengths` length that fits;
   reflax unpacked   (W4) the same step on the 32 x 512 batch;
@@ -255,8 +255,9 @@ def reflax_train_worker(
     from flax import nnx
 
     from reflax import optim
+    from reflax.batch import Batch
     from reflax.models.hf import load_pretrained
-    from reflax.trainer import Batch, StepConfig, init_state, make_train_step
+    from reflax.trainer import StepConfig, init_state, make_train_step
 
     dt = jnp.dtype(dtype)
     model = load_pretrained(ckpt, param_dtype=dt, dtype=dt, remat=remat)
@@ -264,7 +265,7 @@ def reflax_train_worker(
     host = Batch(**hb)
     info: dict[str, Any] = {"rows": int(host.tokens.shape[0]), "length": int(host.tokens.shape[1])}
     if packed:
-        from reflax.packing import pack_groups
+        from reflax.batch import pack_groups
 
         host = pack_groups(host, group_size)  # lengths: the default `bucket_lengths` ladder
         info.update(

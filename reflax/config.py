@@ -9,6 +9,8 @@ is one `base_config` declares, before any compute and reports all problems in on
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import ml_collections
 from ml_collections import ConfigDict
 
@@ -21,7 +23,9 @@ DEFAULT_FIXED_REFLECTION = (
     "requirement, and make sure my new answer satisfies all of them."
 )
 DTYPES = ("float32", "bfloat16", "float16")
-LOSS_TYPES = ("token_mean", "seq_mean", "constant")
+# the policy loss's normaliser (reflax.grpo)
+LossType = Literal["token_mean", "seq_mean", "constant"]
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 MODES = ("online", "offline")
 
 
@@ -111,7 +115,7 @@ def base_config() -> ConfigDict:
     c.grpo.mu = 1  # optimisation steps per rollout batch
     c.grpo.micro_batches = 1
     # one row per group, [prefix | reflection_1 .. reflection_G]: the shared prefix is run and
-    # differentiated once (same loss and gradients as unpacked rows; reflax.packing)
+    # differentiated once (same loss and gradients as unpacked rows; reflax.batch)
     c.grpo.pack_groups = True
     c.grpo.logits_chunk = 128  # sequence positions per LM-head chunk: [B, 128, V] f32 logits
 

@@ -30,12 +30,12 @@ import jax
 import numpy as np
 
 from reflax import grpo
+from reflax.batch import Batch
 from reflax.config import DEFAULT_FIXED_REFLECTION, METHODS
 from reflax.metrics import Timer
 from reflax.sampling import Sampler
 from reflax.tasks import Task
 from reflax.tokenizer import ChatTokens
-from reflax.trainer import Batch
 
 log = logging.getLogger(__name__)
 

@@ -95,11 +95,10 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-Array = jax.Array
-LossType = Literal["token_mean", "seq_mean", "constant"]
-StdType = Literal["unbiased", "biased"]
+from reflax.config import LOSS_TYPES, LossType
 
-LOSS_TYPES: tuple[str, ...] = ("token_mean", "seq_mean", "constant")
+Array = jax.Array
+StdType = Literal["unbiased", "biased"]
 
 
 # ----------------------------------------------------------------------------- small helpers

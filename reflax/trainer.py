@@ -2,7 +2,7 @@
 
 `train_step(state, batch, ref_params) -> (state, metrics)` is a pure function
 jitted once with in/out shardings; the state is donated. A batch is a pytree of
-fixed-shape arrays (see `Batch`); micro-batches are scanned inside the step. The
+fixed-shape arrays (`reflax.batch.Batch`); micro-batches are scanned inside the step. The
 loss's normalisers (the loss_type's denominator and the anchor's token count) depend
 on the masks only, so they are counted over the whole batch before the scan and every
 micro-batch's objective is divided by them: accumulation is exact.
@@ -28,78 +28,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from reflax import grpo
-from reflax.sharding import (
-    batch_sharding,
-    named_sharding,
-    param_logical_axes,
-    param_shardings,
-    put,
-)
-
-
-class Batch(flax.struct.PyTreeNode):
-    """One GRPO batch of fixed-shape rows.
-
-    Unpacked (`group_size == 0`): B sequences of T tokens, right-padded, one per sample.
-
-    Group-packed (`reflax.packing.pack_groups`): one row per group of G samples,
-    `[prefix | suffix_1 | ... | suffix_G]`: the tokens the group's rows share, once,
-    left-padded to `prefix_len` slots, then each sample's own tokens in a region of
-    Ls = (T - prefix_len) / G slots, right-padded, with positions continuing after the
-    prefix. Loss tokens lie in the suffixes only; `advantages` is [B, G], one per sample.
-    """
-
-    tokens: jax.Array  # [B, T] int32
-    positions: jax.Array  # [B, T] int32
-    mask: jax.Array  # [B, T] bool: real token
-    loss_mask: jax.Array  # [B, T] float32: 1 on the tokens that get a gradient (reflections)
-    anchor_mask: jax.Array  # [B, T] float32: 1 on sampled tokens kept near the reference (KL only)
-    advantages: jax.Array  # [B] float32, or [B, G] when packed
-    old_logprobs: jax.Array  # [B, T] float32: log p_old(tokens[t]) at position t (mu > 1)
-    prefix_len: int = flax.struct.field(pytree_node=False, default=0)  # packed: Lp
-    group_size: int = flax.struct.field(pytree_node=False, default=0)  # packed: G; 0 unpacked
-
-    @property
-    def packed(self) -> bool:
-        return self.group_size > 0
-
-    @classmethod
-    def abstract(
-        cls, batch_size: int, seq_len: int, prefix_len: int = 0, group_size: int = 0
-    ) -> Batch:
-        """Shapes and dtypes of a batch (`jax.ShapeDtypeStruct`s): to compile a step ahead.
-        With `group_size`, a packed batch of `batch_size` groups."""
-        sds = jax.ShapeDtypeStruct
-        bt = (batch_size, seq_len)
-        adv = (batch_size, group_size) if group_size else (batch_size,)
-        return cls(
-            tokens=sds(bt, jnp.int32),
-            positions=sds(bt, jnp.int32),
-            mask=sds(bt, jnp.bool_),
-            loss_mask=sds(bt, jnp.float32),
-            anchor_mask=sds(bt, jnp.float32),
-            advantages=sds(adv, jnp.float32),
-            old_logprobs=sds(bt, jnp.float32),
-            prefix_len=prefix_len,
-            group_size=group_size,
-        )
-
-    def sample_rows(self, x: jax.Array) -> jax.Array:
-        """A [B, T] array aligned to tokens -> the rows the policy loss sees, one per sample:
-        [B, T - 1] unpacked (position 0 predicts nothing), [B * G, Ls] packed."""
-        if not self.packed:
-            return x[:, 1:]
-        B, T = x.shape[:2]
-        G = self.group_size
-        return x[:, self.prefix_len :].reshape(B * G, (T - self.prefix_len) // G)
-
-    def anchor_parts(self, x: jax.Array) -> list[tuple[jax.Array, float]]:
-        """A [B, T] array aligned to tokens -> (part, weight) pairs covering every scored
-        token; a packed prefix counts once per sample that shares it (weight G), so the
-        anchor's sums equal the unpacked batch's."""
-        if not self.packed:
-            return [(x[:, 1:], 1.0)]
-        return [(x[:, 1 : self.prefix_len], float(self.group_size)), (self.sample_rows(x), 1.0)]
+from reflax.batch import Batch, batch_shardings, layout
+from reflax.sharding import named_sharding, param_logical_axes, param_shardings
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -316,9 +246,8 @@ def make_logprob_fn(graphdef: Any, cfg: StepConfig) -> Callable:
     return fn
 
 
-def opt_state_shardings(opt_state: Any, params_shardings: Any, mesh: Mesh) -> Any:
+def opt_state_shardings(opt_state: Any, mesh: Mesh) -> Any:
     """Optimizer moments follow their parameter's sharding; scalars are replicated."""
-    del params_shardings
 
     def one(path, x):
         if getattr(x, "ndim", 0) == 0:
@@ -333,16 +262,11 @@ def opt_state_shardings(opt_state: Any, params_shardings: Any, mesh: Mesh) -> An
 
 
 def state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
-    p = param_shardings(abstract_state.params, mesh)
     return TrainState(
         step=NamedSharding(mesh, PartitionSpec()),
-        params=p,
-        opt_state=opt_state_shardings(abstract_state.opt_state, p, mesh),
+        params=param_shardings(abstract_state.params, mesh),
+        opt_state=opt_state_shardings(abstract_state.opt_state, mesh),
     )
-
-
-def batch_shardings(batch: Batch, mesh: Mesh) -> Batch:
-    return jax.tree.map(lambda x: batch_sharding(mesh, x.shape), batch)
 
 
 def init_state(
@@ -384,12 +308,6 @@ def jit_logprob_fn(logprob_fn: Callable, params: Any, batch: Batch, mesh: Mesh |
     p = param_shardings(jax.eval_shape(lambda x: x, params), mesh)
     b = batch_shardings(batch, mesh)
     return jax.jit(logprob_fn, in_shardings=(p, b), out_shardings=b.old_logprobs)
-
-
-def layout(batch: Batch) -> Batch:
-    """The abstract batch (shapes, dtypes, packing) a compiled step is specialised to."""
-    B, T = batch.tokens.shape
-    return Batch.abstract(B, T, batch.prefix_len, batch.group_size)
 
 
 class CompiledSteps:
@@ -445,14 +363,3 @@ class CompiledSteps:
         if fn is None:
             raise ValueError("CompiledSteps built without with_logprobs")
         return fn
-
-
-def shard_batch(batch: Batch, mesh: Mesh | None) -> Batch:
-    """Place a host batch (the full global batch, identical on every host) on the mesh.
-
-    Each shard is cut from the host copy, so this is exact for any mesh, also where a
-    batch shard spans processes (a tensor axis across hosts).
-    """
-    if mesh is None:
-        return jax.tree.map(jnp.asarray, batch)
-    return put(batch, batch_shardings(batch, mesh))

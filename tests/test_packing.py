@@ -13,18 +13,16 @@ from flax import nnx
 from helpers import tiny_train_config
 
 from reflax import grpo, optim
+from reflax.batch import Batch, PackLengths, bucket_lengths, pack_groups, shard_batch
 from reflax.models import create
-from reflax.packing import bucket_lengths, pack_groups
 from reflax.sharding import make_mesh
 from reflax.trainer import (
-    Batch,
     CompiledSteps,
     StepConfig,
     init_state,
     jit_logprob_fn,
     make_grad_fn,
     make_logprob_fn,
-    shard_batch,
 )
 
 CFG = tiny_train_config()
@@ -113,7 +111,7 @@ def test_ladder_and_bad_input():
     with pytest.raises(ValueError, match="right-padded"):
         pack_groups(left, G)
     with pytest.raises(ValueError, match="no packed length"):
-        pack_groups(b, G, lengths=(4,))
+        pack_groups(b, G, lengths=PackLengths((4,), (4,)))
     with pytest.raises(ValueError, match="packed already"):
         pack_groups(pack_groups(b, G), G)
 

@@ -12,17 +12,16 @@ from flax import nnx
 from helpers import np_grpo_loss, tiny_train_config
 
 from reflax import grpo, optim
+from reflax.batch import Batch, shard_batch
 from reflax.models import create
 from reflax.sharding import make_mesh
 from reflax.trainer import (
-    Batch,
     StepConfig,
     init_state,
     jit_logprob_fn,
     jit_train_step,
     make_logprob_fn,
     make_train_step,
-    shard_batch,
 )
 
 CFG = tiny_train_config()
