@@ -323,6 +323,19 @@ def first_attempt_groups(
     return groups
 
 
+def own_tokens_bound(s: RolloutSettings, seq_len: int) -> int:
+    """The most tokens a train row holds past the prefix its group shares (a packed row's
+    suffix region): the rewarded completion, which is all a sample adds to the shared
+    [query, attempt, instruction] (`reflect`; `fixed_reflection`, whose fixed reflection
+    and retry instruction are shared; `first_attempt`, whose prompt is). `reflect_retry`
+    adds the retry instruction turn too, whose length no setting bounds: `seq_len`."""
+    return {
+        "reflect": s.max_reflection_tokens,
+        "fixed_reflection": s.max_retry_tokens,
+        "first_attempt": s.max_attempt_tokens,
+    }.get(s.method, seq_len)
+
+
 @dataclasses.dataclass
 class BatchStats:
     groups: int

@@ -37,6 +37,7 @@ from reflax.episodes import (
     build_batch,
     first_attempt_groups,
     first_attempts,
+    own_tokens_bound,
     reflect_and_retry,
 )
 from reflax.evaluate import accuracy_title, evaluate, save_json, table
@@ -139,12 +140,15 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
         rollout = offline_rollout(rt, items, cursor, settings, timer)
 
     # --- train step, compiled ahead of time from abstract shapes -------------------------
+    # every layout a batch can take: unpacked rows, or each (prefix, suffix) size pair
     cfg = StepConfig.from_config(c)
     steps = CompiledSteps(graphdef, tx, cfg, state, ref, mesh, with_logprobs=c.grpo.mu > 1)
-    ladder = PackLengths.fine(T)
-    if not c.grpo.pack_groups:
-        steps.compile(Batch.abstract(U * G, T))
-    # packed: one program per (prefix, suffix) bucket of the ladder, compiled at its first batch
+    ladder = PackLengths.coarse(T, own_tokens_bound(settings, T), c.grpo.pack_sizes)
+    layouts = ladder.layouts(U, G) if c.grpo.pack_groups else [Batch.abstract(U * G, T)]
+    seconds = steps.precompile(layouts)
+    writer.write_scalars(start, {"compiled_train_programs": len(layouts), "compile_s": seconds})
+    if distributed.is_primary():
+        print(f"compiled {len(layouts)} train programs in {seconds:.1f} s", flush=True)
 
     # --- loop ----------------------------------------------------------------------------
     rng0 = jax.random.key(c.seed)

@@ -7,6 +7,17 @@ loss's normalisers (the loss_type's denominator and the anchor's token count) de
 on the masks only, so they are counted over the whole batch before the scan and every
 micro-batch's objective is divided by them: accumulation is exact.
 
+Sharding: a batch's rows (unpacked rows; packed, its groups) are split over the batch mesh
+axes (data, fsdp) in contiguous blocks, and micro-batches are strided (`split_micro`), so
+every micro-batch spans every batch shard: a device runs the prefix of its own groups and
+their G suffixes, and the weights, not the activations, are gathered over fsdp (the
+compiled packed step's HLO on a (2, 2, 2) mesh, tests/test_packing.py). A micro-batch
+with fewer groups than batch shards (the paper configs: 32 groups in 8 micro-batches, 4
+groups against 8-16 shards) cannot give every shard a prefix: `reflax.sharding.constrain`
+leaves its rows whole and shards the hidden dimension over fsdp, and the compiled program
+(fake fsdp=8 mesh, 4 groups) then gathers whole prefix activations around the matmuls;
+micro-batches of at least data x fsdp groups avoid that.
+
 A step with no loss tokens and no anchor tokens (no failures this step, or every group
 dropped as too long) has nothing to learn from: it leaves the state untouched (AdamW's
 moments and count, hence the learning-rate schedule, and `step`) and reports
@@ -17,7 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.struct
@@ -29,7 +41,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from reflax import grpo
 from reflax.batch import Batch, batch_shardings, layout
-from reflax.sharding import named_sharding, param_logical_axes, param_shardings
+from reflax.config import DEFAULT_LOGITS_BYTES
+from reflax.sharding import (
+    constrain,
+    local_size,
+    named_sharding,
+    param_logical_axes,
+    param_shardings,
+)
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -50,8 +69,18 @@ class StepConfig:
     loss_type: str = "token_mean"
     max_len: int | None = None
     micro_batches: int = 1
-    logits_chunk: int = 128
+    logits_chunk: int = 0  # LM-head chunk positions; 0: the largest within logits_bytes
+    logits_bytes: int = DEFAULT_LOGITS_BYTES  # f32 logits of one chunk, per device
     use_old_logprobs: bool = False  # mu > 1: ratio against the stored old log-probs
+
+    def __post_init__(self):
+        # "constant" divides by rows * max_len; left to each layout, max_len would be T - 1
+        # unpacked and a bucketed suffix length packed: one batch, two losses
+        if self.loss_type == "constant" and self.max_len is None:
+            raise ValueError(
+                "loss_type='constant' needs max_len (its per-sample length normaliser, the "
+                "run's rollout.seq_len), so that packed and unpacked batches agree"
+            )
 
     @classmethod
     def from_config(cls, c: Any) -> StepConfig:
@@ -67,6 +96,7 @@ class StepConfig:
             max_len=c.rollout.seq_len,
             micro_batches=g.micro_batches,
             logits_chunk=g.logits_chunk,
+            logits_bytes=g.logits_bytes,
             use_old_logprobs=g.mu > 1,
         )
 
@@ -80,12 +110,14 @@ def _sequence_logprobs(graphdef, params, batch: Batch, cfg: StepConfig):
     scored = (batch.loss_mask > 0) | (batch.anchor_mask > 0)  # [B, T]
 
     def score(hidden, targets, mask):  # the hidden state at t predicts targets[t]
+        rows, vocab = local_size(hidden.shape[0], "batch"), local_size(head.shape[1], "vocab")
+        chunk = cfg.logits_chunk or grpo.logits_chunk(rows, vocab, cfg.logits_bytes)
         return grpo.token_logprobs_and_entropy(
             hidden,
             head.astype(hidden.dtype),
             targets,
             temperature=cfg.temperature,
-            chunk_size=cfg.logits_chunk,
+            chunk_size=chunk,
             mask=mask,
         )
 
@@ -113,10 +145,19 @@ def _sequence_logprobs(graphdef, params, batch: Batch, cfg: StepConfig):
     return lp, ent
 
 
-def _split_micro(x: jax.Array, m: int) -> jax.Array:
+def split_micro(x: jax.Array, m: int) -> jax.Array:
+    """[B, ...] -> [m, B / m, ...]: micro-batch i holds rows i, i + m, i + 2m, ...
+
+    Strided, not contiguous: the batch arrives with its rows in contiguous blocks over the
+    batch mesh axes, so each block holds rows of every micro-batch, and the [B / m, m]
+    reshape leaves the row blocks where they are. The micro axis, which the step scans
+    over, is unsharded and every micro-batch spans every batch shard (a contiguous split
+    would put micro-batch i on shards i * S / m ... only and scan over a sharded axis).
+    """
     if x.shape[0] % m:
         raise ValueError(f"batch size {x.shape[0]} is not divisible by micro_batches={m}")
-    return x.reshape(m, x.shape[0] // m, *x.shape[1:])
+    micro = x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1)
+    return constrain(micro, (None, "batch") + (None,) * (x.ndim - 1))
 
 
 def step_normalisers(batch: Batch, cfg: StepConfig) -> tuple[jax.Array, jax.Array]:
@@ -177,7 +218,7 @@ def make_grad_fn(graphdef: Any, cfg: StepConfig) -> Callable:
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 
     def grad_fn(params, batch: Batch, ref_params: Any = None):
-        micro = jax.tree.map(lambda x: _split_micro(x, cfg.micro_batches), batch)
+        micro = jax.tree.map(lambda x: split_micro(x, cfg.micro_batches), batch)
         norm = step_normalisers(batch, cfg)
 
         def accumulate(carry, mb):
@@ -312,10 +353,11 @@ def jit_logprob_fn(logprob_fn: Callable, params: Any, batch: Batch, mesh: Mesh |
 
 class CompiledSteps:
     """The train step (and, for mu > 1, the old-log-prob pass), compiled ahead of time once
-    per batch layout: one for unpacked rows, one per (prefix, suffix) bucket when packed.
+    per batch layout: one for unpacked rows, one per (prefix, suffix) size pair when packed.
 
-    `compile(abstract)` compiles a layout before its first batch; calling `step(batch)` or
-    `logprobs(batch)` on a new layout compiles it then.
+    `precompile(layouts)` compiles every layout a run can meet before its first step and
+    seals the set: a batch of another layout is then an error, never a compile inside a
+    timed step. Unsealed, `step(batch)` or `logprobs(batch)` on a new layout compiles it.
     """
 
     def __init__(
@@ -334,10 +376,25 @@ class CompiledSteps:
         self._ref = None if ref_params is None else jax.eval_shape(lambda x: x, ref_params)
         self._mesh = mesh
         self._programs: dict[Any, tuple[Callable, Callable | None]] = {}
+        self._sealed = False
+
+    def precompile(self, layouts: Sequence[Batch]) -> float:
+        """Compile every one of `layouts` and accept no other from now on; returns the
+        seconds it took."""
+        start = time.perf_counter()
+        for abstract in layouts:
+            self.compile(abstract)
+        self._sealed = True
+        return time.perf_counter() - start
 
     def compile(self, abstract: Batch) -> tuple[Callable, Callable | None]:
         key = (abstract.tokens.shape, abstract.prefix_len, abstract.group_size)
         if key not in self._programs:
+            if self._sealed:
+                raise ValueError(
+                    f"batch layout (shape, prefix_len, group_size) {key} is not one of the "
+                    f"{len(self._programs)} compiled before the loop"
+                )
             mesh, state, ref = self._mesh, self._state, self._ref
             step = jit_train_step(self._step, state, abstract, mesh, ref is not None)
             logprob = None
