@@ -137,7 +137,9 @@ def test_packed_run_equals_unpacked(uninterrupted, env, tmp_path):
     for w, x, y in zip(jax.tree.leaves(start), jax.tree.leaves(pa), jax.tree.leaves(pb)):
         update = np.abs(x - w).max()
         assert update > 0
-        assert np.abs(x - y).max() <= 1e-3 * update
+        # packed and unpacked rows sum in another order: within 1e-3 of the update, or a few
+        # float32 steps of the parameter itself where its update is smaller than those
+        assert np.abs(x - y).max() <= max(1e-3 * update, 4 * np.spacing(np.abs(x).max()))
 
 
 def test_train_programs_compiled_before_the_loop(uninterrupted):
