@@ -121,15 +121,13 @@ from flax import nnx  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 from reflax import optim  # noqa: E402
+from reflax.batch import Batch, batch_shardings, bucket_lengths, fit_length  # noqa: E402
 from reflax.models import ModelConfig, abstract_model  # noqa: E402
-from reflax.packing import bucket_lengths, fit_length  # noqa: E402
 from reflax.sampler import CachedRows, Sampler, bucket_size  # noqa: E402
 from reflax.sharding import make_mesh, param_shardings  # noqa: E402
 from reflax.trainer import (  # noqa: E402
-    Batch,
     StepConfig,
     TrainState,
-    batch_shardings,
     jit_train_step,
     make_train_step,
     state_shardings,
@@ -409,7 +407,7 @@ def compile_train_step(
     The step is built exactly as `reflax.train` builds it (`make_train_step` +
     `jit_train_step`, state donated); `ref_dtype=None` compiles it without KL reference
     params. `packed=(prefix_len, group_size)`: `batch_size` group-packed rows of `seq_len`
-    slots (`reflax.packing`). `compiler_options` go to `Lowered.compile` (e.g.
+    slots (`reflax.batch`). `compiler_options` go to `Lowered.compile` (e.g.
     `FAST_COMPILE`). Returns the compiled step, its per-device memory and the abstract
     (state, batch, ref).
     """
@@ -757,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
         if not a.skip_train:
-            if g.pack_groups and not a.unpacked:  # reflax.packing's layout of the widest rows
+            if g.pack_groups and not a.unpacked:  # reflax.batch's layout of the widest rows
                 ladder = bucket_lengths(seq_len)
                 prefix = fit_length(seq_len - r.max_reflection_tokens, ladder)
                 suffix = fit_length(r.max_reflection_tokens, ladder)

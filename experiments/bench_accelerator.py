@@ -11,7 +11,7 @@ downloaded), saved once with `save_pretrained` and loaded by every worker.
       (uniform, fixed seed; the loss tokens), right-padded to 896 tokens; beta 0.001 (a
       reference forward on a frozen copy of the initial weights), temperature 0.9,
       epsilon 0.2, AdamW lr 1e-5, clipping at 1.0, token-mean; each layer rematerialised.
-      reflax packed (`reflax.packing.pack_groups`, default length ladder) and unpacked,
+      reflax packed (`reflax.batch.pack_groups`, default length ladder) and unpacked,
       and transformers + torch (SDPA, unpacked, gradient checkpointing, no-grad reference
       forward), each scanning / looping over micro-batches to fit. The step is
       `bench_train_step`'s W4 step at these shapes.

@@ -25,7 +25,7 @@ ones), plus beta * k3 where beta > 0, token-mean over the loss mask, global-norm
 Implementations (each run in its own process, see `bench_common`)
   reflax            `reflax.trainer.make_train_step` compiled ahead on one device with the
                     state donated (compile time reported apart, never timed as a step);
-  reflax packed     (W4) the same step on the batch packed by `reflax.packing.pack_groups`:
+  reflax packed     (W4) the same step on the batch packed by `reflax.batch.pack_groups`:
                     one row per group holding the shared prefix once and the 8 reflections
                     after it, at the smallest `bucket_lengths` length that fits;
   reflax unpacked   (W4) the same step on the 32 x 512 batch;
@@ -86,6 +86,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import numpy as np  # noqa: E402
 
 from experiments import bench_common as bc  # noqa: E402
+from reflax.config import DEFAULT_LOGITS_BYTES  # noqa: E402
 
 BENCH = dict(
     vocab_size=8192,
@@ -245,6 +246,7 @@ def reflax_train_worker(
     steps: int,
     warmup: int,
     logits_chunk: int,
+    logits_bytes: int = DEFAULT_LOGITS_BYTES,
     remat: bool = False,
     micro_batches: int = 1,
     dtype: str = "float32",
@@ -255,8 +257,9 @@ def reflax_train_worker(
     from flax import nnx
 
     from reflax import optim
+    from reflax.batch import Batch
     from reflax.models.hf import load_pretrained
-    from reflax.trainer import Batch, StepConfig, init_state, make_train_step
+    from reflax.trainer import StepConfig, init_state, make_train_step
 
     dt = jnp.dtype(dtype)
     model = load_pretrained(ckpt, param_dtype=dt, dtype=dt, remat=remat)
@@ -264,9 +267,9 @@ def reflax_train_worker(
     host = Batch(**hb)
     info: dict[str, Any] = {"rows": int(host.tokens.shape[0]), "length": int(host.tokens.shape[1])}
     if packed:
-        from reflax.packing import pack_groups
+        from reflax.batch import pack_groups
 
-        host = pack_groups(host, group_size)  # lengths: the default `bucket_lengths` ladder
+        host = pack_groups(host, group_size)  # lengths: `PackLengths.fine`, the least padding
         info.update(
             rows=int(host.tokens.shape[0]),
             length=int(host.tokens.shape[1]),
@@ -283,6 +286,7 @@ def reflax_train_worker(
         beta=beta,
         micro_batches=micro_batches,
         logits_chunk=logits_chunk,
+        logits_bytes=logits_bytes,
     )
     ref = jax.tree.map(jnp.copy, params) if beta else None  # frozen initial weights
     state = init_state(params, tx)
@@ -466,7 +470,8 @@ def worker(a: argparse.Namespace) -> int:
     w3 = {k[3:]: data[k] for k in data if k.startswith("w3_")}
     w4 = {k[3:]: data[k] for k in data if k.startswith("w4_")}
     common = dict(steps=a.steps, warmup=a.warmup)
-    rx = dict(logits_chunk=a.logits_chunk, remat=a.remat, group_size=W4_G, **common)
+    rx = dict(logits_chunk=a.logits_chunk, logits_bytes=a.logits_bytes, remat=a.remat)
+    rx.update(group_size=W4_G, **common)
     bodies = {
         "reflax_w3": lambda: reflax_train_worker(ckpt, w3, beta=0.0, packed=False, **rx),
         "torch_w3": lambda: torch_train_worker(ckpt, w3, beta=0.0, **common),
@@ -486,9 +491,10 @@ def main(argv: list[str] | None = None) -> int:
     bc.add_harness_args(p, rounds=3)
     p.add_argument("--steps", type=int, default=2, help="timed steps per process")
     p.add_argument("--warmup", type=int, default=0, help="untimed steps after the first")
-    # 512: W3's and W4's rows in one LM-head chunk (no recomputation), holding all logits as
-    # PyTorch does; the packed W4 step's regions too
-    p.add_argument("--logits_chunk", type=int, default=512)
+    # 0: the run's default, the largest chunk whose [rows, chunk, V] f32 logits fit
+    # --logits_bytes (on the bench model W3's and W4's rows in one chunk, no recomputation)
+    p.add_argument("--logits_chunk", type=int, default=0)
+    p.add_argument("--logits_bytes", type=int, default=DEFAULT_LOGITS_BYTES)
     p.add_argument("--remat", action="store_true", help="rematerialise each layer (reflax)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)

@@ -9,6 +9,8 @@ is one `base_config` declares, before any compute and reports all problems in on
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 from ml_collections import ConfigDict
 
 from reflax.sharding import MESH_AXES  # its only reflax import: sharding imports no reflax
@@ -20,8 +22,12 @@ DEFAULT_FIXED_REFLECTION = (
     "My previous answer was wrong. I will read the task again carefully, check every "
     "requirement, and make sure my new answer satisfies all of them."
 )
+# the LM head's float32 logits one device holds at a time (grpo.logits_bytes)
+DEFAULT_LOGITS_BYTES = 256 * 2**20
 DTYPES = ("float32", "bfloat16", "float16")
-LOSS_TYPES = ("token_mean", "seq_mean", "constant")
+# the policy loss's normaliser (reflax.grpo)
+LossType = Literal["token_mean", "seq_mean", "constant"]
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 MODES = ("online", "offline")
 
 
@@ -111,9 +117,15 @@ def base_config() -> ConfigDict:
     c.grpo.mu = 1  # optimisation steps per rollout batch
     c.grpo.micro_batches = 1
     # one row per group, [prefix | reflection_1 .. reflection_G]: the shared prefix is run and
-    # differentiated once (same loss and gradients as unpacked rows; reflax.packing)
+    # differentiated once (same loss and gradients as unpacked rows; reflax.batch)
     c.grpo.pack_groups = True
-    c.grpo.logits_chunk = 128  # sequence positions per LM-head chunk: [B, 128, V] f32 logits
+    # sizes per packed region (the shared prefix; each sample's own tokens), the largest of
+    # reflax.batch.bucket_lengths: a run compiles pack_sizes^2 train programs before step 1
+    c.grpo.pack_sizes = 3
+    # LM-head chunk: sequence positions whose [rows, chunk, V] float32 logits exist at once
+    # (per device); 0: the largest chunk within grpo.logits_bytes (reflax.grpo.logits_chunk)
+    c.grpo.logits_chunk = 0
+    c.grpo.logits_bytes = DEFAULT_LOGITS_BYTES
 
     c.optim = ConfigDict(
         dict(
@@ -239,6 +251,9 @@ def validate(c: ConfigDict) -> ConfigDict:
     need(g.epsilon > 0 and g.epsilon_high > 0, "grpo.epsilon and epsilon_high must be > 0")
     need(g.mu >= 1, "grpo.mu must be >= 1")
     need(g.micro_batches >= 1, "grpo.micro_batches must be >= 1")
+    need(g.pack_sizes >= 1, "grpo.pack_sizes must be >= 1")
+    need(g.logits_chunk >= 0, "grpo.logits_chunk must be >= 0 (0: from grpo.logits_bytes)")
+    need(g.logits_bytes > 0, "grpo.logits_bytes must be > 0")
     rows = r.groups_per_step * r.group_size
     need(
         rows % max(g.micro_batches, 1) == 0,

@@ -30,13 +30,13 @@ import jax
 import numpy as np
 
 from reflax import grpo
+from reflax.batch import Batch
 from reflax.config import DEFAULT_FIXED_REFLECTION, METHODS
 from reflax.metrics import Timer
 from reflax.sampler import SampleOutput, Sampler
 from reflax.sampling import SamplingSpec
 from reflax.tasks import Task
 from reflax.tokenizer import ChatTokens
-from reflax.trainer import Batch
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +323,19 @@ def first_attempt_groups(
         texts = {"attempt": [completion_text(tok, attempts[e * G + g]) for g in range(G)]}
         groups.append(Group(None, rows, [float(p) for p in passed[e * G : (e + 1) * G]], texts))
     return groups
+
+
+def own_tokens_bound(s: RolloutSettings, seq_len: int) -> int:
+    """The most tokens a train row holds past the prefix its group shares (a packed row's
+    suffix region): the rewarded completion, which is all a sample adds to the shared
+    [query, attempt, instruction] (`reflect`; `fixed_reflection`, whose fixed reflection
+    and retry instruction are shared; `first_attempt`, whose prompt is). `reflect_retry`
+    adds the retry instruction turn too, whose length no setting bounds: `seq_len`."""
+    return {
+        "reflect": s.max_reflection_tokens,
+        "fixed_reflection": s.max_retry_tokens,
+        "first_attempt": s.max_attempt_tokens,
+    }.get(s.method, seq_len)
 
 
 @dataclasses.dataclass

@@ -36,7 +36,10 @@ Log-probabilities (:func:`token_logprobs`, :func:`token_logprobs_and_entropy`)
     recomputing them.
     Chunking along ``T`` (not ``B * T``) keeps ``B`` a plain batch axis of every chunk, so a
     batch-sharded input is never scanned over its sharded axis. ``T`` need not be a multiple
-    of ``chunk_size``: it is zero-padded and the padding is sliced off.
+    of ``chunk_size``: it is zero-padded and the padding is sliced off. The trainer's
+    default chunk is the largest whose ``[rows, chunk, V]`` logits fit a byte budget
+    (:func:`logits_chunk`, ``grpo.logits_bytes``): one chunk for a small vocabulary, which
+    also skips the recomputation, and a few hundred positions for a 150k one.
   * An optional ``mask`` replaces hidden states/logits at masked positions by zeros before any
     arithmetic, so NaN/Inf stored there cannot reach any gradient (``0 * nan = nan`` would
     otherwise leak into the LM-head gradient through the matmul).
@@ -95,11 +98,10 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-Array = jax.Array
-LossType = Literal["token_mean", "seq_mean", "constant"]
-StdType = Literal["unbiased", "biased"]
+from reflax.config import LOSS_TYPES, LossType
 
-LOSS_TYPES: tuple[str, ...] = ("token_mean", "seq_mean", "constant")
+Array = jax.Array
+StdType = Literal["unbiased", "biased"]
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -209,6 +211,13 @@ def token_logprobs(
     if mask is not None:
         logprobs = jnp.where(mask.astype(bool), logprobs, 0.0)
     return logprobs
+
+
+def logits_chunk(rows: int, vocab: int, budget_bytes: int) -> int:
+    """The most sequence positions whose ``[rows, chunk, vocab]`` float32 logits fit in
+    ``budget_bytes``: a multiple of 8 from 8 up (TPU sublanes), at least 1."""
+    chunk = int(budget_bytes) // (4 * max(int(rows), 1) * max(int(vocab), 1))
+    return max(chunk - chunk % 8 if chunk >= 8 else chunk, 1)
 
 
 def token_logprobs_and_entropy(

@@ -201,6 +201,15 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical, x.shape, mesh))
 
 
+def local_size(size: int, logical: str) -> int:
+    """A dimension of `size` along `logical` as one device holds it in the current mesh
+    context (`jax.set_mesh`): divided by its mesh axes where they divide it."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return size
+    return size // _mesh_axis_size(mesh, logical_to_spec((logical,), (size,), mesh)[0])
+
+
 def put(tree: Any, shardings: Any) -> Any:
     """A host pytree, identical on every process, as global arrays with `shardings`.
 

@@ -28,6 +28,7 @@ from flax import nnx
 from ml_collections import ConfigDict, config_flags
 
 from reflax import data, distributed, logs, optim
+from reflax.batch import Batch, PackLengths, pack_groups, shard_batch
 from reflax.checkpoint import Checkpointer, abstract_like
 from reflax.config import validate
 from reflax.episodes import (
@@ -36,12 +37,12 @@ from reflax.episodes import (
     build_batch,
     first_attempt_groups,
     first_attempts,
+    own_tokens_bound,
     reflect_and_retry,
 )
 from reflax.evaluate import accuracy_title, evaluate, save_json, table
 from reflax.metrics import MetricsWriter, Progress, Timer
 from reflax.models.hf import save_pretrained
-from reflax.packing import bucket_lengths, pack_groups
 from reflax.runtime import (
     Runtime,
     build_model,
@@ -51,7 +52,7 @@ from reflax.runtime import (
     state_to_dict,
 )
 from reflax.sharding import make_mesh
-from reflax.trainer import Batch, CompiledSteps, StepConfig, TrainState, init_state, shard_batch
+from reflax.trainer import CompiledSteps, StepConfig, TrainState, init_state
 from reflax.warm_start import train_problems, warm_start
 
 log = logging.getLogger("reflax.train")
@@ -139,12 +140,15 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
         rollout = offline_rollout(rt, items, cursor, settings, timer)
 
     # --- train step, compiled ahead of time from abstract shapes -------------------------
+    # every layout a batch can take: unpacked rows, or each (prefix, suffix) size pair
     cfg = StepConfig.from_config(c)
     steps = CompiledSteps(graphdef, tx, cfg, state, ref, mesh, with_logprobs=c.grpo.mu > 1)
-    ladder = bucket_lengths(T)
-    if not c.grpo.pack_groups:
-        steps.compile(Batch.abstract(U * G, T))
-    # packed: one program per (prefix, suffix) bucket of the ladder, compiled at its first batch
+    ladder = PackLengths.coarse(T, own_tokens_bound(settings, T), c.grpo.pack_sizes)
+    layouts = ladder.layouts(U, G) if c.grpo.pack_groups else [Batch.abstract(U * G, T)]
+    seconds = steps.precompile(layouts)
+    writer.write_scalars(start, {"compiled_train_programs": len(layouts), "compile_s": seconds})
+    if distributed.is_primary():
+        print(f"compiled {len(layouts)} train programs in {seconds:.1f} s", flush=True)
 
     # --- loop ----------------------------------------------------------------------------
     rng0 = jax.random.key(c.seed)

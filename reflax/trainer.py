@@ -2,10 +2,21 @@
 
 `train_step(state, batch, ref_params) -> (state, metrics)` is a pure function
 jitted once with in/out shardings; the state is donated. A batch is a pytree of
-fixed-shape arrays (see `Batch`); micro-batches are scanned inside the step. The
+fixed-shape arrays (`reflax.batch.Batch`); micro-batches are scanned inside the step. The
 loss's normalisers (the loss_type's denominator and the anchor's token count) depend
 on the masks only, so they are counted over the whole batch before the scan and every
 micro-batch's objective is divided by them: accumulation is exact.
+
+Sharding: a batch's rows (unpacked rows; packed, its groups) are split over the batch mesh
+axes (data, fsdp) in contiguous blocks, and micro-batches are strided (`split_micro`), so
+every micro-batch spans every batch shard: a device runs the prefix of its own groups and
+their G suffixes, and the weights, not the activations, are gathered over fsdp (the
+compiled packed step's HLO on a (2, 2, 2) mesh, tests/test_packing.py). A micro-batch
+with fewer groups than batch shards (the paper configs: 32 groups in 8 micro-batches, 4
+groups against 8-16 shards) cannot give every shard a prefix: `reflax.sharding.constrain`
+leaves its rows whole and shards the hidden dimension over fsdp, and the compiled program
+(fake fsdp=8 mesh, 4 groups) then gathers whole prefix activations around the matmuls;
+micro-batches of at least data x fsdp groups avoid that.
 
 A step with no loss tokens and no anchor tokens (no failures this step, or every group
 dropped as too long) has nothing to learn from: it leaves the state untouched (AdamW's
@@ -17,7 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.struct
@@ -28,78 +40,15 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from reflax import grpo
+from reflax.batch import Batch, batch_shardings, layout
+from reflax.config import DEFAULT_LOGITS_BYTES
 from reflax.sharding import (
-    batch_sharding,
+    constrain,
+    local_size,
     named_sharding,
     param_logical_axes,
     param_shardings,
-    put,
 )
-
-
-class Batch(flax.struct.PyTreeNode):
-    """One GRPO batch of fixed-shape rows.
-
-    Unpacked (`group_size == 0`): B sequences of T tokens, right-padded, one per sample.
-
-    Group-packed (`reflax.packing.pack_groups`): one row per group of G samples,
-    `[prefix | suffix_1 | ... | suffix_G]`: the tokens the group's rows share, once,
-    left-padded to `prefix_len` slots, then each sample's own tokens in a region of
-    Ls = (T - prefix_len) / G slots, right-padded, with positions continuing after the
-    prefix. Loss tokens lie in the suffixes only; `advantages` is [B, G], one per sample.
-    """
-
-    tokens: jax.Array  # [B, T] int32
-    positions: jax.Array  # [B, T] int32
-    mask: jax.Array  # [B, T] bool: real token
-    loss_mask: jax.Array  # [B, T] float32: 1 on the tokens that get a gradient (reflections)
-    anchor_mask: jax.Array  # [B, T] float32: 1 on sampled tokens kept near the reference (KL only)
-    advantages: jax.Array  # [B] float32, or [B, G] when packed
-    old_logprobs: jax.Array  # [B, T] float32: log p_old(tokens[t]) at position t (mu > 1)
-    prefix_len: int = flax.struct.field(pytree_node=False, default=0)  # packed: Lp
-    group_size: int = flax.struct.field(pytree_node=False, default=0)  # packed: G; 0 unpacked
-
-    @property
-    def packed(self) -> bool:
-        return self.group_size > 0
-
-    @classmethod
-    def abstract(
-        cls, batch_size: int, seq_len: int, prefix_len: int = 0, group_size: int = 0
-    ) -> Batch:
-        """Shapes and dtypes of a batch (`jax.ShapeDtypeStruct`s): to compile a step ahead.
-        With `group_size`, a packed batch of `batch_size` groups."""
-        sds = jax.ShapeDtypeStruct
-        bt = (batch_size, seq_len)
-        adv = (batch_size, group_size) if group_size else (batch_size,)
-        return cls(
-            tokens=sds(bt, jnp.int32),
-            positions=sds(bt, jnp.int32),
-            mask=sds(bt, jnp.bool_),
-            loss_mask=sds(bt, jnp.float32),
-            anchor_mask=sds(bt, jnp.float32),
-            advantages=sds(adv, jnp.float32),
-            old_logprobs=sds(bt, jnp.float32),
-            prefix_len=prefix_len,
-            group_size=group_size,
-        )
-
-    def sample_rows(self, x: jax.Array) -> jax.Array:
-        """A [B, T] array aligned to tokens -> the rows the policy loss sees, one per sample:
-        [B, T - 1] unpacked (position 0 predicts nothing), [B * G, Ls] packed."""
-        if not self.packed:
-            return x[:, 1:]
-        B, T = x.shape[:2]
-        G = self.group_size
-        return x[:, self.prefix_len :].reshape(B * G, (T - self.prefix_len) // G)
-
-    def anchor_parts(self, x: jax.Array) -> list[tuple[jax.Array, float]]:
-        """A [B, T] array aligned to tokens -> (part, weight) pairs covering every scored
-        token; a packed prefix counts once per sample that shares it (weight G), so the
-        anchor's sums equal the unpacked batch's."""
-        if not self.packed:
-            return [(x[:, 1:], 1.0)]
-        return [(x[:, 1 : self.prefix_len], float(self.group_size)), (self.sample_rows(x), 1.0)]
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -120,8 +69,18 @@ class StepConfig:
     loss_type: str = "token_mean"
     max_len: int | None = None
     micro_batches: int = 1
-    logits_chunk: int = 128
+    logits_chunk: int = 0  # LM-head chunk positions; 0: the largest within logits_bytes
+    logits_bytes: int = DEFAULT_LOGITS_BYTES  # f32 logits of one chunk, per device
     use_old_logprobs: bool = False  # mu > 1: ratio against the stored old log-probs
+
+    def __post_init__(self):
+        # "constant" divides by rows * max_len; left to each layout, max_len would be T - 1
+        # unpacked and a bucketed suffix length packed: one batch, two losses
+        if self.loss_type == "constant" and self.max_len is None:
+            raise ValueError(
+                "loss_type='constant' needs max_len (its per-sample length normaliser, the "
+                "run's rollout.seq_len), so that packed and unpacked batches agree"
+            )
 
     @classmethod
     def from_config(cls, c: Any) -> StepConfig:
@@ -137,6 +96,7 @@ class StepConfig:
             max_len=c.rollout.seq_len,
             micro_batches=g.micro_batches,
             logits_chunk=g.logits_chunk,
+            logits_bytes=g.logits_bytes,
             use_old_logprobs=g.mu > 1,
         )
 
@@ -150,12 +110,14 @@ def _sequence_logprobs(graphdef, params, batch: Batch, cfg: StepConfig):
     scored = (batch.loss_mask > 0) | (batch.anchor_mask > 0)  # [B, T]
 
     def score(hidden, targets, mask):  # the hidden state at t predicts targets[t]
+        rows, vocab = local_size(hidden.shape[0], "batch"), local_size(head.shape[1], "vocab")
+        chunk = cfg.logits_chunk or grpo.logits_chunk(rows, vocab, cfg.logits_bytes)
         return grpo.token_logprobs_and_entropy(
             hidden,
             head.astype(hidden.dtype),
             targets,
             temperature=cfg.temperature,
-            chunk_size=cfg.logits_chunk,
+            chunk_size=chunk,
             mask=mask,
         )
 
@@ -183,10 +145,19 @@ def _sequence_logprobs(graphdef, params, batch: Batch, cfg: StepConfig):
     return lp, ent
 
 
-def _split_micro(x: jax.Array, m: int) -> jax.Array:
+def split_micro(x: jax.Array, m: int) -> jax.Array:
+    """[B, ...] -> [m, B / m, ...]: micro-batch i holds rows i, i + m, i + 2m, ...
+
+    Strided, not contiguous: the batch arrives with its rows in contiguous blocks over the
+    batch mesh axes, so each block holds rows of every micro-batch, and the [B / m, m]
+    reshape leaves the row blocks where they are. The micro axis, which the step scans
+    over, is unsharded and every micro-batch spans every batch shard (a contiguous split
+    would put micro-batch i on shards i * S / m ... only and scan over a sharded axis).
+    """
     if x.shape[0] % m:
         raise ValueError(f"batch size {x.shape[0]} is not divisible by micro_batches={m}")
-    return x.reshape(m, x.shape[0] // m, *x.shape[1:])
+    micro = x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1)
+    return constrain(micro, (None, "batch") + (None,) * (x.ndim - 1))
 
 
 def step_normalisers(batch: Batch, cfg: StepConfig) -> tuple[jax.Array, jax.Array]:
@@ -247,7 +218,7 @@ def make_grad_fn(graphdef: Any, cfg: StepConfig) -> Callable:
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 
     def grad_fn(params, batch: Batch, ref_params: Any = None):
-        micro = jax.tree.map(lambda x: _split_micro(x, cfg.micro_batches), batch)
+        micro = jax.tree.map(lambda x: split_micro(x, cfg.micro_batches), batch)
         norm = step_normalisers(batch, cfg)
 
         def accumulate(carry, mb):
@@ -316,9 +287,8 @@ def make_logprob_fn(graphdef: Any, cfg: StepConfig) -> Callable:
     return fn
 
 
-def opt_state_shardings(opt_state: Any, params_shardings: Any, mesh: Mesh) -> Any:
+def opt_state_shardings(opt_state: Any, mesh: Mesh) -> Any:
     """Optimizer moments follow their parameter's sharding; scalars are replicated."""
-    del params_shardings
 
     def one(path, x):
         if getattr(x, "ndim", 0) == 0:
@@ -333,16 +303,11 @@ def opt_state_shardings(opt_state: Any, params_shardings: Any, mesh: Mesh) -> An
 
 
 def state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
-    p = param_shardings(abstract_state.params, mesh)
     return TrainState(
         step=NamedSharding(mesh, PartitionSpec()),
-        params=p,
-        opt_state=opt_state_shardings(abstract_state.opt_state, p, mesh),
+        params=param_shardings(abstract_state.params, mesh),
+        opt_state=opt_state_shardings(abstract_state.opt_state, mesh),
     )
-
-
-def batch_shardings(batch: Batch, mesh: Mesh) -> Batch:
-    return jax.tree.map(lambda x: batch_sharding(mesh, x.shape), batch)
 
 
 def init_state(
@@ -386,18 +351,13 @@ def jit_logprob_fn(logprob_fn: Callable, params: Any, batch: Batch, mesh: Mesh |
     return jax.jit(logprob_fn, in_shardings=(p, b), out_shardings=b.old_logprobs)
 
 
-def layout(batch: Batch) -> Batch:
-    """The abstract batch (shapes, dtypes, packing) a compiled step is specialised to."""
-    B, T = batch.tokens.shape
-    return Batch.abstract(B, T, batch.prefix_len, batch.group_size)
-
-
 class CompiledSteps:
     """The train step (and, for mu > 1, the old-log-prob pass), compiled ahead of time once
-    per batch layout: one for unpacked rows, one per (prefix, suffix) bucket when packed.
+    per batch layout: one for unpacked rows, one per (prefix, suffix) size pair when packed.
 
-    `compile(abstract)` compiles a layout before its first batch; calling `step(batch)` or
-    `logprobs(batch)` on a new layout compiles it then.
+    `precompile(layouts)` compiles every layout a run can meet before its first step and
+    seals the set: a batch of another layout is then an error, never a compile inside a
+    timed step. Unsealed, `step(batch)` or `logprobs(batch)` on a new layout compiles it.
     """
 
     def __init__(
@@ -416,10 +376,25 @@ class CompiledSteps:
         self._ref = None if ref_params is None else jax.eval_shape(lambda x: x, ref_params)
         self._mesh = mesh
         self._programs: dict[Any, tuple[Callable, Callable | None]] = {}
+        self._sealed = False
+
+    def precompile(self, layouts: Sequence[Batch]) -> float:
+        """Compile every one of `layouts` and accept no other from now on; returns the
+        seconds it took."""
+        start = time.perf_counter()
+        for abstract in layouts:
+            self.compile(abstract)
+        self._sealed = True
+        return time.perf_counter() - start
 
     def compile(self, abstract: Batch) -> tuple[Callable, Callable | None]:
         key = (abstract.tokens.shape, abstract.prefix_len, abstract.group_size)
         if key not in self._programs:
+            if self._sealed:
+                raise ValueError(
+                    f"batch layout (shape, prefix_len, group_size) {key} is not one of the "
+                    f"{len(self._programs)} compiled before the loop"
+                )
             mesh, state, ref = self._mesh, self._state, self._ref
             step = jit_train_step(self._step, state, abstract, mesh, ref is not None)
             logprob = None
@@ -445,14 +420,3 @@ class CompiledSteps:
         if fn is None:
             raise ValueError("CompiledSteps built without with_logprobs")
         return fn
-
-
-def shard_batch(batch: Batch, mesh: Mesh | None) -> Batch:
-    """Place a host batch (the full global batch, identical on every host) on the mesh.
-
-    Each shard is cut from the host copy, so this is exact for any mesh, also where a
-    batch shard spans processes (a tensor axis across hosts).
-    """
-    if mesh is None:
-        return jax.tree.map(jnp.asarray, batch)
-    return put(batch, batch_shardings(batch, mesh))

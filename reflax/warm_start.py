@@ -34,12 +34,13 @@ import jax
 import numpy as np
 
 from reflax import data, optim
+from reflax.batch import shard_batch
 from reflax.checkpoint import Checkpointer, CheckpointError, abstract_like
 from reflax.episodes import Group, Segment, _after_sampled, build_batch, prompt_ids
 from reflax.metrics import MetricsWriter, Progress
 from reflax.runtime import Runtime, load_examples
 from reflax.tasks import splits
-from reflax.trainer import StepConfig, init_state, jit_train_step, make_train_step, shard_batch
+from reflax.trainer import StepConfig, init_state, jit_train_step, make_train_step
 
 log = logging.getLogger(__name__)
 _FAMILY_SALT = "reflax-warm-start-families"

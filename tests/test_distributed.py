@@ -14,10 +14,11 @@ from flax import nnx
 from test_trainer import CFG, make_batch
 
 from reflax import distributed, optim
+from reflax.batch import shard_batch
 from reflax.config import ConfigError, base_config, validate
 from reflax.models import create
 from reflax.sharding import fetch, make_mesh, named_sharding, put
-from reflax.trainer import StepConfig, init_state, jit_train_step, make_train_step, shard_batch
+from reflax.trainer import StepConfig, init_state, jit_train_step, make_train_step
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ for every attention variant (sliding windows, q/k norm)."""
 
 import contextlib
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,18 +14,20 @@ from flax import nnx
 from helpers import tiny_train_config
 
 from reflax import grpo, optim
+from reflax.batch import Batch, PackLengths, bucket_lengths, pack_groups, shard_batch
 from reflax.models import create
-from reflax.packing import bucket_lengths, pack_groups
 from reflax.sharding import make_mesh
 from reflax.trainer import (
-    Batch,
     CompiledSteps,
     StepConfig,
     init_state,
     jit_logprob_fn,
+    jit_train_step,
     make_grad_fn,
     make_logprob_fn,
-    shard_batch,
+    make_train_step,
+    split_micro,
+    step_normalisers,
 )
 
 CFG = tiny_train_config()
@@ -113,9 +116,75 @@ def test_ladder_and_bad_input():
     with pytest.raises(ValueError, match="right-padded"):
         pack_groups(left, G)
     with pytest.raises(ValueError, match="no packed length"):
-        pack_groups(b, G, lengths=(4,))
+        pack_groups(b, G, lengths=PackLengths((4,), (4,)))
     with pytest.raises(ValueError, match="packed already"):
         pack_groups(pack_groups(b, G), G)
+
+
+def test_prefix_stops_where_positions_differ():
+    # two rows of a group with the same tokens but a gap in one row's positions (as after a
+    # dropped token): the shared prefix must end there, or that row would take the other's
+    b = group_batch(seed=11)
+    positions = b.positions.copy()
+    positions[1, 3:] += 1
+    b = b.replace(positions=positions)
+    p = pack_groups(b, G)
+    back = unpack(p, T)
+    np.testing.assert_array_equal(back["positions"], np.where(b.mask, b.positions, 0))
+    np.testing.assert_array_equal(back["tokens"], np.where(b.mask, b.tokens, 0))
+
+
+def test_constant_loss_needs_max_len_and_counts_it_in_both_layouts():
+    # rows * max_len: left to the layout it would be B * (T - 1) unpacked and B * Ls packed
+    with pytest.raises(ValueError, match="constant.*max_len"):
+        StepConfig(loss_type="constant")
+    cfg = StepConfig(loss_type="constant", max_len=T)
+    b = group_batch(seed=3)
+    den, _ = step_normalisers(b, cfg)
+    den_packed, _ = step_normalisers(pack_groups(b, G), cfg)
+    assert float(den) == float(den_packed) == U * G * T
+
+
+def test_micro_batches_span_every_batch_shard():
+    # the step scans over micro-batches: each must take its rows from every batch shard, so
+    # that the scanned axis is never a sharded one and no shard idles
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    rows, m, shards = 8 * G, 2, 4
+    x = shard_batch(group_batch(groups=rows // G, seed=1), mesh).tokens
+    split = jax.jit(lambda x: split_micro(x, m))
+    with jax.set_mesh(mesh):
+        micro = split(x)
+    np.testing.assert_array_equal(np.asarray(micro), np.asarray(x).reshape(-1, m, T).swapaxes(0, 1))
+    for shard in micro.addressable_shards:
+        held = shard.data.shape  # [micro-batches, rows, T] on this device
+        assert held == (m, rows // (m * shards), T), (shard.device, held)
+
+
+def _gathered_hidden_states(hlo: str, hidden: int) -> list[tuple[int, int]]:
+    """(rows, length) of every all-gather in a compiled program whose output is shaped like
+    hidden states [rows, length, hidden]."""
+    pat = re.compile(r"= \w+\[(\d+),(\d+),(\d+)\]\{[\d,]*\} all-gather(?:-start)?\(")
+    return [(int(r), int(n)) for r, n, d in pat.findall(hlo) if int(d) == hidden]
+
+
+def test_packed_step_gathers_no_whole_activation():
+    """Compiled packed step on the (2, 2, 2) mesh, 2 micro-batches of 4 groups against 4
+    batch shards: every device runs its own group's prefix and suffixes, and no all-gather
+    returns more hidden states than one batch shard holds (weights are gathered instead)."""
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    groups, m, shards, Lp, Ls = 8, 2, 4, 48, 16
+    config = dataclasses.replace(CFG, num_layers=1)  # the layer scan compiles its body once
+    graphdef, params = nnx.split(create(config, mesh=mesh, seed=1))
+    tx, _ = optim.make_optimizer(total_steps=10, learning_rate=1e-2, warmup_ratio=0.0)
+    state = jax.eval_shape(lambda p: init_state(p, tx), params)
+    cfg = StepConfig(max_len=T, micro_batches=m)
+    abstract = Batch.abstract(groups, Lp + G * Ls, Lp, G)
+    fn = jit_train_step(make_train_step(graphdef, tx, cfg), state, abstract, mesh, False)
+    with jax.set_mesh(mesh):
+        hlo = fn.lower(state, abstract, None).compile().as_text()
+    per_shard = groups // (m * shards) * (Lp + G * Ls)  # hidden states one shard owns
+    gathered = _gathered_hidden_states(hlo, CFG.hidden_size)
+    assert all(r * n <= per_shard for r, n in gathered), gathered
 
 
 def _rel_tree_diff(a, b):
@@ -220,6 +289,26 @@ def test_compiled_steps_one_program_per_layout():
         assert bool(m["applied"])
     layouts = {(p.tokens.shape, p.prefix_len) for p in batches}
     assert steps.num_programs == len(layouts)
+
+
+def test_coarse_lengths_bound_the_layouts_and_seal_the_programs():
+    # a run's packed batches take one of sizes^2 layouts, all compiled before the loop; a
+    # batch of any other layout is then an error, not a compile inside a timed step
+    ladder = PackLengths.coarse(T, 12, sizes=2)
+    assert ladder.prefix == bucket_lengths(T)[-2:] and ladder.suffix == (16,)
+    assert PackLengths.coarse(2048, 256, 3) == PackLengths((1024, 1536, 2048), (128, 192, 256))
+    layouts = {(a.tokens.shape, a.prefix_len) for a in ladder.layouts(U, G)}
+    assert len(layouts) == 2
+    b = group_batch(seed=4)
+    keep = b.mask & (np.cumsum(b.loss_mask, 1) <= 12)  # each reflection cut to 12 tokens
+    p = pack_groups(b.replace(mask=keep, loss_mask=b.loss_mask * keep), G, ladder)
+    assert (p.tokens.shape, p.prefix_len) in layouts
+    graphdef, params = nnx.split(create(CFG, seed=1))
+    tx, _ = optim.make_optimizer(total_steps=10, learning_rate=1e-2, warmup_ratio=0.0)
+    steps = CompiledSteps(graphdef, tx, StepConfig(max_len=T), init_state(params, tx), None, None)
+    steps.precompile([])
+    with pytest.raises(ValueError, match="not one of the 0 compiled before the loop"):
+        steps.step(p)
 
 
 def test_packed_forward_runs_the_one_block(monkeypatch):

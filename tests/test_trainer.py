@@ -12,17 +12,16 @@ from flax import nnx
 from helpers import np_grpo_loss, tiny_train_config
 
 from reflax import grpo, optim
+from reflax.batch import Batch, shard_batch
 from reflax.models import create
 from reflax.sharding import make_mesh
 from reflax.trainer import (
-    Batch,
     StepConfig,
     init_state,
     jit_logprob_fn,
     jit_train_step,
     make_logprob_fn,
     make_train_step,
-    shard_batch,
 )
 
 CFG = tiny_train_config()
@@ -132,7 +131,8 @@ def test_anchor_has_its_own_normaliser(loss_type):
     ref = distinct_reference(params)
     tx, _ = optim.make_optimizer(total_steps=10, learning_rate=1e-2, warmup_ratio=0.0)
     batch = make_batch(3)
-    cfg = StepConfig(beta=0.01, anchor_beta=0.5, logits_chunk=16, loss_type=loss_type)
+    T = batch.tokens.shape[1]
+    cfg = StepConfig(beta=0.01, anchor_beta=0.5, logits_chunk=16, loss_type=loss_type, max_len=T)
     _, m = jax.jit(make_train_step(graphdef, tx, cfg))(init_state(params, tx), batch, ref)
     _, m0 = jax.jit(make_train_step(graphdef, tx, replace(cfg, anchor_beta=0.0)))(
         init_state(params, tx), batch, ref
@@ -146,7 +146,7 @@ def test_anchor_has_its_own_normaliser(loss_type):
     assert anchor.sum() > 0 and not (anchor & loss_mask).any()
     assert anchor.sum() != loss_mask.sum()  # else token_mean could not tell the normalisers
     adv = np.asarray(batch.advantages)
-    kw = dict(eps=0.2, eps_high=None, beta=0.01, loss_type=loss_type)
+    kw = dict(eps=0.2, eps_high=None, beta=0.01, loss_type=loss_type, max_len=T)
     policy, _ = np_grpo_loss(lp, None, rlp, adv, loss_mask, **kw)
     np.testing.assert_allclose(m["loss"], policy + 0.5 * k3[anchor].mean(), rtol=1e-4)
     np.testing.assert_allclose(m0["loss"], policy, rtol=1e-4)
@@ -213,3 +213,28 @@ def test_non_finite_loss_keeps_state():
     assert not bool(m["finite"])
     assert int(new.step) == 0
     assert _max_diff(before, jax.device_get(new.params)) == 0.0
+
+
+def test_logits_chunk_from_the_byte_budget(monkeypatch):
+    rule, V, budget = grpo.logits_chunk, 151936, 256 * 2**20
+    chunk = rule(2, V, budget)  # the largest multiple of 8 within the budget
+    assert chunk % 8 == 0 and 4 * 2 * chunk * V <= budget < 4 * 2 * (chunk + 8) * V
+    assert rule(1, 1, 20) == 5 and rule(10**6, 10**6, 1) == 1
+    # the step asks the rule with the rows and the vocabulary one device holds; an explicit
+    # grpo.logits_chunk wins
+    seen, original = [], grpo.token_logprobs_and_entropy
+
+    def recorded(*args, chunk_size, **kw):
+        seen.append(chunk_size)
+        return original(*args, chunk_size=chunk_size, **kw)
+
+    monkeypatch.setattr(grpo, "token_logprobs_and_entropy", recorded)
+    graphdef, params = nnx.split(create(CFG, seed=1))
+    batch = make_batch()  # 8 rows
+    budget = 4 * 8 * CFG.vocab_size * 5  # 5 positions of 8 rows' logits
+    shapes = lambda cfg: jax.eval_shape(make_logprob_fn(graphdef, cfg), params, batch)
+    shapes(StepConfig(logits_bytes=budget))
+    with jax.set_mesh(make_mesh({"data": 2, "fsdp": 2, "tensor": 2})):
+        shapes(StepConfig(logits_bytes=budget))  # 2 rows and half the vocabulary per device
+    shapes(StepConfig(logits_chunk=3, logits_bytes=budget))
+    assert seen == [5, 40, 3]
