@@ -157,8 +157,8 @@ def _llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def write_gguf(path: str, hf_model, arch: str, *, qtypes: dict | None = None) -> str:
-    """The torch model as a GGUF file of `arch`, F32 unless `qtypes` names a tensor's type
-    (written as raw blocks of zeros when gguf-py cannot quantize it)."""
+    """The torch model as a GGUF file of `arch`, F32 unless `qtypes` names a GGUF tensor's
+    type: quantized by gguf-py, or raw blocks of zeros where gguf-py cannot quantize it."""
     c = hf_model.config
     w = gguf.GGUFWriter(path, arch)
     w.add_context_length(c.max_position_embeddings)
@@ -170,13 +170,7 @@ def write_gguf(path: str, hf_model, arch: str, *, qtypes: dict | None = None) ->
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_freq_base((getattr(c, "rope_parameters", None) or {}).get("rope_theta", 1e4))
     w.add_vocab_size(c.vocab_size)
-    table = gguf.get_tensor_name_map(
-        next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), c.num_hidden_layers
-    )
-    for name, value in hf_model.state_dict().items():
-        base, suffix = name.rsplit(".", 1)
-        gname = f"{table.get_name(base)}.{suffix}"
-        value = value.numpy().astype(np.float32)
+    for name, gname, value in _gguf_tensors(hf_model, arch):
         if arch == "llama" and ".q_proj." in name:
             value = _llama_cpp_permute(value, c.num_attention_heads)
         if arch == "llama" and ".k_proj." in name:
@@ -185,14 +179,48 @@ def write_gguf(path: str, hf_model, arch: str, *, qtypes: dict | None = None) ->
         if qtype is None:
             w.add_tensor(gname, value)
             continue
-        block, size = gguf.GGML_QUANT_SIZES[qtype]
-        raw = np.zeros((*value.shape[:-1], value.shape[-1] // block * size), np.uint8)
+        try:
+            raw = gguf.quants.quantize(value, qtype)
+        except NotImplementedError:
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            raw = np.zeros((*value.shape[:-1], value.shape[-1] // block * size), np.uint8)
         w.add_tensor(gname, raw, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _gguf_tensors(hf_model, arch: str):
+    """(HF name, GGUF name, float32 value) of every tensor of the torch model."""
+    table = gguf.get_tensor_name_map(
+        next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch),
+        hf_model.config.num_hidden_layers,
+    )
+    for name, value in hf_model.state_dict().items():
+        base, suffix = name.rsplit(".", 1)
+        yield name, f"{table.get_name(base)}.{suffix}", value.numpy().astype(np.float32)
+
+
+def _quantize_in_place(hf_model, arch: str, qtypes: dict) -> None:
+    """Each tensor `qtypes` names replaced by its quantized-and-dequantized value: what the
+    GGUF file holds. Blocks run along rows, so llama.cpp's row permutation commutes."""
+    state = hf_model.state_dict()
+    with torch.no_grad():
+        for name, gname, value in _gguf_tensors(hf_model, arch):
+            if gname in qtypes:
+                q = gguf.quants.quantize(value, qtypes[gname])
+                state[name].copy_(torch.from_numpy(gguf.quants.dequantize(q, qtypes[gname])))
+
+
+Q = gguf.GGMLQuantizationType
+# one layer's q, k and up weights quantized (rows of hidden_size = 32: one block each)
+QUANTIZED = {
+    "blk.1.attn_q.weight": Q.Q8_0,
+    "blk.1.attn_k.weight": Q.Q4_1,
+    "blk.0.ffn_up.weight": Q.Q5_0,
+}
 
 
 @pytest.mark.parametrize(
@@ -205,8 +233,10 @@ def write_gguf(path: str, hf_model, arch: str, *, qtypes: dict | None = None) ->
 )
 def test_tiny_gguf_matches_its_torch_model(tmp_path, arch, overrides, sharded):
     hf = tiny_torch_model(arch, seed=3, **overrides)
-    file = write_gguf(str(tmp_path / "m.gguf"), hf, arch)
-    mesh = cpu_mesh() if sharded else None  # tensor=2 splits q rows mid-head: 2 of 4 heads
+    _quantize_in_place(hf, arch, QUANTIZED)
+    file = write_gguf(str(tmp_path / "m.gguf"), hf, arch, qtypes=QUANTIZED)
+    # tensor=2 cuts k's single head (8 rows) in two: a shard must un-permute whole heads
+    mesh = cpu_mesh() if sharded else None
     model = load_gguf(file, mesh=mesh)
     if sharded:
         q = model.layers.q_proj[...]

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from reflax.evaluate import paired_tests, table
 from reflax.stats import (
     across_seeds,
     binomial_two_sided,
@@ -76,3 +77,43 @@ def test_across_seeds():
     assert same["p_t"] == 0.0 and same["t"] == math.inf
     one = across_seeds([0.1])
     assert math.isnan(one["p_t"]) and one["p_sign"] == 1.0
+
+
+def _result(first: list[int], second: list[int]) -> dict:
+    n = len(first)
+    return {
+        "n": n,
+        "first_try": sum(first) / n,
+        "second_try": sum(second) / n,
+        "first_try_ci95": list(wilson_interval(sum(first), n)),
+        "second_try_ci95": list(wilson_interval(sum(second), n)),
+        "outcomes": {"first_try": first, "second_try": second},
+    }
+
+
+def test_table_prints_wilson_intervals_and_paired_tests():
+    vanilla = _result([1, 0, 0, 0, 0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+    runs = {
+        "vanilla": vanilla,
+        "trained s1": _result([1, 1, 0, 0, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1, 1, 0]),
+        "trained s2": _result([0, 0, 0, 0, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0, 0, 0]),
+        "other problems": _result([1, 0], [1, 1]),  # not paired with vanilla: left out
+    }
+    tests = paired_tests(runs)
+    m = tests["mcnemar"]["trained s1"]
+    assert (m["second_try"]["gained"], m["second_try"]["lost"]) == (8, 0)
+    assert m["second_try"]["p"] == 2 / 2**8
+    assert (m["first_try"]["gained"], m["first_try"]["lost"], m["first_try"]["p"]) == (1, 0, 1.0)
+    m2 = tests["mcnemar"]["trained s2"]["first_try"]
+    assert (m2["gained"], m2["lost"]) == (0, 1)
+    assert set(tests["mcnemar"]) == {"trained s1", "trained s2"}
+    across = tests["across_runs"]["second_try"]
+    assert across["seeds"] == 2 and across["mean"] == pytest.approx((0.8 + 0.4) / 2)
+    assert across["p_t"] == pytest.approx(student_t_two_sided(0.6 / (0.2828427 / 2**0.5), 1))
+
+    text = table(runs, "title")
+    assert "10.0 [1.8, 40.4]" in text  # vanilla's 1 of 10 with its Wilson interval
+    assert "+8 -0 p=0.00781" in text and "across 2 runs vs vanilla, second try" in text
+    # one model alone, or results without outcomes: no tests, the table as before
+    assert "paired" not in table({"vanilla": vanilla})
+    assert paired_tests({k: {**r, "outcomes": None} for k, r in runs.items()}) == {}
