@@ -8,13 +8,16 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 
 import reflax  # noqa: E402
+import reflax.models.gguf  # noqa: E402
 from reflax.models import UnsupportedModelError  # noqa: E402
 from reflax.models.gguf import load_gguf  # noqa: E402
 from reflax.sampling import Sampler, left_pad  # noqa: E402
@@ -231,12 +234,14 @@ QUANTIZED = {
         ("qwen3", {}, False),
     ],
 )
-def test_tiny_gguf_matches_its_torch_model(tmp_path, arch, overrides, sharded):
+def test_tiny_gguf_matches_its_torch_model(tmp_path, monkeypatch, arch, overrides, sharded):
     hf = tiny_torch_model(arch, seed=3, **overrides)
     _quantize_in_place(hf, arch, QUANTIZED)
     file = write_gguf(str(tmp_path / "m.gguf"), hf, arch, qtypes=QUANTIZED)
     # tensor=2 cuts k's single head (8 rows) in two: a shard must un-permute whole heads
     mesh = cpu_mesh() if sharded else None
+    if sharded:  # dequantize a few rows at a time (whole heads of q and k): many blocks
+        monkeypatch.setattr(reflax.models.gguf, "_BLOCK_VALUES", 40)
     model = load_gguf(file, mesh=mesh)
     if sharded:
         q = model.layers.q_proj[...]
@@ -268,3 +273,19 @@ def test_unsupported_quantization_is_one_line(tmp_path):
     ) as e:
         reflax.load(file)
     assert "\n" not in str(e.value)
+
+
+def test_a_run_builds_from_the_file(smollm2_file, ours):
+    # --config.model.path=....gguf: the tokenizer and the sharded weights of reflax.load
+    from reflax.config import base_config
+    from reflax.runtime import build
+
+    c = base_config()
+    c.model.path = smollm2_file
+    c.model.dtype = c.model.param_dtype = "float32"
+    rt, params = build(c)
+    model, tok = ours
+    assert rt.tok.stop_ids == ChatTokens(tok).stop_ids and len(rt.tok.tokenizer) == len(tok)
+    assert rt.mesh.size == 8  # fsdp over every (fake) device: the weights are sharded
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(nnx.state(model))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -20,7 +20,6 @@ that its quantization can be dequantized) is checked before a device array is ma
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -52,6 +51,7 @@ SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 _PERMUTED_QK = ("llama",)
 # float tensor types gguf-py reads as plain numbers; quantized ones go through dequantize
 _INT_TYPES = ("I8", "I16", "I32", "I64")
+_BLOCK_VALUES = 1 << 22  # values dequantized at a time (16 MB as float32)
 
 
 def is_gguf(path: str | os.PathLike) -> bool:
@@ -216,25 +216,57 @@ def _rows(tensor: Any, r0: int, r1: int, heads: int | None) -> np.ndarray:
     return w[r0 - h0 : r1 - h0]
 
 
-def _shard(
+Index = tuple[tuple[int, int], ...]  # (start, stop) per axis of a parameter's shard
+
+
+def _hf_index(spec: ParamSpec, index: Index) -> Index:
+    """A shard's index into one layer's HF tensor ([out, in] rows first)."""
+    inner = index[1:] if spec.stacked else index
+    return inner[::-1] if spec.transpose else inner
+
+
+def _build_shards(
     spec: ParamSpec,
     tensors: dict[str, Any],
-    heads: dict[str, int],
-    index: tuple[tuple[int, int], ...],
+    heads: int | None,
+    indices: set[Index],
     dtype: np.dtype,
-) -> np.ndarray:
-    """The shard `param[index]` of a reflax parameter from the GGUF tensors, in `dtype`."""
-    layers = range(*index[0]) if spec.stacked else [0]
-    idx = index[1:] if spec.stacked else index
-    out = np.empty(tuple(b - a for a, b in index), dtype)
-    for j, layer in enumerate(layers):
-        name = spec.hf_names[layer]
-        hf_idx = idx[::-1] if spec.transpose else idx  # HF rows first
-        (r0, r1), rest = hf_idx[0], hf_idx[1:]
-        part = _rows(tensors[name], r0, r1, heads.get(spec.key[-1]))
-        part = part[(slice(None), *(slice(a, b) for a, b in rest))]
-        (out[j] if spec.stacked else out)[...] = part.T if spec.transpose else part
-    return out
+) -> dict[Index, np.ndarray]:
+    """Every shard `param[index]` this process needs, in `dtype`, filled in one pass.
+
+    Shards that cut the HF tensor's columns (e.g. fsdp over the [in] axis) need the same
+    rows: each layer's rows are dequantized once for all of them, in blocks of about
+    _BLOCK_VALUES values (whole heads for a permuted q/k), so the host holds the shards
+    plus one block, never a whole dequantized tensor."""
+    shards = {idx: np.empty(tuple(b - a for a, b in idx), dtype) for idx in indices}
+    for layer, name in enumerate(spec.hf_names):
+        users = [i for i in shards if not spec.stacked or i[0][0] <= layer < i[0][1]]
+        if not users:
+            continue
+        r0 = min(_hf_index(spec, i)[0][0] for i in users)
+        r1 = max(_hf_index(spec, i)[0][1] for i in users)
+        tensor = tensors[name]
+        row = max(1, int(np.prod(spec.hf_shape[1:])))
+        step = max(1, _BLOCK_VALUES // row)
+        if heads is not None:  # blocks of whole heads (_rows would widen a cut head)
+            size = spec.hf_shape[0] // heads
+            step = -(-step // size) * size
+            r0 = r0 // size * size
+        for b0 in range(r0, r1, step):
+            b1 = min(b0 + step, r1)
+            block = _rows(tensor, b0, b1, heads)
+            for idx in users:
+                (a, b), rest = _hf_index(spec, idx)[0], _hf_index(spec, idx)[1:]
+                lo, hi = max(a, b0), min(b, b1)
+                if lo >= hi:
+                    continue
+                part = block[(slice(lo - b0, hi - b0), *(slice(c, d) for c, d in rest))]
+                dst = shards[idx][layer - idx[0][0]] if spec.stacked else shards[idx]
+                if spec.transpose:  # HF rows lo..hi are the kernel's columns
+                    dst[..., lo - a : hi - a] = part.T
+                else:
+                    dst[lo - a : hi - a] = part
+    return shards
 
 
 def load_gguf(
@@ -270,15 +302,16 @@ def load_gguf(
     arrays = []
     for (keys, leaf), sharding in zip(leaves, jax.tree.leaves(shardings)):
         spec = by_key[tuple(k.key for k in keys if isinstance(k, jax.tree_util.DictKey))]
+        wanted = {  # this process's shards; replicas share one index
+            tuple(s.indices(d)[:2] for s, d in zip(index, leaf.shape))
+            for index in sharding.addressable_devices_indices_map(leaf.shape).values()
+        }
+        shards = _build_shards(spec, tensors, heads.get(spec.key[-1]), wanted, leaf.dtype)
 
-        @functools.cache  # replicas of one shard ask for the same index: build it once
-        def build(idx: tuple[tuple[int, int], ...], spec=spec, leaf=leaf) -> np.ndarray:
-            return _shard(spec, tensors, heads, idx, np.dtype(leaf.dtype))
-
-        def callback(index: tuple[slice, ...], leaf=leaf, build=build) -> np.ndarray:
-            return build(tuple(s.indices(d)[:2] for s, d in zip(index, leaf.shape)))
+        def callback(index: tuple[slice, ...], leaf=leaf, shards=shards) -> np.ndarray:
+            return shards[tuple(s.indices(d)[:2] for s, d in zip(index, leaf.shape))]
 
         array = jax.make_array_from_callback(leaf.shape, sharding, callback, dtype=leaf.dtype)
-        arrays.append(array.block_until_ready())  # frees the host shards before the next
-        build.cache_clear()
+        arrays.append(array.block_until_ready())  # then the host shards can go
+        del shards
     return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, arrays))
