@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from reflax.models.decoder import Decoder
-from reflax.models.gguf import is_gguf, load_gguf
+from reflax.models.gguf import gguf_has_tokenizer, is_gguf, load_gguf
 from reflax.models.hf import load_pretrained, resolve_checkpoint, save_pretrained
 from reflax.tokenizer import load_tokenizer
 
@@ -48,9 +48,8 @@ def load(
     """
     dt = jnp.dtype(dtype)
     if is_gguf(path_or_id):
-        return load_gguf(path_or_id, mesh=mesh, param_dtype=dt, dtype=dt), load_tokenizer(
-            path_or_id
-        )
+        model = load_gguf(path_or_id, mesh=mesh, param_dtype=dt, dtype=dt)
+        return model, load_tokenizer(path_or_id) if gguf_has_tokenizer(path_or_id) else None
     path = resolve_checkpoint(path_or_id, revision=revision)
     model = load_pretrained(path, mesh=mesh, param_dtype=dt, dtype=dt)
     has_tokenizer = any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES)

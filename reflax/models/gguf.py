@@ -80,6 +80,11 @@ def open_gguf(path: str | os.PathLike) -> Any:
         ) from None
 
 
+def gguf_has_tokenizer(path: str | os.PathLike) -> bool:
+    """Whether a GGUF file's metadata holds a tokenizer (llama.cpp's files always do)."""
+    return "tokenizer.ggml.model" in open_gguf(path).fields
+
+
 def _field(reader: Any, key: str, default: Any = None) -> Any:
     field = reader.fields.get(key)
     return default if field is None else field.contents()
