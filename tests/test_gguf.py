@@ -289,3 +289,14 @@ def test_a_run_builds_from_the_file(smollm2_file, ours):
     assert rt.mesh.size == 8  # fsdp over every (fake) device: the weights are sharded
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(nnx.state(model))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_dequantized_to_the_requested_dtype(tmp_path):
+    hf = tiny_torch_model("llama", seed=2)
+    _quantize_in_place(hf, "llama", QUANTIZED)
+    file = write_gguf(str(tmp_path / "m.gguf"), hf, "llama", qtypes=QUANTIZED)
+    f32, _ = reflax.load(file)
+    bf16, _ = reflax.load(file, dtype="bfloat16")
+    for a, b in zip(jax.tree.leaves(nnx.state(f32)), jax.tree.leaves(nnx.state(bf16))):
+        assert b.dtype == jax.numpy.bfloat16
+        np.testing.assert_array_equal(np.asarray(a).astype(b.dtype), np.asarray(b))

@@ -5,9 +5,10 @@ merges, chat template) as metadata, and every tensor, often quantized in blocks 
 its rows (Q4_1, Q8_0, Q6_K, ...). Loading maps the metadata to a `ModelConfig`, names
 each reflax parameter's HF tensors in GGUF's convention (`model.layers.3.self_attn.
 q_proj.weight` -> `blk.3.attn_q.weight`, gguf-py's own table), and builds every
-parameter in its shards with `jax.make_array_from_callback`: a shard's callback
-dequantizes (gguf-py's `dequantize`) only the rows of the GGUF tensor that shard
-needs, from the memory-mapped file, and casts to the requested dtype.
+parameter in its shards with `jax.make_array_from_callback`: the rows of each layer's
+GGUF tensor that this process's shards need are dequantized (gguf-py's `dequantize`)
+from the memory-mapped file once, in bounded blocks, and cast into the shards, so the
+host holds the shards and one block, never a whole dequantized model.
 
 GGUF stores a weight in HF's [out, in] row order, except that llama.cpp's converter
 permutes the rows of llama's q and k weights within each head, interleaving the two
@@ -49,7 +50,7 @@ SUFFIX = ".gguf"
 # GGUF `general.architecture` -> reflax model_type; llama.cpp permutes q/k rows of these
 SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 _PERMUTED_QK = ("llama",)
-# float tensor types gguf-py reads as plain numbers; quantized ones go through dequantize
+# integer tensor types: GGUF allows them, but they are no weights
 _INT_TYPES = ("I8", "I16", "I32", "I64")
 _BLOCK_VALUES = 1 << 22  # values dequantized at a time (16 MB as float32)
 
