@@ -16,9 +16,13 @@ from flax import nnx
 gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
 import reflax  # noqa: E402
 import reflax.models.gguf  # noqa: E402
+from reflax.config import base_config  # noqa: E402
 from reflax.models import UnsupportedModelError  # noqa: E402
+from reflax.runtime import build  # noqa: E402
 from reflax.sampling import Sampler, left_pad  # noqa: E402
 from reflax.tokenizer import ChatTokens  # noqa: E402
 from tests.helpers import (  # noqa: E402
@@ -65,8 +69,6 @@ def ours(smollm2_file):
 
 @pytest.fixture(scope="module")
 def theirs(smollm2_file):
-    from transformers import AutoModelForCausalLM
-
     directory, name = os.path.split(smollm2_file)
     return AutoModelForCausalLM.from_pretrained(
         directory, gguf_file=name, dtype=torch.float32, attn_implementation="eager"
@@ -144,8 +146,6 @@ def test_export_loads_in_transformers(ours, tmp_path):
     assert_close_scaled(
         torch_logits(tmp_path, ids)[0], np.asarray(reflax.logits(model, ids[0])), 1e-5
     )
-    from transformers import AutoTokenizer
-
     assert AutoTokenizer.from_pretrained(tmp_path).encode(TEXT) == tok.encode(TEXT)
 
 
@@ -278,9 +278,6 @@ def test_unsupported_quantization_is_one_line(tmp_path):
 
 def test_a_run_builds_from_the_file(smollm2_file, ours):
     # --config.model.path=....gguf: the tokenizer and the sharded weights of reflax.load
-    from reflax.config import base_config
-    from reflax.runtime import build
-
     c = base_config()
     c.model.path = smollm2_file
     c.model.dtype = c.model.param_dtype = "float32"
