@@ -44,7 +44,7 @@ CHATS = [
     "What is 12 + 7? Answer with the number.",
     "Name three primary colors.",
 ]
-NEW_TOKENS = 20
+NEW_TOKENS = 16
 RTOL = 1e-4  # of the logit scale (max |logit|)
 # the sampler's program compiles faster; the numbers are the same
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
