@@ -23,9 +23,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from reflax.models.decoder import Decoder
-from reflax.models.gguf import gguf_has_tokenizer, is_gguf, load_gguf
+from reflax.models.gguf import gguf_has_tokenizer, load_gguf
 from reflax.models.hf import load_pretrained, resolve_checkpoint, save_pretrained
-from reflax.tokenizer import load_tokenizer
+from reflax.tokenizer import is_gguf, load_tokenizer
 
 __all__ = ["load", "logits", "save"]
 

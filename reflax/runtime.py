@@ -15,11 +15,11 @@ from ml_collections import ConfigDict
 
 from reflax import tasks
 from reflax.models import ModelConfig, create
-from reflax.models.gguf import is_gguf, load_gguf
+from reflax.models.gguf import load_gguf
 from reflax.models.hf import load_pretrained
 from reflax.sampling import Sampler
 from reflax.sharding import make_mesh
-from reflax.tokenizer import ChatTokens, char_tokenizer, load_tokenizer
+from reflax.tokenizer import ChatTokens, char_tokenizer, is_gguf, load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,6 @@ import jinja2.nodes
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from reflax.models.gguf import is_gguf
-
 Message = dict[str, Any]
 
 # ChatML as Qwen2.5 renders it (without Qwen's default system prompt); tools go into the
@@ -60,6 +58,12 @@ CHATML = (
 )
 CHATML_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 UNK = "<unk>"
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """Whether `path` names a GGUF file (llama.cpp's single-file checkpoint, tokenizer
+    included), by its suffix; the file itself is checked when read."""
+    return os.fspath(path).lower().endswith(".gguf")
 
 
 def load_tokenizer(path_or_id: str | os.PathLike, **kwargs: Any) -> PreTrainedTokenizerBase:

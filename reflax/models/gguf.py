@@ -46,18 +46,12 @@ except ImportError:  # pragma: no cover - exercised where gguf is not installed
 
 log = logging.getLogger(__name__)
 
-SUFFIX = ".gguf"
 # GGUF `general.architecture` -> reflax model_type; llama.cpp permutes q/k rows of these
 SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 _PERMUTED_QK = ("llama",)
 # integer tensor types: GGUF allows them, but they are no weights
 _INT_TYPES = ("I8", "I16", "I32", "I64")
 _BLOCK_VALUES = 1 << 22  # values dequantized at a time (16 MB as float32)
-
-
-def is_gguf(path: str | os.PathLike) -> bool:
-    """Whether `path` names a GGUF file (by its suffix; the file itself is checked on load)."""
-    return os.fspath(path).lower().endswith(SUFFIX)
 
 
 def _require_gguf() -> None:
