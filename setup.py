@@ -38,7 +38,12 @@ setup(
             "ruff>=0.6",
             "torch>=2.4",
             "lm-eval>=0.4.13,<0.5",
+            # tests/test_gguf.py: gguf-py reads the file; transformers' GGUF load needs accelerate
+            "gguf>=0.10",
+            "accelerate>=1.0",
         ],
+        # GGUF files in reflax.load / model.path (reflax.models.gguf)
+        "gguf": ["gguf>=0.10"],
         # the forgetting suite (reflax.forgetting); [math]: sympy etc. for lm_eval's MATH
         "eval": ["lm-eval[math]>=0.4.13,<0.5"],
         # experiments/toy_reproduction/run.py's success-vs-step plot

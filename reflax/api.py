@@ -1,6 +1,7 @@
 """The three calls most users need: load a checkpoint, compute logits, save.
 
-    model, tokenizer = reflax.load("Qwen/Qwen2.5-0.5B-Instruct")     # or a local directory
+    model, tokenizer = reflax.load("Qwen/Qwen2.5-0.5B-Instruct")     # or a local directory,
+                                                                     # or a .gguf file
     ids = tokenizer.encode("The capital of France is")
     next_token = reflax.logits(model, ids)[-1].argmax()
     reflax.save(model, "/tmp/my-model", tokenizer)                   # transformers can load it
@@ -22,8 +23,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from reflax.models.decoder import Decoder
+from reflax.models.gguf import gguf_has_tokenizer, load_gguf
 from reflax.models.hf import load_pretrained, resolve_checkpoint, save_pretrained
-from reflax.tokenizer import load_tokenizer
+from reflax.tokenizer import is_gguf, load_tokenizer
 
 __all__ = ["load", "logits", "save"]
 
@@ -37,12 +39,18 @@ def load(
     mesh: Mesh | None = None,
     revision: str | None = None,
 ) -> tuple[Decoder, Any]:
-    """(model, tokenizer) from a local directory or Hub id; tokenizer is None if it has none.
+    """(model, tokenizer) from a local directory, Hub id or GGUF file; tokenizer is None if it
+    has none.
 
-    `dtype` ("float32", "bfloat16") is both the parameter and the compute dtype.
+    `dtype` ("float32", "bfloat16") is both the parameter and the compute dtype; a GGUF
+    file's (quantized) tensors are dequantized to it, its tokenizer and chat template come
+    from the file's metadata.
     """
-    path = resolve_checkpoint(path_or_id, revision=revision)
     dt = jnp.dtype(dtype)
+    if is_gguf(path_or_id):
+        model = load_gguf(path_or_id, mesh=mesh, param_dtype=dt, dtype=dt)
+        return model, load_tokenizer(path_or_id) if gguf_has_tokenizer(path_or_id) else None
+    path = resolve_checkpoint(path_or_id, revision=revision)
     model = load_pretrained(path, mesh=mesh, param_dtype=dt, dtype=dt)
     has_tokenizer = any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES)
     return model, load_tokenizer(path) if has_tokenizer else None

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from collections import Counter
@@ -43,14 +42,10 @@ from reflax.episodes import (
     reflect_and_retry,
 )
 from reflax.runtime import Runtime
+from reflax.stats import across_seeds, mcnemar, wilson_interval
 from reflax.tasks.base import CORRECT
 
 TRIES = ("first_try", "second_try")
-
-
-def ci95(p: float, n: int) -> float:
-    """Half-width of the normal-approximation 95% confidence interval of a proportion."""
-    return 1.96 * math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
 
 
 def error_breakdown(
@@ -86,17 +81,22 @@ def evaluate(
     seed: int = 0,
     num_samples_kept: int = 5,
 ) -> dict[str, Any]:
-    """Accuracy before and after one reflect-and-retry, with 95% CIs and sample reflections.
+    """Accuracy before and after one reflect-and-retry, with 95% Wilson intervals, each
+    problem's outcome and sample reflections.
 
-    `samples` holds the first `num_samples_kept` failures: the failed attempt, reflection,
-    retry, whether the retry passed, and the failed problem's index in `examples`.
+    `outcomes` holds, per try, 1/0 for each problem of `examples` in order (passed or not;
+    the second try counts a first-try success as passed), for paired tests between models
+    evaluated on the same problems. `samples` holds the first `num_samples_kept` failures:
+    the failed attempt, reflection, retry, whether the retry passed, and the failed
+    problem's index in `examples`.
     `errors` is the error analysis of the module docstring.
     """
     s = RolloutSettings.from_config(rt.config, rt.tok)
     if s.method == "first_attempt":  # the second try always uses the model's own reflection
         s = dataclasses.replace(s, method="reflect")
     rng = jax.random.key(seed)
-    first = second = 0
+    passed_first: list[int] = []
+    passed_second: list[int] = []
     kept: list[dict[str, str]] = []
     tally = {t: Counter() for t in TRIES}
     t0 = time.time()
@@ -106,7 +106,6 @@ def evaluate(
         prompts, attempts, _, passed = first_attempts(
             rt.sampler, params, rt.tok, rt.task, chunk, key, s, greedy=greedy
         )
-        first += sum(passed)
         failed = [i for i, ok in enumerate(passed) if not ok]
         failures = [Failure(chunk[i], prompts[i], attempts[i]) for i in failed]
         groups = reflect_and_retry(
@@ -120,7 +119,9 @@ def evaluate(
             num_samples=1,
             greedy=greedy,
         )
-        second += sum(int(g.rewards[0]) for g in groups)
+        retried = {i: int(g.rewards[0]) for i, g in zip(failed, groups)}
+        passed_first += [int(ok) for ok in passed]
+        passed_second += [int(ok) or retried.get(i, 0) for i, ok in enumerate(passed)]
         verdicts = [
             rt.task.category(ex, completion_text(rt.tok, a)) for ex, a in zip(chunk, attempts)
         ]
@@ -138,33 +139,88 @@ def evaluate(
                     "passed": bool(g.rewards[0]),
                 }
             )
-    n = len(examples)
-    p1 = first / n if n else float("nan")
-    p2 = (first + second) / n if n else float("nan")
+    n, first, total = len(examples), sum(passed_first), sum(passed_second)
+    second = total - first  # retries that passed
     return {
         "n": n,
-        "first_try": p1,
-        "second_try": p2,
-        "first_try_ci95": ci95(p1, n),
-        "second_try_ci95": ci95(p2, n),
+        "first_try": first / n if n else float("nan"),
+        "second_try": total / n if n else float("nan"),
+        "first_try_ci95": list(wilson_interval(first, n)),
+        "second_try_ci95": list(wilson_interval(total, n)),
         "retry_success_given_failure": second / (n - first) if n > first else float("nan"),
         "errors": error_breakdown(rt.task.categories, tally, n),
         "seconds": time.time() - t0,
         "samples": kept,
+        "outcomes": {"first_try": passed_first, "second_try": passed_second},
     }
 
 
 def table(results: dict[str, dict[str, Any]], title: str = "") -> str:
-    """The paper's table: rows are models, columns first / second try (%, ±95% CI); then,
-    when the results have an error analysis, the error table below it."""
+    """The paper's table: rows are models, columns first / second try (%, [95% Wilson
+    interval]); below it the paired tests of `paired_tests` when the results carry
+    per-problem outcomes, then the error table when they have an error analysis."""
     lines = [title] if title else []
-    lines.append(f"{'model':<24} {'n':>6} {'first try':>16} {'second try':>16}")
+    lines.append(f"{'model':<24} {'n':>6} {'first try':>20} {'second try':>20}")
     for name, r in results.items():
-        f = f"{100 * r['first_try']:.1f} ± {100 * r['first_try_ci95']:.1f}"
-        s = f"{100 * r['second_try']:.1f} ± {100 * r['second_try_ci95']:.1f}"
-        lines.append(f"{name:<24} {r['n']:>6} {f:>16} {s:>16}")
+        cells = "".join(f" {_percent_cell(r, t):>20}" for t in TRIES)
+        lines.append(f"{name:<24} {r['n']:>6}{cells}")
+    tests = paired_tests_text(paired_tests(results))
     errors = error_table(results)
-    return "\n".join(lines + ([""] + [errors] if errors else []))
+    return "\n".join(lines + ([tests] if tests else []) + ([""] + [errors] if errors else []))
+
+
+def _percent_cell(r: dict[str, Any], try_: str) -> str:
+    low, high = r[f"{try_}_ci95"]
+    return f"{100 * r[try_]:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def paired_tests(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each later model against the first (the baseline) on the same problems: per try, the
+    exact McNemar test of the per-problem outcomes (`reflax.stats.mcnemar`); with two or more
+    later models (runs of one recipe with different seeds), the test across them of their
+    accuracy changes (`reflax.stats.across_seeds`). Empty when fewer than two results carry
+    outcomes of the same problems."""
+    names = [k for k, r in results.items() if r.get("outcomes")]
+    if len(names) < 2:
+        return {}
+    base, others = names[0], names[1:]
+    n = results[base]["n"]
+    others = [k for k in others if results[k]["n"] == n]  # other problem sets: not paired
+    if not others:
+        return {}
+    outcomes = {k: results[k]["outcomes"] for k in [base, *others]}
+    out: dict[str, Any] = {
+        "baseline": base,
+        "mcnemar": {
+            k: {t: mcnemar(outcomes[base][t], outcomes[k][t]) for t in TRIES} for k in others
+        },
+    }
+    if len(others) >= 2:
+        out["across_runs"] = {
+            t: across_seeds([results[k][t] - results[base][t] for k in others]) for t in TRIES
+        }
+    return out
+
+
+def paired_tests_text(tests: dict[str, Any]) -> str:
+    """`paired_tests` as lines under the accuracy table."""
+    if not tests:
+        return ""
+    base = tests["baseline"]
+    lines = [f"paired change vs {base} (exact McNemar: problems gained / lost, p):"]
+    for name, by_try in tests["mcnemar"].items():
+        cells = "".join(
+            f"   {t.replace('_', ' ')}: +{m['gained']} -{m['lost']} p={m['p']:.3g}"
+            for t, m in by_try.items()
+        )
+        lines.append(f"  {name:<22}{cells}")
+    for t, a in tests.get("across_runs", {}).items():
+        lines.append(
+            f"across {a['seeds']} runs vs {base}, {t.replace('_', ' ')}: mean "
+            f"{100 * a['mean']:+.1f} pts, paired t={a['t']:.2f} (df {a['df']}) p={a['p_t']:.3g}, "
+            f"sign test {a['positive']}+ {a['negative']}- p={a['p_sign']:.3g}"
+        )
+    return "\n".join(lines)
 
 
 def error_table(results: dict[str, dict[str, Any]]) -> str:

@@ -14,10 +14,11 @@ from ml_collections import ConfigDict
 
 from reflax import tasks
 from reflax.models import ModelConfig, create
+from reflax.models.gguf import load_gguf
 from reflax.models.hf import load_pretrained
 from reflax.sampler import Sampler
 from reflax.sharding import make_mesh
-from reflax.tokenizer import ChatTokens, char_tokenizer, load_tokenizer
+from reflax.tokenizer import ChatTokens, char_tokenizer, is_gguf, load_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +58,9 @@ def build_tokenizer(c: ConfigDict) -> ChatTokens:
 
 
 def build_model(c: ConfigDict, mesh: Mesh, vocab_size: int, path: str | None = None) -> Any:
-    """The decoder from `path` (or model.path), else a random init from model.init; its
-    vocabulary must hold the tokenizer's `vocab_size` ids."""
+    """The decoder from `path` (or model.path: a checkpoint directory, Hub id or GGUF file),
+    else a random init from model.init; its vocabulary must hold the tokenizer's
+    `vocab_size` ids."""
     kwargs = dict(
         param_dtype=jnp.dtype(c.model.param_dtype),
         dtype=jnp.dtype(c.model.dtype),
@@ -66,7 +68,8 @@ def build_model(c: ConfigDict, mesh: Mesh, vocab_size: int, path: str | None = N
     )
     path = path or c.model.path
     if path:
-        model = load_pretrained(path, mesh=mesh, **kwargs)
+        load = load_gguf if is_gguf(path) else load_pretrained
+        model = load(path, mesh=mesh, **kwargs)
     else:
         init = dict(c.model.init)
         model_type = init.pop("model_type", "qwen2")

@@ -60,9 +60,20 @@ CHATML_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 UNK = "<unk>"
 
 
+def is_gguf(path: str | os.PathLike) -> bool:
+    """Whether `path` names a GGUF file (llama.cpp's single-file checkpoint, tokenizer
+    included), by its suffix; the file itself is checked when read."""
+    return os.fspath(path).lower().endswith(".gguf")
+
+
 def load_tokenizer(path_or_id: str | os.PathLike, **kwargs: Any) -> PreTrainedTokenizerBase:
-    """`transformers.AutoTokenizer.from_pretrained` (a local directory or a Hub id)."""
-    return AutoTokenizer.from_pretrained(os.fspath(path_or_id), **kwargs)
+    """`transformers.AutoTokenizer.from_pretrained` (a local directory, a Hub id, or a GGUF
+    file, whose metadata holds the vocabulary, merges and chat template)."""
+    path = os.fspath(path_or_id)
+    if is_gguf(path):
+        directory, name = os.path.split(os.path.abspath(path))
+        return AutoTokenizer.from_pretrained(directory, gguf_file=name, **kwargs)
+    return AutoTokenizer.from_pretrained(path, **kwargs)
 
 
 class ChatTokens:

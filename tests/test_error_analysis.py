@@ -205,6 +205,8 @@ def test_evaluate_counts_categories_per_try():
     assert r["errors"]["second_try"]["counts"] == want_second
     assert r["errors"]["second_try"]["fractions"]["correct"] == r["second_try"] == 0.5
     assert r["errors"]["first_try"]["fractions"]["correct"] == r["first_try"] == 0.25
+    # each problem's outcome, in order: 0 passes at once, 1 on its retry
+    assert r["outcomes"] == {"first_try": [1, 0, 0, 0], "second_try": [1, 1, 0, 0]}
     json.dumps(r)  # eval.json
 
     text = table({"before": r, "after": r}, "countdown")

@@ -31,6 +31,8 @@ import subprocess
 import sys
 import time
 
+from reflax.stats import mcnemar
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "configs", "countdown_toy.py")
 ABLATIONS = ("reflect_retry", "first_attempt", "fixed_reflection")
@@ -108,7 +110,22 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def cell(r: dict, key: str) -> str:
-    return f"{100 * r[key]:.1f} ± {100 * r[key + '_ci95']:.1f}"
+    ci = r[key + "_ci95"]
+    if isinstance(ci, list):  # a Wilson interval [low, high]
+        return f"{100 * r[key]:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+    return f"{100 * r[key]:.1f} ± {100 * ci:.1f}"  # results written before Wilson intervals
+
+
+def gain_test(r: dict, van: dict) -> str:
+    """The second try's paired test against vanilla: exact McNemar on the problems' own
+    outcomes where eval.json keeps them, else (older files) the sum of the two CI half-widths."""
+    if "outcomes" in r and "outcomes" in van:
+        t = mcnemar(van["outcomes"]["second_try"], r["outcomes"]["second_try"])
+        return f"+{t['gained']} -{t['lost']} p={t['p']:.3g}"
+    s = r["second_try_ci95"] + van["second_try_ci95"]
+    return f"CI sum {100 * s:.1f}" + (
+        " (exceeded)" if r["second_try"] - van["second_try"] > s else ""
+    )
 
 
 def main() -> None:
@@ -210,7 +227,7 @@ def report(
     results, lines = {}, []
     lines.append(
         "| run | seed | n | first try | second try | retry success given failure | "
-        "2nd-try gain over vanilla | CI half-widths summed | wall time (s) |"
+        "2nd-try gain over vanilla | paired test (exact McNemar) | wall time (s) |"
     )
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for seed in seeds:
@@ -229,9 +246,8 @@ def report(
             results.setdefault(name, {})[seed] = {k: v for k, v in r.items() if k != "samples"}
             gain = sep = ""
             if r is not van:
-                d = r["second_try"] - van["second_try"]
-                s = r["second_try_ci95"] + van["second_try_ci95"]
-                gain, sep = f"{100 * d:+.1f}", f"{100 * s:.1f}" + (" (exceeded)" if d > s else "")
+                gain = f"{100 * (r['second_try'] - van['second_try']):+.1f}"
+                sep = gain_test(r, van)
             lines.append(
                 f"| {name} | {seed} | {r['n']} | {cell(r, 'first_try')} | {cell(r, 'second_try')}"
                 f" | {100 * r['retry_success_given_failure']:.1f} | {gain} | {sep} | "
