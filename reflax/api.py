@@ -3,7 +3,7 @@
     model, tokenizer = reflax.load("Qwen/Qwen2.5-0.5B-Instruct")     # or a local directory
     ids = tokenizer.encode("The capital of France is")
     next_token = reflax.logits(model, ids)[-1].argmax()
-    reflax.save(model, "/tmp/my-model", tokenizer)                   # transformers can load it
+    reflax.save(model, "/tmp/my-model", tokenizer)  # or gs://...; transformers can load it
 
 `load(..., mesh=reflax.sharding.make_mesh({"fsdp": -1}))` shards the parameters
 over all devices as they are read; `logits` then runs sharded too.
@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from reflax import distributed, storage
 from reflax.models.decoder import Decoder
 from reflax.models.hf import load_pretrained, resolve_checkpoint, save_pretrained
 from reflax.tokenizer import load_tokenizer
@@ -89,5 +90,7 @@ def logits(model: Decoder, tokens: Any, mask: Any = None) -> jax.Array:
 
 
 def save(model: Decoder, path: str | os.PathLike, tokenizer: Any = None) -> None:
-    """A transformers-loadable checkpoint (config, safetensors, tokenizer) in `path`."""
-    save_pretrained(model, path, tokenizer=tokenizer)
+    """A transformers-loadable checkpoint (config, safetensors, tokenizer) in `path`, a local
+    directory or a bucket (gs://...), which holds the whole checkpoint or the previous one."""
+    with storage.staged_dir(path, publish=distributed.is_primary()) as staged:
+        save_pretrained(model, staged, tokenizer=tokenizer)

@@ -31,6 +31,8 @@ import jinja2.nodes
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from reflax import storage
+
 Message = dict[str, Any]
 
 # ChatML as Qwen2.5 renders it (without Qwen's default system prompt); tools go into the
@@ -62,7 +64,7 @@ UNK = "<unk>"
 
 def load_tokenizer(path_or_id: str | os.PathLike, **kwargs: Any) -> PreTrainedTokenizerBase:
     """`transformers.AutoTokenizer.from_pretrained` (a local directory or a Hub id)."""
-    return AutoTokenizer.from_pretrained(os.fspath(path_or_id), **kwargs)
+    return AutoTokenizer.from_pretrained(storage.local_path(path_or_id), **kwargs)
 
 
 class ChatTokens:
