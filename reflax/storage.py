@@ -95,14 +95,6 @@ def exists(path: str | os.PathLike) -> bool:
     return os.path.exists(path)
 
 
-def isdir(path: str | os.PathLike) -> bool:
-    path = os.fspath(path)
-    if is_remote(path):
-        fs, p = _fs(path)
-        return fs.isdir(p)
-    return os.path.isdir(path)
-
-
 def makedirs(path: str | os.PathLike) -> None:
     """A local directory and its parents; nothing for a URL (an object store has none)."""
     if not is_remote(path):
@@ -150,11 +142,6 @@ def write_json(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> None:
     with atomic_write(path) as f:
         json.dump(obj, f, **dump_kwargs)
         f.write("\n")
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    with open(path) as f:
-        return json.load(f)
 
 
 # --- checks before a run starts ---------------------------------------------------------------
