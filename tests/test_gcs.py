@@ -62,6 +62,8 @@ def gcs(tmp_path_factory):
     """(endpoint URL, a gcsfs filesystem on it) of a fresh server holding BUCKET."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    # the binary itself rather than the package's FakeGCSServer, which pipes the server's
+    # log without reading it (a full pipe would stall the server)
     log = open(tmp_path_factory.mktemp("gcs") / "server.log", "w")  # noqa: SIM115
     server = subprocess.Popen(
         [str(_get_binary_path()), "-scheme", "http", "-backend", "memory"]
