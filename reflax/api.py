@@ -4,7 +4,7 @@
                                                                      # or a .gguf file
     ids = tokenizer.encode("The capital of France is")
     next_token = reflax.logits(model, ids)[-1].argmax()
-    reflax.save(model, "/tmp/my-model", tokenizer)                   # transformers can load it
+    reflax.save(model, "/tmp/my-model", tokenizer)  # or gs://...; transformers can load it
 
 `load(..., mesh=reflax.sharding.make_mesh({"fsdp": -1}))` shards the parameters
 over all devices as they are read; `logits` then runs sharded too.
@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from reflax import distributed, storage
 from reflax.models.decoder import Decoder
 from reflax.models.gguf import gguf_has_tokenizer, load_gguf
 from reflax.models.hf import load_pretrained, resolve_checkpoint, save_pretrained
@@ -97,5 +98,7 @@ def logits(model: Decoder, tokens: Any, mask: Any = None) -> jax.Array:
 
 
 def save(model: Decoder, path: str | os.PathLike, tokenizer: Any = None) -> None:
-    """A transformers-loadable checkpoint (config, safetensors, tokenizer) in `path`."""
-    save_pretrained(model, path, tokenizer=tokenizer)
+    """A transformers-loadable checkpoint (config, safetensors, tokenizer) in `path`, a local
+    directory or a bucket (gs://...), which holds the whole checkpoint or the previous one."""
+    with storage.staged_dir(path, publish=distributed.is_primary()) as staged:
+        save_pretrained(model, staged, tokenizer=tokenizer)

@@ -22,7 +22,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from reflax import data, distributed, logs
+from reflax import data, distributed, logs, storage
 from reflax.config import validate
 from reflax.episodes import RolloutSettings, completion_text, first_attempts
 from reflax.metrics import MetricsWriter, Progress
@@ -115,6 +115,7 @@ def _main(argv: Sequence[str]) -> None:
         c.rollout.failures = FLAGS.output  # the file this command is about to write
     c = validate(c)
     distributed.initialize(distributed.ClusterSettings(**c.cluster))
+    storage.check_writable(storage.parent(FLAGS.output))  # before sampling, not after it
     rt, params = build(c)
     if FLAGS.warm_start:  # the model RL starts from: the warm start trained in that workdir
         writer = MetricsWriter(FLAGS.warm_start, tensorboard=False, enabled=False)

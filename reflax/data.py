@@ -18,27 +18,28 @@ from typing import Any
 
 import numpy as np
 
+from reflax import storage
+
 log = logging.getLogger(__name__)
 
 FAILURE_FIELDS = ("example", "prompt_ids", "attempt_ids")
 
 
 def write_failures(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> int:
-    """Write failure records (example, prompt_ids, attempt_ids, attempt_text) as JSONL."""
+    """Write failure records (example, prompt_ids, attempt_ids, attempt_text) as JSONL
+    (a local path or a URL such as gs://bucket/failures.jsonl)."""
     n = 0
-    tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "w") as f:
+    with storage.atomic_write(path) as f:  # a crash never leaves a half-written failure set
         for r in records:
             f.write(json.dumps(r) + "\n")
             n += 1
-    os.replace(tmp, path)  # a crash never leaves a half-written failure set
     return n
 
 
 def read_failures(path: str | os.PathLike) -> tuple[list[dict[str, Any]], int]:
     """Failure records and the number of malformed lines skipped."""
     records, skipped = [], 0
-    with open(path) as f:
+    with storage.open(path) as f:
         for line in f:
             if not line.strip():
                 continue

@@ -22,7 +22,6 @@ Both hold counts and fractions of n, and the table prints them per model and try
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections import Counter
@@ -33,7 +32,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from reflax import distributed
+from reflax import distributed, storage
 from reflax.episodes import (
     Failure,
     RolloutSettings,
@@ -245,8 +244,7 @@ def error_table(results: dict[str, dict[str, Any]]) -> str:
 def save_json(path: str | os.PathLike, results: dict[str, Any]) -> None:
     """Write the results (on the primary process only: one file for the whole cluster)."""
     if distributed.is_primary():
-        with open(path, "w") as f:
-            json.dump(results, f, indent=2)
+        storage.write_json(path, results, indent=2)  # a local path or a URL, written whole
 
 
 def _define_flags() -> None:
@@ -285,6 +283,10 @@ def _main(argv: Sequence[str]) -> None:
     FLAGS = flags.FLAGS
     c = validate(FLAGS.config)
     distributed.initialize(distributed.ClusterSettings(**c.cluster))
+    if FLAGS.output:  # where the results go, and the run they come from, before any compute
+        storage.check_writable(storage.parent(FLAGS.output))
+    if FLAGS.checkpoint:
+        storage.check_readable(FLAGS.checkpoint)
     rt, params = build(c)
     if FLAGS.suite == "forgetting":
         from reflax import forgetting

@@ -53,7 +53,7 @@ from lm_eval.models.utils import (
     postprocess_generated_text,
 )
 
-from reflax import distributed
+from reflax import distributed, storage
 from reflax.models.decoder import positions_from_mask
 from reflax.sampler import BucketSpec, Sampler, bucket_size, left_pad
 from reflax.sampling import SamplingSpec
@@ -444,7 +444,7 @@ def main(rt: Any, params: Any, flags: Any) -> None:
     if distributed.is_primary():
         print(forgetting_table(runs, tasks))
     output = flags.output or (
-        os.path.join(flags.checkpoint, "forgetting.json") if flags.checkpoint else None
+        storage.join(flags.checkpoint, "forgetting.json") if flags.checkpoint else None
     )
     if output:
         save_json(output, {"tasks": list(tasks), "claim": PAPER_CLAIM, "runs": runs})

@@ -10,7 +10,10 @@ JSONL files are appended and flushed after every record, so a crash loses nothin
 written; a record torn by a crash mid-write is cut off when the file is reopened, and
 `read_jsonl` skips one at the end of a file. A run resumed from a checkpoint appends to
 the same files, so records for steps after that checkpoint can appear twice; readers that
-care keep the last record per step.
+care keep the last record per step. A remote workdir (gs://...) has no append: the files
+are written in a local temporary mirror and uploaded whole (`storage.Mirror`) every
+`SYNC_INTERVAL_S` seconds, at `flush` and at `close`, so a crash there loses at most the
+records since the last upload, and none before the last checkpoint.
 """
 
 from __future__ import annotations
@@ -31,13 +34,16 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from reflax import distributed
+from reflax import distributed, storage
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 TB_DIR = "tb"
+# A remote workdir's files are uploaded whole: at most this often while records come in,
+# and at every `flush` (the train loop flushes before each checkpoint) and at `close`.
+SYNC_INTERVAL_S = 30.0
 
 _RESERVED = ("step", "time")
 
@@ -104,7 +110,7 @@ class MetricsWriter:
         self._closed = False
         if not self.enabled:
             return
-        os.makedirs(self.workdir, exist_ok=True)
+        self._dir = storage.Mirror(self.workdir)  # the workdir, or a local stand-in for a URL
         self._metrics = self._open(METRICS_FILE)
         if tensorboard:
             try:
@@ -112,18 +118,18 @@ class MetricsWriter:
             except ImportError:
                 log.warning("tensorboardX is not installed: TensorBoard logging is off")
             else:
-                self._tb = SummaryWriter(logdir=os.path.join(self.workdir, TB_DIR))
+                self._tb = SummaryWriter(logdir=os.path.join(self._dir.local, TB_DIR))
 
     def _open(self, name: str) -> IO[str]:
-        path = os.path.join(self.workdir, name)
+        path = self._dir.fetch(name)
         _repair_tail(path)
         return open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
 
-    @staticmethod
-    def _write_line(f: IO[str], record: dict[str, Any]) -> None:
+    def _write_line(self, f: IO[str], record: dict[str, Any]) -> None:
         # allow_nan=False: the files stay strict JSON (non-finite values are null by now)
         f.write(json.dumps(record, allow_nan=False, ensure_ascii=False) + "\n")
         f.flush()
+        self._dir.sync(min_interval_s=SYNC_INTERVAL_S)
 
     @staticmethod
     def _check_names(names: Any) -> None:
@@ -182,6 +188,8 @@ class MetricsWriter:
                 f.flush()
         if self._tb is not None:
             self._tb.flush()
+        if self.enabled:
+            self._dir.sync()
 
     def close(self) -> None:
         """Flush and close every file; later writes raise. Safe to call twice."""
@@ -193,6 +201,8 @@ class MetricsWriter:
                 f.close()
         if self._tb is not None:
             self._tb.close()
+        if self.enabled:
+            self._dir.close()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -218,7 +228,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Records of a JSONL file. A torn last line (a crash mid-write) is skipped and logged;
     an unreadable line elsewhere raises ValueError naming the file and line."""
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
+    with storage.open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
     records = []
     skipped = 0

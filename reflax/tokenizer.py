@@ -31,6 +31,8 @@ import jinja2.nodes
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from reflax import storage
+
 Message = dict[str, Any]
 
 # ChatML as Qwen2.5 renders it (without Qwen's default system prompt); tools go into the
@@ -68,8 +70,9 @@ def is_gguf(path: str | os.PathLike) -> bool:
 
 def load_tokenizer(path_or_id: str | os.PathLike, **kwargs: Any) -> PreTrainedTokenizerBase:
     """`transformers.AutoTokenizer.from_pretrained` (a local directory, a Hub id, or a GGUF
-    file, whose metadata holds the vocabulary, merges and chat template)."""
-    path = os.fspath(path_or_id)
+    file, whose metadata holds the vocabulary, merges and chat template); a gs:// path is
+    read through a local copy (reflax.storage.local_path)."""
+    path = storage.local_path(path_or_id)
     if is_gguf(path):
         directory, name = os.path.split(os.path.abspath(path))
         return AutoTokenizer.from_pretrained(directory, gguf_file=name, **kwargs)

@@ -16,7 +16,6 @@ train step (compiled before the loop), the loop, the final evaluation and export
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,7 +26,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import ConfigDict, config_flags
 
-from reflax import data, distributed, logs, optim
+from reflax import data, distributed, logs, optim, storage
 from reflax.batch import Batch, PackLengths, pack_groups, shard_batch
 from reflax.checkpoint import Checkpointer, abstract_like
 from reflax.config import validate
@@ -74,7 +73,7 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
     # --- config and cluster --------------------------------------------------------------
     distributed.initialize(distributed.ClusterSettings(**c.cluster))
     stop = distributed.StopRequest()  # from here on a SIGTERM is a request, not a kill
-    os.makedirs(workdir, exist_ok=True)
+    storage.check_writable(workdir)  # a local one is created; a bad bucket fails here, at once
     writer, timer = MetricsWriter(workdir), Timer()
     ckpt = Checkpointer(checkpoint_dir(workdir), keep=c.keep_checkpoints)
     latest = ckpt.latest_step()  # None: a fresh run
@@ -206,6 +205,7 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
                     "config": c.to_dict(),
                     "results": results,
                 }
+                writer.flush()  # a remote workdir's metrics reach it before the checkpoint
                 ckpt.save(step + 1, state_to_dict(state), meta)
             if preempted:
                 break
@@ -228,12 +228,15 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
         run_eval("after", state.params)
     if c.export_hf:
         model = nnx.merge(graphdef, state.params)
-        save_pretrained(model, os.path.join(workdir, "hf"), tokenizer=tok.tokenizer)
+        # built aside and moved in whole: a reader never sees half an export
+        hf_dir = storage.join(workdir, "hf")
+        with storage.staged_dir(hf_dir, publish=distributed.is_primary()) as staged:
+            save_pretrained(model, staged, tokenizer=tok.tokenizer)
     if results and distributed.is_primary():
         print(table(results, accuracy_title(c, len(eval_examples))))
         if c.eval.expected:
             print(f"expected: {c.eval.expected}")
-        save_json(os.path.join(workdir, "eval.json"), results)
+        save_json(storage.join(workdir, "eval.json"), results)
     writer.close()
     ckpt.close()
     return results

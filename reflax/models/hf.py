@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from reflax import distributed
+from reflax import distributed, storage
 from reflax.checkpoint import CheckpointError
 from reflax.models import abstract_model
 from reflax.models.config import ModelConfig, UnsupportedModelError
@@ -229,8 +229,9 @@ def _read_shard(
 
 
 def resolve_checkpoint(path_or_id: str | os.PathLike, *, revision: str | None = None) -> str:
-    """A local directory holding the checkpoint: the path itself, or a Hub snapshot."""
-    path = os.path.expanduser(os.fspath(path_or_id))
+    """A local directory holding the checkpoint: the path itself, a local copy of a remote
+    one (gs://...; see `storage.local_path`), or a Hub snapshot."""
+    path = os.path.expanduser(storage.local_path(path_or_id))
     if os.path.isdir(path):
         return path
     if os.path.exists(path):

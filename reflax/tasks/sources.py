@@ -4,6 +4,8 @@
 dicts; anything else is left for the caller to reject and count) and the number of lines
 that could not be decoded at all.
 
+A file or directory in a bucket (``gs://...``) is read from a local copy (`reflax.storage`).
+
 * ``*.jsonl`` (or ``*.ndjson``): one JSON value per line; blank lines are ignored, lines that
   are not valid JSON are counted as unreadable.
 * ``*.json``: a top-level JSON list of rows; a file that is not one JSON document is read as
@@ -20,12 +22,14 @@ import json
 import os
 from typing import Any
 
+from reflax import storage
+
 _LOCAL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
 
 
 def read_rows(source: str, *, hub_split: str = "train") -> tuple[list[Any], int]:
     """All rows of ``source`` and the count of undecodable lines (see module docstring)."""
-    path = os.path.expanduser(source)
+    path = os.path.expanduser(storage.local_path(source))  # a gs:// file: a local copy
     lower = path.lower()
     if os.path.isdir(path):
         return _read_saved_dataset(path, hub_split), 0
