@@ -231,7 +231,9 @@ def test_two_processes_write_to_the_bucket(gcs, env, local):
     # each process wrote its own shards; process 0 alone wrote the files
     assert {"two/checkpoints/1/commit_success.txt", "two/hf/config.json"} <= names
     assert any(n.startswith("two/checkpoints/1/state/ocdbt.process_1/") for n in names)
-    assert [r["step"] for r in jsonl(fs, "two/metrics.jsonl")] == [1]
+    rows = jsonl(fs, "two/metrics.jsonl")
+    # the train programs' compile row (step 0, before the loop), then step 1
+    assert [(r["step"], "compiled_train_programs" in r) for r in rows] == [(0, True), (1, False)]
     assert_nothing_local(cwd, e)
 
 
