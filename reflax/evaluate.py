@@ -22,7 +22,6 @@ Both hold counts and fractions of n, and the table prints them per model and try
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -31,10 +30,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from reflax import distributed
+from reflax import cli, distributed
 from reflax.episodes import (
     Failure,
     RolloutSettings,
@@ -42,7 +41,8 @@ from reflax.episodes import (
     first_attempts,
     reflect_and_retry,
 )
-from reflax.runtime import Runtime
+from reflax.results import save_json
+from reflax.runtime import Runtime, build, checkpoint_dir, load_examples, restore_params
 from reflax.tasks.base import CORRECT
 
 TRIES = ("first_try", "second_try")
@@ -186,13 +186,6 @@ def error_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def save_json(path: str | os.PathLike, results: dict[str, Any]) -> None:
-    """Write the results (on the primary process only: one file for the whole cluster)."""
-    if distributed.is_primary():
-        with open(path, "w") as f:
-            json.dump(results, f, indent=2)
-
-
 def _define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "reflax config file", lock_config=True)
     flags.DEFINE_string("checkpoint", None, "workdir of a reflax run: its latest checkpoint")
@@ -212,29 +205,36 @@ def _define_flags() -> None:
     flags.DEFINE_string("forgetting_include", None, "a directory of extra lm_eval task YAMLs")
     flags.DEFINE_integer("forgetting_batch_size", 16, "rows per forward / sampler call")
     flags.DEFINE_bool("forgetting_chat_template", False, "prompts through the chat template")
+    flags.mark_flags_as_required(["config"])
 
 
-def main(argv: Sequence[str]) -> None:
-    with distributed.exit_on_error():
-        _main(argv)
-
-
-def _main(argv: Sequence[str]) -> None:
-    del argv
-    from reflax import logs
-    from reflax.config import validate
-    from reflax.runtime import build, load_examples, restore_params
-
-    logs.setup()
+def main() -> None:
     FLAGS = flags.FLAGS
-    c = validate(FLAGS.config)
-    distributed.initialize(distributed.ClusterSettings(**c.cluster))
-    rt, params = build(c)
-    if FLAGS.suite == "forgetting":
-        from reflax import forgetting
-
-        forgetting.main(rt, params, FLAGS)
+    forgetting = None
+    if FLAGS.suite == "forgetting":  # lm_eval is an extra: asked for only here
+        forgetting = cli.require_extra("reflax.forgetting", "eval", "--suite=forgetting")
+    rt, params = cli.start(
+        FLAGS.config,
+        failures=False,
+        models=[FLAGS.hf] if FLAGS.hf else [],
+        checkpoints=[checkpoint_dir(FLAGS.checkpoint)] if FLAGS.checkpoint else [],
+        outputs=[FLAGS.output] if FLAGS.output else [],
+    )
+    if forgetting is not None:
+        forgetting.run(
+            rt,
+            params,
+            checkpoint=FLAGS.checkpoint,
+            hf=FLAGS.hf,
+            tasks=FLAGS.forgetting_tasks,
+            limit=FLAGS.forgetting_limit,
+            include_path=FLAGS.forgetting_include,
+            batch_size=FLAGS.forgetting_batch_size,
+            chat_template=FLAGS.forgetting_chat_template,
+            output=FLAGS.output,
+        )
         return
+    c = rt.config
     n = FLAGS.num_examples if FLAGS.num_examples is not None else c.eval.num_examples
     examples = load_examples(rt, c.eval.split, n)
     kw = dict(batch_size=c.eval.batch_size, greedy=c.eval.greedy, seed=c.seed)
@@ -242,7 +242,7 @@ def _main(argv: Sequence[str]) -> None:
     if FLAGS.baseline or not (FLAGS.checkpoint or FLAGS.hf):
         results["vanilla"] = evaluate(rt, params, examples, **kw)
     if FLAGS.checkpoint:
-        trained, step = restore_params(rt, params, FLAGS.checkpoint)
+        trained, step = restore_params(params, FLAGS.checkpoint)
         results[f"trained (step {step})"] = evaluate(rt, trained, examples, **kw)
     if FLAGS.hf:
         other, other_params = build(c, model_path=FLAGS.hf)
@@ -257,4 +257,4 @@ def _main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

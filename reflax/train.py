@@ -17,19 +17,18 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 from ml_collections import ConfigDict, config_flags
 
-from reflax import data, distributed, logs, optim
-from reflax.checkpoint import Checkpointer, abstract_like
-from reflax.config import validate
+from reflax import cli, data, distributed, optim
+from reflax.checkpoint import Checkpointer
 from reflax.episodes import (
     Failure,
     RolloutSettings,
@@ -38,20 +37,23 @@ from reflax.episodes import (
     first_attempts,
     reflect_and_retry,
 )
-from reflax.evaluate import accuracy_title, evaluate, save_json, table
+from reflax.evaluate import accuracy_title, evaluate, table
 from reflax.metrics import MetricsWriter, Progress, Timer
 from reflax.models.hf import save_pretrained
 from reflax.packing import bucket_lengths, pack_groups
+from reflax.results import replaced_dir, save_json
 from reflax.runtime import (
     Runtime,
     build_model,
     build_tokenizer,
+    check_resume,
     checkpoint_dir,
     load_examples,
+    restore_state,
     state_to_dict,
 )
 from reflax.sharding import make_mesh
-from reflax.trainer import Batch, CompiledSteps, StepConfig, TrainState, init_state, shard_batch
+from reflax.trainer import Batch, CompiledSteps, StepConfig, init_state, shard_batch
 from reflax.warm_start import train_problems, warm_start
 
 log = logging.getLogger("reflax.train")
@@ -68,15 +70,23 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
     """Run (or resume) training; returns the final evaluation results.
 
     SIGTERM (a preemption notice) stops every process after the same step with a checkpoint
-    of it, and the run returns early; relaunching the same command resumes from there.
+    of it, and the run returns early; relaunching the same command resumes from there. A
+    SIGTERM after the last step lets the final evaluation or export in progress finish and
+    skips the rest. The signal's previous handler is back when this returns or raises.
     """
-    # --- config and cluster --------------------------------------------------------------
     distributed.initialize(distributed.ClusterSettings(**c.cluster))
-    stop = distributed.StopRequest()  # from here on a SIGTERM is a request, not a kill
+    with distributed.StopRequest() as stop:  # from here on a SIGTERM is a request, not a kill
+        return _train(c, workdir, stop)
+
+
+def _train(c: ConfigDict, workdir: str, stop: distributed.StopRequest) -> dict[str, Any]:
+    # --- config and cluster --------------------------------------------------------------
     os.makedirs(workdir, exist_ok=True)
     writer, timer = MetricsWriter(workdir), Timer()
     ckpt = Checkpointer(checkpoint_dir(workdir), keep=c.keep_checkpoints)
     latest = ckpt.latest_step()  # None: a fresh run
+    if latest is not None:  # before any compute: a changed recipe stops here
+        check_resume(c, ckpt.metadata(latest), ckpt.step_dir(latest))
     U, G, T = c.rollout.groups_per_step, c.rollout.group_size, c.rollout.seq_len
 
     # --- mesh ----------------------------------------------------------------------------
@@ -118,16 +128,16 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
     if c.grpo.beta > 0 or c.grpo.anchor_beta > 0:
         dtype = jnp.dtype(c.grpo.ref_dtype)
         ref = jax.tree.map(lambda x: x.astype(dtype, copy=True), params)  # state is donated
-    state = init_state(params, tx, mesh)
-    del params  # the state holds the weights from here on
     start = 0
-    if latest is not None:
-        restored, meta = ckpt.restore(abstract_like(state_to_dict(state)), latest)
-        state = TrainState(**restored)
+    if latest is None:
+        state = init_state(params, tx, mesh)
+    else:  # straight into the shards init_state would give, from abstract shapes
+        state, meta = restore_state(ckpt, latest, params, tx, mesh)
         cursor.restore(meta["cursor"])
         start = int(meta["rollout_step"])
         results.update(meta.get("results", {}))
         log.info("resumed from %s at step %d", ckpt.step_dir(latest), start)
+    del params  # the state holds the weights from here on
 
     # --- rollout, chosen once ------------------------------------------------------------
     settings = RolloutSettings.from_config(c)
@@ -207,7 +217,6 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
                 break
     progress.close()
     ckpt.wait()
-    stop.restore()
     if preempted:
         if distributed.is_primary():
             print(
@@ -220,16 +229,33 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
         return results
 
     # --- final evaluation and export -----------------------------------------------------
+    # After a SIGTERM the phase in progress finishes and the rest are skipped; the last
+    # checkpoint is saved, so relaunching the same command runs them. hf/ is written under a
+    # temporary name and renamed when whole, so a kill never leaves half an export.
+    skipped = []
     if c.eval.after:
-        run_eval("after", state.params)
+        if stop.agreed():
+            skipped.append("final evaluation")
+        else:
+            run_eval("after", state.params)
     if c.export_hf:
-        model = nnx.merge(graphdef, state.params)
-        save_pretrained(model, os.path.join(workdir, "hf"), tokenizer=tok.tokenizer)
-    if results and distributed.is_primary():
+        if stop.agreed():
+            skipped.append("HF export")
+        else:
+            model = nnx.merge(graphdef, state.params)
+            with replaced_dir(os.path.join(workdir, "hf")) as hf_dir:
+                save_pretrained(model, hf_dir, tokenizer=tok.tokenizer)
+    if results and "final evaluation" not in skipped and distributed.is_primary():
         print(table(results, accuracy_title(c, len(eval_examples))))
         if c.eval.expected:
             print(f"expected: {c.eval.expected}")
         save_json(os.path.join(workdir, "eval.json"), results)
+    if skipped and distributed.is_primary():
+        print(
+            f"stopped by SIGTERM after the last step: {' and '.join(skipped)} skipped; "
+            "relaunch the same command to run them",
+            flush=True,
+        )
     writer.close()
     ckpt.close()
     return results
@@ -292,14 +318,10 @@ def _define_flags() -> None:
     flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logs.setup()
-    with distributed.exit_on_error():
-        train(validate(flags.FLAGS.config), flags.FLAGS.workdir)
+def main() -> None:
+    train(cli.setup(flags.FLAGS.config), flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main, user_errors=(NonFiniteLossError,))

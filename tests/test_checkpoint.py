@@ -355,7 +355,7 @@ def test_one_checkpoint_error_everywhere(tmp_path):
     from reflax.warm_start import warm_start
 
     with pytest.raises(CheckpointError, match="no checkpoint in"):
-        restore_params(None, None, str(tmp_path / "run"))
+        restore_params(None, str(tmp_path / "run"))
     rt = SimpleNamespace(config=SimpleNamespace(warm_start=None))
     with pytest.raises(CheckpointError, match="warm_start is missing"):
         warm_start(rt, None, str(tmp_path / "run"), None, restore_only=True)
