@@ -166,7 +166,9 @@ def exit_on_error() -> Iterator[None]:
     try:
         yield
     except BaseException as e:
-        if jax.process_count() == 1 or (isinstance(e, SystemExit) and not e.code):
+        # (is_initialized first: an error before joining must not start a device backend)
+        alone = not jax.distributed.is_initialized() or jax.process_count() == 1
+        if alone or (isinstance(e, SystemExit) and not e.code):
             raise
         me = f"process {jax.process_index()} of {jax.process_count()}"
         text = _first_line(e)

@@ -164,7 +164,7 @@ def check_resume(c: ConfigDict, saved: dict[str, Any], where: str) -> None:
     config saved with checkpoint `where` (unless `c.resume_override`)."""
     if c.resume_override or "config" not in saved:
         return
-    now, then = _flat(json.loads(json.dumps(c.to_dict()))), _flat(saved["config"])
+    now, then = (_flat(json.loads(json.dumps(x))) for x in (c.to_dict(), saved["config"]))
     changed = [
         f"{k}: {then.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}"
         for k in sorted(set(now) | set(then))
