@@ -17,6 +17,7 @@ keeps its traceback; `--verbose` shows the traceback of user errors too.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import logging
 import os
@@ -74,55 +75,50 @@ def run(main: Callable[[], Any], *, user_errors: tuple[type[BaseException], ...]
     app.run(entry, flags_parser=_parse)
 
 
-def setup(
-    c: ConfigDict,
-    *,
-    failures: bool = True,
-    models: Sequence[str] = (),
-    checkpoints: Sequence[str] = (),
-    outputs: Sequence[str] = (),
-) -> ConfigDict:
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """What a command reads and writes besides the paths in its config."""
+
+    failures: bool = True  # it reads the config's failure set (offline runs)
+    models: Sequence[str] = ()  # model directories or Hub ids
+    checkpoints: Sequence[str] = ()  # checkpoint directories, each with a finished step
+    outputs: Sequence[str] = ()  # files it will write
+
+
+def setup(c: ConfigDict, inputs: Inputs = Inputs()) -> ConfigDict:
     """The validated config, every input checked (`check_inputs`), the cluster joined."""
     c = validate(c)
-    check_inputs(c, failures=failures, models=models, checkpoints=checkpoints, outputs=outputs)
+    check_inputs(c, inputs)
     distributed.initialize(distributed.ClusterSettings(**c.cluster))
     return c
 
 
-def start(c: ConfigDict, **inputs: Any) -> tuple[Runtime, Any]:
+def start(c: ConfigDict, inputs: Inputs = Inputs()) -> tuple[Runtime, Any]:
     """`setup`, then the run's `Runtime` and the model's initial weights."""
-    return build(setup(c, **inputs))
+    return build(setup(c, inputs))
 
 
-def check_inputs(
-    c: ConfigDict,
-    *,
-    failures: bool = True,
-    models: Sequence[str] = (),
-    checkpoints: Sequence[str] = (),
-    outputs: Sequence[str] = (),
-) -> None:
+def check_inputs(c: ConfigDict, inputs: Inputs = Inputs()) -> None:
     """Raise `InputError` for the first missing input: the config's model, tokenizer and
-    data files (and, with `failures`, the failure set an offline run reads), `models`
-    (model directories or Hub ids), `checkpoints` (checkpoint directories, which must hold a
-    finished step) and the directories `outputs` are to be written in. Cheap: nothing is
-    loaded, so a wrong path fails in seconds rather than after the model has loaded."""
-    for path in [c.model.path, c.tokenizer.path, *models]:
+    data files, the failure set an offline run reads (`inputs.failures`), the other
+    `inputs` and the directories of its outputs. Cheap: nothing is loaded, so a wrong path
+    fails in seconds rather than after the model has loaded."""
+    for path in [c.model.path, c.tokenizer.path, *inputs.models]:
         if path and _looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
             raise InputError(f"model directory {path} does not exist")
     for path in (c.task.train_source, c.task.test_source):
         if path and _looks_local(path, _DATA_SUFFIXES) and not os.path.exists(path):
             raise InputError(f"no such data file: {path}")
     offline = c.rollout.mode == "offline" and c.rollout.method != "first_attempt"
-    if failures and offline and not os.path.isfile(c.rollout.failures):
+    if inputs.failures and offline and not os.path.isfile(c.rollout.failures):
         raise InputError(
             f"no failure set at rollout.failures={c.rollout.failures} "
             "(write one with python -m reflax.collect_failures)"
         )
-    for path in checkpoints:
+    for path in inputs.checkpoints:
         if not _has_checkpoint(path):
             raise InputError(f"{path} is missing or holds no finished checkpoint")
-    for path in outputs:
+    for path in inputs.outputs:
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             raise InputError(f"cannot write {path}: directory {parent} does not exist")

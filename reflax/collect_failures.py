@@ -107,7 +107,7 @@ def main() -> None:
     if c.rollout.mode == "offline" and not c.rollout.failures:
         c.rollout.failures = FLAGS.output  # the file this command is about to write
     warm = [os.path.join(FLAGS.warm_start, "warm_start")] if FLAGS.warm_start else []
-    rt, params = cli.start(c, failures=False, checkpoints=warm, outputs=[FLAGS.output])
+    rt, params = cli.start(c, cli.Inputs(failures=False, checkpoints=warm, outputs=[FLAGS.output]))
     if FLAGS.warm_start:  # the model RL starts from: the warm start trained in that workdir
         writer = MetricsWriter(FLAGS.warm_start, tensorboard=False, enabled=False)
         params = warm_start(rt, params, FLAGS.warm_start, writer, restore_only=True)

@@ -213,13 +213,13 @@ def main() -> None:
     forgetting = None
     if FLAGS.suite == "forgetting":  # lm_eval is an extra: asked for only here
         forgetting = cli.require_extra("reflax.forgetting", "eval", "--suite=forgetting")
-    rt, params = cli.start(
-        FLAGS.config,
+    inputs = cli.Inputs(
         failures=False,
         models=[FLAGS.hf] if FLAGS.hf else [],
         checkpoints=[checkpoint_dir(FLAGS.checkpoint)] if FLAGS.checkpoint else [],
         outputs=[FLAGS.output] if FLAGS.output else [],
     )
+    rt, params = cli.start(FLAGS.config, inputs)
     if forgetting is not None:
         forgetting.run(
             rt,
