@@ -36,6 +36,7 @@ from reflax.checkpoint import CheckpointError
 from reflax.config import ConfigError, validate
 from reflax.distributed import ClusterError
 from reflax.runtime import Runtime, build
+from reflax.tasks.sources import _LOCAL_SUFFIXES as DATA_SUFFIXES
 
 
 class UsageError(ValueError):
@@ -54,10 +55,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     InputError,
 )
 
-# Hugging Face's rule (`reflax.models.hf.resolve_checkpoint`, `reflax.tasks.sources`): a
-# path that starts so, or has more than one "/", is local; "org/name" may be a Hub id.
+# The readers' rule (`reflax.models.hf.resolve_checkpoint`, `reflax.tasks.sources`): a path
+# that starts so, has more than one "/" or a data file's suffix is local; "org/name" may be
+# a Hub id, which only the reader can check.
 _LOCAL_PREFIXES = ("/", ".", "~")
-_DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
 
 
 def run(main: Callable[[], Any], *, user_errors: tuple[type[BaseException], ...] = ()) -> None:
@@ -107,7 +108,11 @@ def check_inputs(c: ConfigDict, inputs: Inputs = Inputs()) -> None:
         if path and _looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
             raise InputError(f"model directory {path} does not exist")
     for path in (c.task.train_source, c.task.test_source):
-        if path and _looks_local(path, _DATA_SUFFIXES) and not os.path.exists(path):
+        if (
+            path
+            and _looks_local(path, DATA_SUFFIXES)
+            and not os.path.exists(os.path.expanduser(path))
+        ):
             raise InputError(f"no such data file: {path}")
     offline = c.rollout.mode == "offline" and c.rollout.method != "first_attempt"
     if inputs.failures and offline and not os.path.isfile(c.rollout.failures):
