@@ -330,7 +330,16 @@ class Checkpointer:
 
     # -- restore --------------------------------------------------------------------------
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+    def metadata(self, step: int) -> dict:
+        """The metadata saved with checkpoint `step`, without reading any array."""
+        meta = self._read_json(int(step), _META)
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"checkpoint {self.step_dir(step)}: metadata is not an object")
+        return meta
+
+    def restore(
+        self, abstract_state: Any, step: int | None = None, *, partial: bool = False
+    ) -> tuple[Any, dict]:
         """Restore checkpoint `step` (None: the latest) into the layout of `abstract_state`.
 
         `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with `.sharding` set (e.g.
@@ -339,7 +348,8 @@ class Checkpointer:
         sharding gets the layout it was saved with, which needs the same devices.) A dtype
         different from the saved one is cast. Returns (state, metadata); raises
         `CheckpointError` if the checkpoint is missing, damaged, or does not match
-        `abstract_state`.
+        `abstract_state`. With `partial`, `abstract_state` may name a subset of the saved
+        leaves (e.g. only `params`); only those are read.
         """
         self.wait()  # a step still being written cannot be read
         self._mgr.reload()  # see steps deleted or added on disk since construction
@@ -356,18 +366,29 @@ class Checkpointer:
 
         manifest = self._read_json(step, _MANIFEST)
         leaves = self._check_manifest(manifest, path)
-        self._check_abstract(abstract_state, leaves, path)
+        self._check_abstract(abstract_state, leaves, path, partial=partial)
 
-        args = ocp.args.Composite(
-            **{_STATE: ocp.args.StandardRestore(abstract_state), _META: ocp.args.JsonRestore()}
-        )
+        mgr, state_args = self._mgr, ocp.args.StandardRestore(abstract_state)
+        if partial:
+            state_args = ocp.args.PyTreeRestore(
+                item=abstract_state,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+                partial_restore=True,
+            )
+            # orbax binds an item to the handler of its first use (StandardSave when this
+            # Checkpointer saved): a partial read goes through a manager of its own
+            mgr = ocp.CheckpointManager(self.directory)
+        args = ocp.args.Composite(**{_STATE: state_args, _META: ocp.args.JsonRestore()})
         try:
-            restored = self._mgr.restore(step, args=args)
+            restored = mgr.restore(step, args=args)
             state, meta = restored[_STATE], restored[_META]
         except Exception as e:
             raise CheckpointError(
                 f"checkpoint {path} could not be read ({_short(e)}). {_ADVICE}"
             ) from e
+        finally:
+            if mgr is not self._mgr:
+                mgr.close()
         if not isinstance(meta, dict):
             raise CheckpointError(
                 f"checkpoint {path}: metadata is a {type(meta).__name__}, not a JSON object. "
@@ -403,10 +424,12 @@ class Checkpointer:
         return {x["path"]: x for x in manifest["leaves"]}
 
     @staticmethod
-    def _check_abstract(abstract_state: Any, leaves: dict[str, dict], path: str) -> None:
+    def _check_abstract(
+        abstract_state: Any, leaves: dict[str, dict], path: str, *, partial: bool = False
+    ) -> None:
         wanted = dict(_leaves(abstract_state))
         missing = [p for p in wanted if p not in leaves]
-        extra = [p for p in leaves if p not in wanted]
+        extra = [] if partial else [p for p in leaves if p not in wanted]
         shapes = [
             f"{p}: checkpoint {tuple(leaves[p]['shape'])}, requested {tuple(np.shape(x))}"
             for p, x in wanted.items()
@@ -426,7 +449,7 @@ class Checkpointer:
 
     @staticmethod
     def _verify(state: Any, leaves: dict[str, dict], path: str) -> None:
-        restored = [(p, _as_array(x)) for p, x in _leaves(state)]
+        restored = [(p, _as_array(x)) for p, x in _leaves(state)]  # the leaves asked for
         # A leaf restored with a cast dtype has different bits; it cannot be checked.
         todo = [
             (p, a)

@@ -19,14 +19,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from reflax import data, distributed, logs, storage
-from reflax.config import validate
+from reflax import cli, data, distributed, storage
 from reflax.episodes import RolloutSettings, completion_text, first_attempts
 from reflax.metrics import MetricsWriter, Progress
-from reflax.runtime import Runtime, build, load_examples
+from reflax.runtime import Runtime, load_examples
 from reflax.warm_start import warm_start
 
 log = logging.getLogger("reflax.collect_failures")
@@ -101,25 +100,17 @@ def _define_flags() -> None:
     flags.mark_flags_as_required(["config", "output"])
 
 
-def main(argv: Sequence[str]) -> None:
-    with distributed.exit_on_error():
-        _main(argv)
-
-
-def _main(argv: Sequence[str]) -> None:
-    del argv
-    logs.setup()
+def main() -> None:
     FLAGS = flags.FLAGS
     c = FLAGS.config
     if c.rollout.mode == "offline" and not c.rollout.failures:
         c.rollout.failures = FLAGS.output  # the file this command is about to write
-    c = validate(c)
-    distributed.initialize(distributed.ClusterSettings(**c.cluster))
-    storage.check_writable(storage.parent(FLAGS.output))  # before sampling, not after it
-    rt, params = build(c)
+    warm = [storage.join(FLAGS.warm_start, "warm_start")] if FLAGS.warm_start else []
+    rt, params = cli.start(c, cli.Inputs(failures=False, checkpoints=warm, outputs=[FLAGS.output]))
     if FLAGS.warm_start:  # the model RL starts from: the warm start trained in that workdir
         writer = MetricsWriter(FLAGS.warm_start, tensorboard=False, enabled=False)
         params = warm_start(rt, params, FLAGS.warm_start, writer, restore_only=True)
+    c = rt.config
     examples = load_examples(rt, "train", FLAGS.num_queries or c.task.num_train, seed=c.seed)
     records, stats = collect_failures(
         rt,
@@ -140,4 +131,4 @@ def _main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

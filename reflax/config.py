@@ -166,6 +166,9 @@ def base_config() -> ConfigDict:
     c.sample_every = 10  # reflections written as text
     c.checkpoint_every = 50
     c.keep_checkpoints = 3
+    # A resumed run stops when its recipe (any key but mesh, cluster, eval, logging and
+    # export; reflax.runtime.RESUMABLE_KEYS) differs from the checkpoint's; True goes on.
+    c.resume_override = False
     c.export_hf = True  # HF safetensors in <workdir>/hf at the end
 
     c.eval = ConfigDict()

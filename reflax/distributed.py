@@ -166,7 +166,9 @@ def exit_on_error() -> Iterator[None]:
     try:
         yield
     except BaseException as e:
-        if jax.process_count() == 1 or (isinstance(e, SystemExit) and not e.code):
+        # (is_initialized first: an error before joining must not start a device backend)
+        alone = not jax.distributed.is_initialized() or jax.process_count() == 1
+        if alone or (isinstance(e, SystemExit) and not e.code):
             raise
         me = f"process {jax.process_index()} of {jax.process_count()}"
         text = _first_line(e)
@@ -190,7 +192,8 @@ class StopRequest:
 
     The handler only records the signal; the loop asks `agreed()` at each step boundary, a
     collective, so every process stops after the same step. Later signals are counted and
-    ignored, so a second SIGTERM cannot interrupt the checkpoint being written.
+    ignored, so a second SIGTERM cannot interrupt the checkpoint being written. As a context
+    manager it puts the previous handlers back on exit.
     """
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
@@ -215,3 +218,9 @@ class StopRequest:
         for s, h in self._previous.items():
             signal.signal(s, h)
         self._previous = {}
+
+    def __enter__(self) -> StopRequest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()  # on every exit path, an exception's included

@@ -29,10 +29,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from reflax import distributed, storage
+from reflax import cli, distributed
 from reflax.episodes import (
     Failure,
     RolloutSettings,
@@ -40,7 +40,8 @@ from reflax.episodes import (
     first_attempts,
     reflect_and_retry,
 )
-from reflax.runtime import Runtime
+from reflax.results import save_json
+from reflax.runtime import Runtime, build, checkpoint_dir, load_examples, restore_params
 from reflax.stats import across_seeds, mcnemar, wilson_interval
 from reflax.tasks.base import CORRECT
 
@@ -241,12 +242,6 @@ def error_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def save_json(path: str | os.PathLike, results: dict[str, Any]) -> None:
-    """Write the results (on the primary process only: one file for the whole cluster)."""
-    if distributed.is_primary():
-        storage.write_json(path, results, indent=2)  # a local path or a URL, written whole
-
-
 def _define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "reflax config file", lock_config=True)
     flags.DEFINE_string("checkpoint", None, "workdir of a reflax run: its latest checkpoint")
@@ -266,33 +261,36 @@ def _define_flags() -> None:
     flags.DEFINE_string("forgetting_include", None, "a directory of extra lm_eval task YAMLs")
     flags.DEFINE_integer("forgetting_batch_size", 16, "rows per forward / sampler call")
     flags.DEFINE_bool("forgetting_chat_template", False, "prompts through the chat template")
+    flags.mark_flags_as_required(["config"])
 
 
-def main(argv: Sequence[str]) -> None:
-    with distributed.exit_on_error():
-        _main(argv)
-
-
-def _main(argv: Sequence[str]) -> None:
-    del argv
-    from reflax import logs
-    from reflax.config import validate
-    from reflax.runtime import build, load_examples, restore_params
-
-    logs.setup()
+def main() -> None:
     FLAGS = flags.FLAGS
-    c = validate(FLAGS.config)
-    distributed.initialize(distributed.ClusterSettings(**c.cluster))
-    if FLAGS.output:  # where the results go, and the run they come from, before any compute
-        storage.check_writable(storage.parent(FLAGS.output))
-    if FLAGS.checkpoint:
-        storage.check_readable(FLAGS.checkpoint)
-    rt, params = build(c)
-    if FLAGS.suite == "forgetting":
-        from reflax import forgetting
-
-        forgetting.main(rt, params, FLAGS)
+    forgetting = None
+    if FLAGS.suite == "forgetting":  # lm_eval is an extra: asked for only here
+        forgetting = cli.require_extra("reflax.forgetting", "eval", "--suite=forgetting")
+    inputs = cli.Inputs(
+        failures=False,
+        models=[FLAGS.hf] if FLAGS.hf else [],
+        checkpoints=[checkpoint_dir(FLAGS.checkpoint)] if FLAGS.checkpoint else [],
+        outputs=[FLAGS.output] if FLAGS.output else [],
+    )
+    rt, params = cli.start(FLAGS.config, inputs)
+    if forgetting is not None:
+        forgetting.run(
+            rt,
+            params,
+            checkpoint=FLAGS.checkpoint,
+            hf=FLAGS.hf,
+            tasks=FLAGS.forgetting_tasks,
+            limit=FLAGS.forgetting_limit,
+            include_path=FLAGS.forgetting_include,
+            batch_size=FLAGS.forgetting_batch_size,
+            chat_template=FLAGS.forgetting_chat_template,
+            output=FLAGS.output,
+        )
         return
+    c = rt.config
     n = FLAGS.num_examples if FLAGS.num_examples is not None else c.eval.num_examples
     examples = load_examples(rt, c.eval.split, n)
     kw = dict(batch_size=c.eval.batch_size, greedy=c.eval.greedy, seed=c.seed)
@@ -300,7 +298,7 @@ def _main(argv: Sequence[str]) -> None:
     if FLAGS.baseline or not (FLAGS.checkpoint or FLAGS.hf):
         results["vanilla"] = evaluate(rt, params, examples, **kw)
     if FLAGS.checkpoint:
-        trained, step = restore_params(rt, params, FLAGS.checkpoint)
+        trained, step = restore_params(params, FLAGS.checkpoint)
         results[f"trained (step {step})"] = evaluate(rt, trained, examples, **kw)
     if FLAGS.hf:
         other, other_params = build(c, model_path=FLAGS.hf)
@@ -315,4 +313,4 @@ def _main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
+from lm_eval import simple_evaluate
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -52,12 +53,16 @@ from lm_eval.models.utils import (
     normalize_gen_kwargs,
     postprocess_generated_text,
 )
+from lm_eval.tasks import TaskManager
 
 from reflax import distributed, storage
+from reflax.grpo import token_logprobs_and_entropy
 from reflax.models.decoder import positions_from_mask
+from reflax.results import save_json
+from reflax.runtime import Runtime, build, restore_params
 from reflax.sampler import BucketSpec, Sampler, bucket_size, left_pad
 from reflax.sampling import SamplingSpec
-from reflax.sharding import batch_sharding, constrain, fetch, put
+from reflax.sharding import batch_sharding, fetch, put
 from reflax.tokenizer import ChatTokens
 
 
@@ -81,41 +86,38 @@ MAX_DEGRADATION = 0.01  # the paper's claim, as a fraction
 _PREFERRED_METRICS = ("acc_norm", "acc", "exact_match", "math_verify", "f1", "bleu")
 
 
+# Logits divided by this are the zero-temperature limit: log-probs are 0 at the argmax and
+# about -(gap) * 2**100 elsewhere. A power of two keeps the scaling exact in float32.
+_COLD = 2.0**-100
+
+
 def _score_continuations(
     graphdef: Any,
     state: Any,
     tokens: jax.Array,  # [B, T] int32, left-padded inputs (the sequence minus its last id)
     mask: jax.Array,  # [B, T] bool
-    targets: jax.Array,  # [B, C] int32: the ids that the last C input positions predict
+    targets: jax.Array,  # [B, C] int32, C <= T: the ids that the last C input positions predict
     target_mask: jax.Array,  # [B, C] bool: continuation ids (right-aligned)
     *,
     chunk: int,
 ) -> tuple[jax.Array, jax.Array]:
-    """(summed log-prob of the continuation [B], every continuation id is the argmax [B])."""
+    """(summed log-prob of the continuation [B], every continuation id is the argmax [B]).
+
+    Only the last C positions go through the LM head, `chunk` positions at a time
+    (`grpo.token_logprobs_and_entropy`). The argmax test is the same log-prob at
+    temperature `_COLD`: a target is the argmax exactly when its cold log-prob is 0 (a tie
+    for the maximum counts as not greedy).
+    """
     model = nnx.merge(graphdef, state)
     hidden, _ = model.hidden_states(tokens, positions_from_mask(mask), mask)
-    C = targets.shape[1]
-    h = hidden[:, -C:]  # [B, C, D]: left padding puts every row's last ids at the end
-    B, _, D = h.shape
+    h = hidden[:, -targets.shape[1] :]  # [B, C, D]: left padding puts the last ids at the end
     kernel = model.lm_head_kernel().astype(h.dtype)  # [D, V]
-
-    def one(args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        h_bcd, t_bc = args
-        z = jnp.einsum("bcd,dv->bcv", h_bcd, kernel, preferred_element_type=jnp.float32)
-        z = constrain(z, ("batch", "length", "vocab"))
-        lp = jnp.take_along_axis(z, t_bc[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(z, -1)
-        return lp, jnp.argmax(z, axis=-1) == t_bc
-
-    # chunks along C keep B a batch axis, so a batch-sharded input stays sharded
-    h_kbcd = h.reshape(B, C // chunk, chunk, D).transpose(1, 0, 2, 3)
-    t_kbc = targets.reshape(B, C // chunk, chunk).transpose(1, 0, 2)
-    lp, top = jax.lax.map(one, (h_kbcd, t_kbc))
-    lp = lp.transpose(1, 0, 2).reshape(B, C)
-    top = top.transpose(1, 0, 2).reshape(B, C)
-    return (
-        jnp.sum(jnp.where(target_mask, lp, 0.0), axis=-1),
-        jnp.all(top | ~target_mask, axis=-1),
+    score = functools.partial(
+        token_logprobs_and_entropy, h, kernel, targets, chunk_size=chunk, mask=target_mask
     )
+    logprobs, _ = score()  # [B, C], 0 outside the continuation
+    cold, _ = score(temperature=_COLD)
+    return jnp.sum(logprobs, axis=-1), jnp.all(cold == 0.0, axis=-1)
 
 
 @register_model("reflax")
@@ -171,8 +173,8 @@ class ReflaxLM(TemplateLM):
         )
 
     @classmethod
-    def from_runtime(cls, rt: Any, state: Any, **kwargs: Any) -> ReflaxLM:
-        """The harness model of a `reflax.runtime.Runtime` with weights `state`."""
+    def from_runtime(cls, rt: Runtime, state: Any, **kwargs: Any) -> ReflaxLM:
+        """The harness model of a run's `Runtime` with weights `state`."""
         return cls(rt.graphdef, state, rt.tok, mesh=rt.mesh, sampler=rt.sampler, **kwargs)
 
     # ------------------------------------------------------------------ tokenization
@@ -227,8 +229,9 @@ class ReflaxLM(TemplateLM):
             inputs.append(whole[:-1])
             targets.append(whole[len(whole) - n :])
         T = bucket_size(max(len(x) for x in inputs), self.length_buckets)
-        C = bucket_size(max(len(t) for t in targets), None)  # a power of two
-        chunk = min(C, 1 << (max(self.logits_chunk, 1).bit_length() - 1))
+        # a power of two, at most the input bucket (every target is predicted by an input)
+        C = min(bucket_size(max(len(t) for t in targets), None), T)
+        chunk = min(C, max(self.logits_chunk, 1))
         tokens, mask = left_pad(inputs, T, self.tok.pad_id, rows=self.batch_size)
         target_ids, target_mask = left_pad(targets, C, 0, rows=self.batch_size)
         args = [self._put(a) for a in (tokens, mask, target_ids, target_mask)]
@@ -329,8 +332,6 @@ class ReflaxLM(TemplateLM):
 @functools.lru_cache(maxsize=4)
 def _task_manager(include_path: str | None, include_defaults: bool) -> Any:
     # indexing lm_eval's thousands of task YAMLs takes seconds: once per process
-    from lm_eval.tasks import TaskManager
-
     return TaskManager(include_path=include_path, include_defaults=include_defaults)
 
 
@@ -345,8 +346,6 @@ def run_suite(
     **kwargs: Any,
 ) -> dict[str, Any]:
     """lm_eval's `simple_evaluate` of `lm` on `tasks`; its results dict (JSON-ready)."""
-    from lm_eval import simple_evaluate
-
     results = simple_evaluate(
         model=lm,
         tasks=list(tasks),
@@ -396,7 +395,7 @@ def forgetting_table(runs: dict[str, dict[str, Any]], tasks: Sequence[str]) -> s
 
 
 def compare(
-    rt: Any,
+    rt: Runtime,
     params: Any,
     *,
     checkpoint: str | None = None,
@@ -406,13 +405,11 @@ def compare(
 ) -> dict[str, dict[str, Any]]:
     """`run_suite` (kwargs) on the config's initial model ("vanilla"), then on the run's
     latest checkpoint and/or a Hugging Face checkpoint: {model name: lm_eval results}."""
-    from reflax.runtime import build, restore_params
-
     lm_keys = ("batch_size", "max_length", "max_gen_toks", "logits_chunk", "add_bos_token")
     lm_kwargs = {k: kwargs.pop(k) for k in lm_keys if k in kwargs}
     runs = {"vanilla": run_suite(ReflaxLM.from_runtime(rt, params, **lm_kwargs), tasks, **kwargs)}
     if checkpoint:
-        trained, step = restore_params(rt, params, checkpoint)
+        trained, step = restore_params(params, checkpoint)
         lm = ReflaxLM.from_runtime(rt, trained, **lm_kwargs)
         runs[f"trained (step {step})"] = run_suite(lm, tasks, **kwargs)
     if hf:
@@ -423,28 +420,37 @@ def compare(
     return runs
 
 
-def main(rt: Any, params: Any, flags: Any) -> None:
-    """`python -m reflax.evaluate --suite=forgetting`: the comparison, printed and saved as
-    JSON (--output, else <checkpoint>/forgetting.json when there is a checkpoint)."""
-    from reflax.evaluate import save_json
-
-    tasks = flags.forgetting_tasks or [b.task for b in SUITE]
-    limit = flags.forgetting_limit
+def run(
+    rt: Runtime,
+    params: Any,
+    *,
+    checkpoint: str | None = None,
+    hf: str | None = None,
+    tasks: Sequence[str] | None = None,
+    limit: float | None = None,
+    include_path: str | None = None,
+    batch_size: int = 16,
+    chat_template: bool = False,
+    output: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """`python -m reflax.evaluate --suite=forgetting`: `compare` on `tasks` (default: SUITE),
+    printed and saved as JSON (`output`, else <checkpoint>/forgetting.json when there is a
+    checkpoint). `limit` is examples per task, or a fraction of each when below 1."""
+    tasks = list(tasks or (b.task for b in SUITE))
     runs = compare(
         rt,
         params,
-        checkpoint=flags.checkpoint,
-        hf=flags.hf,
+        checkpoint=checkpoint,
+        hf=hf,
         tasks=tasks,
         limit=int(limit) if limit is not None and limit >= 1 else limit,
-        include_path=flags.forgetting_include,
-        batch_size=flags.forgetting_batch_size,
-        apply_chat_template=flags.forgetting_chat_template,
+        include_path=include_path,
+        batch_size=batch_size,
+        apply_chat_template=chat_template,
     )
     if distributed.is_primary():
         print(forgetting_table(runs, tasks))
-    output = flags.output or (
-        storage.join(flags.checkpoint, "forgetting.json") if flags.checkpoint else None
-    )
+    output = output or (storage.join(checkpoint, "forgetting.json") if checkpoint else None)
     if output:
-        save_json(output, {"tasks": list(tasks), "claim": PAPER_CLAIM, "runs": runs})
+        save_json(output, {"tasks": tasks, "claim": PAPER_CLAIM, "runs": runs})
+    return runs

@@ -7,7 +7,9 @@ starts the command once per process with the variables `reflax.distributed` read
 (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, the coordinator bound to
 127.0.0.1 on a free port) and `--devices` fake CPU devices per process, so the processes
 form one cluster of processes x devices devices exactly as the hosts of a pod slice do.
-Process 0's output passes through; the others' lines are prefixed with `[pN]`. SIGTERM
+Process 0's output passes through; the others' lines are prefixed with `[pN]` (so a user
+error that every process meets shows once per process, each in one line). Its own usage
+errors are one line and exit status 1, as the other commands'. SIGTERM
 and SIGINT are forwarded to every process. When one process fails, the others are
 stopped (SIGTERM, then SIGKILL after a grace period) and its exit status is returned.
 """
@@ -23,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from typing import NoReturn
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -150,8 +153,15 @@ class LocalCluster:
             self.stop()
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line and exit status 1, as the other reflax commands report them."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(1, f"UsageError: {message} (see --help)\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--devices", type=int, default=4, help="fake CPU devices per process")
     p.add_argument("--timeout", type=float, default=None, help="seconds, then kill all")
@@ -160,7 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
     if not cmd:
         p.error("no command given (put it after --)")
-    cluster = LocalCluster(cmd, processes=a.processes, devices=a.devices)
+    try:
+        cluster = LocalCluster(cmd, processes=a.processes, devices=a.devices)
+    except (OSError, ValueError) as e:  # no such program, bad sizes
+        p.exit(1, f"{type(e).__name__}: {e}\n")
     forward = lambda signum, frame: cluster.signal(signum)
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)

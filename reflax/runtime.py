@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from reflax import tasks
+from reflax.checkpoint import Checkpointer, CheckpointError, abstract_like
+from reflax.config import ConfigError
 from reflax.models import ModelConfig, create
 from reflax.models.gguf import load_gguf
 from reflax.models.hf import load_pretrained
 from reflax.sampler import Sampler
 from reflax.sharding import make_mesh
 from reflax.tokenizer import ChatTokens, char_tokenizer, is_gguf, load_tokenizer
+from reflax.trainer import TrainState, init_state, state_shardings
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,30 +111,84 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(workdir, "checkpoints")
 
 
-def restore_params(
-    rt: Runtime, like: Any, workdir: str, step: int | None = None
-) -> tuple[Any, int]:
+def restore_params(like: Any, workdir: str, step: int | None = None) -> tuple[Any, int]:
     """Parameters of a run's latest (or given) checkpoint, restored into the shards of
-    `like` (parameters of the same model, e.g. its initial weights)."""
-    from reflax.checkpoint import Checkpointer, CheckpointError
-    from reflax.optim import make_optimizer
-    from reflax.trainer import init_state, state_shardings
-
+    `like` (parameters of the same model, e.g. its initial weights, or their abstract
+    shapes). Only the `params` subtree is read: the optimizer state, whatever optimizer
+    wrote it, is neither needed nor loaded."""
     ckpt = Checkpointer(checkpoint_dir(workdir))
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise CheckpointError(f"no checkpoint in {checkpoint_dir(workdir)}")
-    tx, _ = make_optimizer(total_steps=rt.config.total_steps * rt.config.grpo.mu, **rt.config.optim)
-    abstract = jax.eval_shape(lambda p: init_state(p, tx), like)
-    shardings = state_shardings(abstract, rt.mesh)
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-    state, _ = ckpt.restore(state_to_dict(target), step)
+    state, _ = ckpt.restore({"params": abstract_like(like)}, step, partial=True)
     ckpt.close()
     return state["params"], step
+
+
+def restore_state(
+    ckpt: Checkpointer, step: int, params: Any, tx: optax.GradientTransformation, mesh: Mesh
+) -> tuple[TrainState, dict[str, Any]]:
+    """(the train state of checkpoint `step`, its metadata), read straight into the shards
+    `init_state` would give: the target is built from abstract shapes, so no second state
+    exists while it loads (`params` may itself be abstract)."""
+    abstract = jax.eval_shape(lambda p: init_state(p, tx), params)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract,
+        state_shardings(abstract, mesh),
+    )
+    restored, meta = ckpt.restore(state_to_dict(target), step)
+    return TrainState(**restored), meta
 
 
 def state_to_dict(state: Any) -> dict[str, Any]:
     """The checkpointed form of a TrainState (plain dict for orbax)."""
     return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+
+
+# Keys a resumed run may change: where and how it runs, logs, evaluates and exports. Any
+# other key is part of the recipe the checkpoint was trained with.
+RESUMABLE_KEYS = (
+    "mesh",
+    "cluster",
+    "eval",
+    "log_every",
+    "sample_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "export_hf",
+    "resume_override",
+    "model.remat",
+)
+
+
+def check_resume(c: ConfigDict, saved: dict[str, Any], where: str) -> None:
+    """A `ConfigError` with a one-line diff when the recipe keys of `c` differ from the
+    config saved with checkpoint `where` (unless `c.resume_override`)."""
+    if c.resume_override or "config" not in saved:
+        return
+    now, then = (_flat(json.loads(json.dumps(x))) for x in (c.to_dict(), saved["config"]))
+    changed = [
+        f"{k}: {then.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}"
+        for k in sorted(set(now) | set(then))
+        if now.get(k) != then.get(k) and not _resumable(k)
+    ]
+    if changed:
+        raise ConfigError(
+            f"the config differs from the one {where} was trained with: {'; '.join(changed)}. "
+            "Relaunch with the checkpoint's values, a fresh workdir, or "
+            "--config.resume_override=True to continue with the new ones"
+        )
+
+
+def _resumable(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}" if not prefix else f"{prefix}.{k}"))
+    return out

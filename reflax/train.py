@@ -16,20 +16,19 @@ train step (compiled before the loop), the loop, the final evaluation and export
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 from ml_collections import ConfigDict, config_flags
 
-from reflax import data, distributed, logs, optim, storage
+from reflax import cli, data, distributed, optim, storage
 from reflax.batch import Batch, PackLengths, pack_groups, shard_batch
-from reflax.checkpoint import Checkpointer, abstract_like
-from reflax.config import validate
+from reflax.checkpoint import Checkpointer
 from reflax.episodes import (
     Failure,
     RolloutSettings,
@@ -39,19 +38,22 @@ from reflax.episodes import (
     own_tokens_bound,
     reflect_and_retry,
 )
-from reflax.evaluate import accuracy_title, evaluate, save_json, table
+from reflax.evaluate import accuracy_title, evaluate, table
 from reflax.metrics import MetricsWriter, Progress, Timer
 from reflax.models.hf import save_pretrained
+from reflax.results import save_json
 from reflax.runtime import (
     Runtime,
     build_model,
     build_tokenizer,
+    check_resume,
     checkpoint_dir,
     load_examples,
+    restore_state,
     state_to_dict,
 )
 from reflax.sharding import make_mesh
-from reflax.trainer import CompiledSteps, StepConfig, TrainState, init_state
+from reflax.trainer import CompiledSteps, StepConfig, init_state
 from reflax.warm_start import train_problems, warm_start
 
 log = logging.getLogger("reflax.train")
@@ -68,15 +70,23 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
     """Run (or resume) training; returns the final evaluation results.
 
     SIGTERM (a preemption notice) stops every process after the same step with a checkpoint
-    of it, and the run returns early; relaunching the same command resumes from there.
+    of it, and the run returns early; relaunching the same command resumes from there. A
+    SIGTERM after the last step lets the final evaluation or export in progress finish and
+    skips the rest. The signal's previous handler is back when this returns or raises.
     """
-    # --- config and cluster --------------------------------------------------------------
     distributed.initialize(distributed.ClusterSettings(**c.cluster))
-    stop = distributed.StopRequest()  # from here on a SIGTERM is a request, not a kill
+    with distributed.StopRequest() as stop:  # from here on a SIGTERM is a request, not a kill
+        return _train(c, workdir, stop)
+
+
+def _train(c: ConfigDict, workdir: str, stop: distributed.StopRequest) -> dict[str, Any]:
+    # --- config and cluster --------------------------------------------------------------
     storage.check_writable(workdir)  # a local one is created; a bad bucket fails here, at once
     writer, timer = MetricsWriter(workdir), Timer()
     ckpt = Checkpointer(checkpoint_dir(workdir), keep=c.keep_checkpoints)
     latest = ckpt.latest_step()  # None: a fresh run
+    if latest is not None:  # before any compute: a changed recipe stops here
+        check_resume(c, ckpt.metadata(latest), ckpt.step_dir(latest))
     U, G, T = c.rollout.groups_per_step, c.rollout.group_size, c.rollout.seq_len
 
     # --- mesh ----------------------------------------------------------------------------
@@ -118,16 +128,16 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
     if c.grpo.beta > 0 or c.grpo.anchor_beta > 0:
         dtype = jnp.dtype(c.grpo.ref_dtype)
         ref = jax.tree.map(lambda x: x.astype(dtype, copy=True), params)  # state is donated
-    state = init_state(params, tx, mesh)
-    del params  # the state holds the weights from here on
     start = 0
-    if latest is not None:
-        restored, meta = ckpt.restore(abstract_like(state_to_dict(state)), latest)
-        state = TrainState(**restored)
+    if latest is None:
+        state = init_state(params, tx, mesh)
+    else:  # straight into the shards init_state would give, from abstract shapes
+        state, meta = restore_state(ckpt, latest, params, tx, mesh)
         cursor.restore(meta["cursor"])
         start = int(meta["rollout_step"])
         results.update(meta.get("results", {}))
         log.info("resumed from %s at step %d", ckpt.step_dir(latest), start)
+    del params  # the state holds the weights from here on
 
     # --- rollout, chosen once ------------------------------------------------------------
     settings = RolloutSettings.from_config(c, tok)
@@ -211,7 +221,6 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
                 break
     progress.close()
     ckpt.wait()
-    stop.restore()
     if preempted:
         if distributed.is_primary():
             print(
@@ -224,19 +233,35 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
         return results
 
     # --- final evaluation and export -----------------------------------------------------
+    # After a SIGTERM the phase in progress finishes and the rest are skipped; the last
+    # checkpoint is saved, so relaunching the same command runs them. hf/ is written under a
+    # temporary name and renamed when whole, so a kill never leaves half an export.
+    skipped = []
     if c.eval.after:
-        run_eval("after", state.params)
+        if stop.agreed():
+            skipped.append("final evaluation")
+        else:
+            run_eval("after", state.params)
     if c.export_hf:
-        model = nnx.merge(graphdef, state.params)
-        # built aside and moved in whole: a reader never sees half an export
-        hf_dir = storage.join(workdir, "hf")
-        with storage.staged_dir(hf_dir, publish=distributed.is_primary()) as staged:
-            save_pretrained(model, staged, tokenizer=tok.tokenizer)
-    if results and distributed.is_primary():
+        if stop.agreed():
+            skipped.append("HF export")
+        else:
+            model = nnx.merge(graphdef, state.params)
+            # built aside and moved in whole: a reader never sees half an export
+            hf_dir = storage.join(workdir, "hf")
+            with storage.staged_dir(hf_dir, publish=distributed.is_primary()) as staged:
+                save_pretrained(model, staged, tokenizer=tok.tokenizer)
+    if results and "final evaluation" not in skipped and distributed.is_primary():
         print(table(results, accuracy_title(c, len(eval_examples))))
         if c.eval.expected:
             print(f"expected: {c.eval.expected}")
         save_json(storage.join(workdir, "eval.json"), results)
+    if skipped and distributed.is_primary():
+        print(
+            f"stopped by SIGTERM after the last step: {' and '.join(skipped)} skipped; "
+            "relaunch the same command to run them",
+            flush=True,
+        )
     writer.close()
     ckpt.close()
     return results
@@ -299,14 +324,10 @@ def _define_flags() -> None:
     flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logs.setup()
-    with distributed.exit_on_error():
-        train(validate(flags.FLAGS.config), flags.FLAGS.workdir)
+def main() -> None:
+    train(cli.setup(flags.FLAGS.config), flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main, user_errors=(NonFiniteLossError,))

@@ -355,7 +355,7 @@ def test_one_checkpoint_error_everywhere(tmp_path):
     from reflax.warm_start import warm_start
 
     with pytest.raises(CheckpointError, match="no checkpoint in"):
-        restore_params(None, None, str(tmp_path / "run"))
+        restore_params(None, str(tmp_path / "run"))
     rt = SimpleNamespace(config=SimpleNamespace(warm_start=None))
     with pytest.raises(CheckpointError, match="warm_start is missing"):
         warm_start(rt, None, str(tmp_path / "run"), None, restore_only=True)
@@ -410,3 +410,36 @@ def test_fingerprint_sees_one_element_and_ignores_layout(mesh222, mesh181):
     assert None not in plain
     assert plain[: len(dtypes)] == _fingerprints(on_a) == _fingerprints(on_b)
     assert all(a != b for a, b in zip(plain, fy)) and all(a != b for a, b in zip(plain, fm))
+
+
+def test_params_only_restore_whatever_the_optimizer(tmp_path):
+    # a run trained without gradient clipping (optim.max_grad_norm=0: an optimizer state
+    # tree without the clipping's entry) is evaluated under the default optimizer: only its
+    # parameters are read. The whole state restores from abstract shapes alone.
+    from reflax.models import create
+    from reflax.optim import make_optimizer
+    from reflax.runtime import checkpoint_dir, restore_params, restore_state, state_to_dict
+    from reflax.trainer import init_state
+    from tests.helpers import tiny_train_config
+
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    _, like = nnx.split(create(tiny_train_config(), mesh=mesh, seed=0))
+    _, trained = nnx.split(create(tiny_train_config(), mesh=mesh, seed=1))
+    trained_tx, _ = make_optimizer(total_steps=10, max_grad_norm=0.0)
+    state = init_state(trained, trained_tx, mesh)
+    ckpt = Checkpointer(checkpoint_dir(str(tmp_path)))
+    ckpt.save(3, state_to_dict(state), {})
+    params, step = restore_params(like, str(tmp_path))
+    assert step == 3
+    changed = 0
+    for x, y, z in zip(jax.tree.leaves(params), jax.tree.leaves(trained), jax.tree.leaves(like)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        assert x.sharding == z.sharding
+        changed += not np.array_equal(np.asarray(x), np.asarray(z))
+    assert changed  # the trained weights, not the initial ones
+    default_tx, _ = make_optimizer(total_steps=10)
+    with pytest.raises(CheckpointError, match="not in checkpoint"):
+        restore_state(ckpt, 3, like, default_tx, mesh)  # the whole state needs its optimizer
+    restored, _ = restore_state(ckpt, 3, abstract_like(like), trained_tx, mesh)
+    _assert_tree_equal(state_to_dict(restored), _host(state_to_dict(state)))
+    ckpt.close()

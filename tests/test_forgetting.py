@@ -205,3 +205,38 @@ def test_harness_scores_equal_direct_computation(setup, tmp_path):
     assert "< 1 point" in text and "-5.0" in text and "NO" in text
     same = forgetting_table({"vanilla": results, "trained": results}, ["tiny_mc"])
     assert "yes" in same.splitlines()[-1]
+
+
+def test_continuations_longer_than_the_input_bucket(setup):
+    # a 150-token rolling window and a 141-token choice: the continuation bucket (a power of
+    # two, 256) passes the input bucket (a multiple of 64, 192); scored in one batch with a
+    # short greedy continuation, right-aligned in the same bucket
+    from lm_eval.api.instance import Instance
+
+    model, tok, mesh = setup
+    graphdef, state = nnx.split(model)
+    lm = ReflaxLM(graphdef, state, tok, mesh=mesh, batch_size=4, compiler_options=FAST_COMPILE)
+    rng = random.Random(1)
+    text = " ".join(rng.choice(WORDS) for _ in range(60))
+    while len(tok.encode(text)) > 150:
+        text = text[:-1]
+    ids = tok.encode(text)
+    assert len(ids) == 150
+    context = tok.encode("Q: pick one")
+    choice = ids[:141]
+    start = tok.encode("say red:")
+    greedy = _greedy(model, [start], 6, stop_ids=())[0]
+    requests = [
+        (None, [lm.prefix_token_id], ids),
+        (None, context, choice),
+        (None, start, greedy),
+    ]
+    harness = lm._loglikelihood_tokens(requests)
+    direct = _continuation_scores(model, [(c + t, len(c)) for _, c, t in requests])
+    for (h_ll, h_greedy), (ll, is_greedy) in zip(harness, direct, strict=True):
+        assert abs(h_ll - ll) <= 1e-4 * max(1.0, abs(ll)), (h_ll, ll)
+        assert h_greedy == is_greedy
+    assert [g for _, g in direct] == [False, False, True]  # both answers of the argmax test
+    # the same text through the harness's rolling windows (one window of 150 tokens)
+    rolling = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    assert rolling[0] == pytest.approx(direct[0][0], rel=1e-4)

@@ -168,7 +168,7 @@ def main(argv: Sequence[str]) -> None:
     rt, initial = build(c)
     writer = MetricsWriter(wd, tensorboard=False, enabled=False)  # restores, writes nothing
     vanilla = warm_start(rt, initial, wd, writer, restore_only=True)
-    trained, step = restore_params(rt, initial, wd)
+    trained, step = restore_params(initial, wd)
     examples = load_examples(rt, c.eval.split, c.eval.num_examples)
     out: dict = {"workdir": wd, "seed": c.seed, "split": c.eval.split, "n": len(examples)}
     with jax.set_mesh(rt.mesh):
