@@ -20,6 +20,7 @@ from reflax.checkpoint import Checkpointer
 from reflax.data import read_failures
 from reflax.episodes import RolloutSettings, own_tokens_bound
 from reflax.metrics import read_jsonl
+from reflax.runtime import build_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "configs/countdown_toy.py:smoke"
@@ -151,7 +152,8 @@ def test_train_programs_compiled_before_the_loop(uninterrupted):
     c = toy.get_config(SMOKE.split(":")[1])
     T = c.rollout.seq_len
     sizes = c.grpo.pack_sizes
-    ladder = PackLengths.coarse(T, own_tokens_bound(RolloutSettings.from_config(c), T), sizes)
+    settings = RolloutSettings.from_config(c, build_tokenizer(c))
+    ladder = PackLengths.coarse(T, own_tokens_bound(settings, T), sizes)
     rows = read_jsonl(os.path.join(uninterrupted, "metrics.jsonl"))
     first_step = min(i for i, r in enumerate(rows) if "loss" in r)
     (i,) = [i for i, r in enumerate(rows) if "compiled_train_programs" in r]
