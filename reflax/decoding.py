@@ -38,10 +38,12 @@ Conventions
   log-prob of 0. `done[b]` is True when the row ended on a stop id, False when
   it ran out of `max_new_tokens`.
 * Randomness. Row b (of the final, post-repeat batch) samples step t with key
-  `fold_in(fold_in(rng, b), t)`. With prefix sharing, output row `u * G + g`
-  is sample g of prompt u, which is exactly the row index the same prompts
-  repeated G times would have without sharing: both paths draw the same tokens
-  under the same rng. Keys do not depend on the padded batch size or the mesh.
+  `fold_in(fold_in(rng, b), t)`, b counted over the whole call (`generate`'s
+  `row_offset`: a call sampled in chunks draws the tokens of one pass). With
+  prefix sharing, output row `u * G + g` is sample g of prompt u, which is exactly
+  the row index the same prompts repeated G times would have without sharing: both
+  paths draw the same tokens under the same rng. Keys do not depend on the padded
+  batch size, the chunking or the mesh.
 """
 
 from __future__ import annotations
@@ -318,12 +320,17 @@ def generate(
     num_samples: int,
     gen_len: int,
     keep_cache: bool = True,
+    row_offset: jax.Array | int = 0,  # [] int32: global index of this block's first row
 ) -> dict[str, Any]:
-    """Prefill U rows once, then decode G = num_samples rows per prefix row (u*G+g)."""
+    """Prefill U rows once, then decode G = num_samples rows per prefix row (u*G+g).
+
+    Row b samples with the keys of global row `row_offset + b`, so a call cut into
+    blocks draws what the whole call draws.
+    """
     logits, cache, seq_lens = prefill(model, cache, seq_lens, tokens, mask)
     G = num_samples
     logits = constrain(jnp.repeat(logits, G, axis=0), ("batch", "vocab"))
-    rows = jnp.arange(logits.shape[0], dtype=jnp.int32)
+    rows = row_offset + jnp.arange(logits.shape[0], dtype=jnp.int32)
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, rows)
     return decode(
         model,
