@@ -172,7 +172,7 @@ def kv_cache_bytes(
     batch_shards: int = 1,
 ) -> int:
     """KV cache bytes per device of one program call: `groups` prefix rows of
-    `prefix_size` slots (the prefilled cache and its per-layer decoding copy), their
+    `prefix_size` slots (the prefilled cache and its heads-first decoding copy), their
     groups * num_samples decoding rows of `gen_len` slots, and with `keep_cache` the
     materialised cache those rows return (prefix + gen_len slots each). Rows are split
     over `batch_shards` devices."""

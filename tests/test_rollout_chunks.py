@@ -147,3 +147,31 @@ def test_cache_dtype_selection(model):
     c.rollout.cache_dtype = "int8"
     with pytest.raises(ConfigError, match="cache_dtype"):
         validate(c)
+
+
+def test_decode_reads_weights_in_place():
+    """The sampler's program holds no second copy of the layer weights: its compiled temp
+    memory grows by far less than the weights do when layers are added."""
+
+    def temp_and_weights(num_layers: int) -> tuple[int, int]:
+        config = ModelConfig(
+            vocab_size=VOCAB,
+            hidden_size=128,
+            intermediate_size=512,
+            num_layers=num_layers,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=32,
+            max_position_embeddings=128,
+        )
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
+        weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+        sampler = Sampler(graphdef, cache_dtype=jnp.float32, **KW)
+        lowered = sampler.lower(
+            state, num_rows=2, block_len=8, num_samples=2, max_new_tokens=8, keep_cache=False
+        )
+        return lowered.compile().memory_analysis().temp_size_in_bytes, weights
+
+    (temp2, weights2), (temp4, weights4) = temp_and_weights(2), temp_and_weights(4)
+    assert weights4 - weights2 > 2**20  # two layers: about 2 MB of float32 weights
+    assert temp4 - temp2 < 0.25 * (weights4 - weights2), (temp2, temp4)
