@@ -20,6 +20,7 @@ from reflax.config import ConfigError, base_config, validate
 from reflax.models import Decoder, ModelConfig
 from reflax.sampler import Sampler, _Request, kv_cache_bytes, resolve_cache_dtype
 from reflax.sampling import SamplingSpec
+from reflax.sharding import make_mesh, param_shardings, put
 
 VOCAB = 48
 G = 3
@@ -102,6 +103,23 @@ def test_chunked_equals_one_pass(model):
         np.testing.assert_array_equal(b.cached.seq_lens, a.cached.seq_lens)
     # one program per call kind: chunks and the padded last chunk share it
     assert chunked.num_compilations == one.num_compilations == 3
+
+    # on a mesh: 2 batch shards, chunks of 2 groups (6 rows, 3 per device)
+    mesh = make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
+    state = nnx.state(model)
+    state = put(state, param_shardings(state, mesh))
+    budget = kv_cache_bytes(
+        model.config, jnp.float32, groups=2, num_samples=G, batch_shards=2, **fresh
+    )
+    sharded = Sampler(model, mesh, kv_cache_bytes=budget, **KW)
+    got = sharded.sample(state, PROMPTS, spec, **kw)
+    assert got.cached.starts == (0, 2 * G, 4 * G)
+    assert len(got.cached.caches[0].k.sharding.device_set) == 8
+    np.testing.assert_array_equal(got.tokens, ref.tokens)
+    retry_ref = one.continue_rows(model, ref.cached, turns, spec, **retry)
+    # without a budget too, a chunked call's rows are continued chunk by chunk
+    retry_got = Sampler(model, mesh, **KW).continue_rows(state, got.cached, turns, spec, **retry)
+    np.testing.assert_array_equal(retry_got.tokens, retry_ref.tokens)
 
 
 def test_chunk_size_from_budget(model):
