@@ -123,7 +123,7 @@ from jax.sharding import Mesh  # noqa: E402
 from reflax import optim  # noqa: E402
 from reflax.batch import Batch, batch_shardings, bucket_lengths, fit_length  # noqa: E402
 from reflax.models import ModelConfig, abstract_model  # noqa: E402
-from reflax.sampler import CachedRows, Sampler, bucket_size  # noqa: E402
+from reflax.sampler import CachedRows, Sampler, bucket_size, resolve_cache_dtype  # noqa: E402
 from reflax.sharding import make_mesh, param_shardings  # noqa: E402
 from reflax.trainer import (  # noqa: E402
     StepConfig,
@@ -639,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     r, g = c.rollout, c.grpo
     seq_len = a.seq_len or r.seq_len
     param_dtype, dtype = jnp.dtype(c.model.param_dtype), jnp.dtype(c.model.dtype)
-    cache_dtype = jnp.dtype(r.cache_dtype)
+    cache_dtype = resolve_cache_dtype(r.cache_dtype, dtype, platform="tpu")  # TPU programs
     with_ref = g.beta > 0 or g.anchor_beta > 0
     ref_name = a.ref_dtype or (g.get("ref_dtype", None) or c.model.param_dtype)
     ref_dtype = None if not with_ref or ref_name.lower() == "none" else jnp.dtype(ref_name)

@@ -100,7 +100,11 @@ def base_config() -> ConfigDict:
     c.rollout.seq_len = 1024  # train rows: query + attempt + instruction + reflection
     c.rollout.method = "reflect"
     c.rollout.fixed_reflection = DEFAULT_FIXED_REFLECTION
-    c.rollout.cache_dtype = "bfloat16"
+    # KV cache dtype: "auto" = bfloat16 on TPU, the compute dtype elsewhere (reflax.sampler)
+    c.rollout.cache_dtype = "auto"
+    # KV cache bytes a device may hold per sampler call: more rows are sampled in chunks of
+    # whole groups (same tokens as one pass for a seed); 0 = every call in one pass
+    c.rollout.kv_cache_bytes = 0
 
     c.grpo = ConfigDict()
     c.grpo.beta = 0.001
@@ -218,7 +222,11 @@ def validate(c: ConfigDict) -> ConfigDict:
     need(c.model.dtype in DTYPES, f"model.dtype must be one of {DTYPES}")
     need(c.model.param_dtype in DTYPES, f"model.param_dtype must be one of {DTYPES}")
     need(c.grpo.ref_dtype in DTYPES, f"grpo.ref_dtype must be one of {DTYPES}")
-    need(c.rollout.cache_dtype in DTYPES, f"rollout.cache_dtype must be one of {DTYPES}")
+    need(
+        c.rollout.cache_dtype in ("auto", *DTYPES),
+        f"rollout.cache_dtype must be 'auto' or one of {DTYPES}",
+    )
+    need(c.rollout.kv_cache_bytes >= 0, "rollout.kv_cache_bytes must be >= 0 (0: one pass)")
     if not c.model.path:
         need(
             bool(c.tokenizer.path or c.tokenizer.char_alphabet),

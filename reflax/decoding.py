@@ -9,18 +9,16 @@ row has emitted a stop id or `max_new_tokens` is reached.
 `generate` composes the two.
 
 A decode step runs the model's own transformer block (`reflax.models.decoder.block`,
-which the training forward and prefill scan over) layer by layer, so it computes
-what `Decoder.__call__` computes for one token per row with the equivalent cache;
-only the attention it hands the block differs. Its cache is a `StepCache`: per
-layer, the U prefilled prefix rows ([U, K, P, Dh], read only) and each row's new
-slots ([B, K, N, Dh]). The G samples of a prefix row attend to one copy of it
-(one matmul per prefix row and KV head), so the prefix is neither copied G times
-nor read G times per step; the new slots are updated in place. Layers are
-unrolled over per-layer arrays, because slicing a stacked [L, ...] cache or
-weight inside the loop copies it every step; the price is a compile time that
-grows with depth and a per-layer copy of the weights for the duration of
-`decode` (`Decoder.weights(per_layer=True)`; the decoder's forward makes the same
-copy when it casts parameters to a lower compute dtype).
+which the training forward and prefill scan over) in a scan over the layers, so it
+computes what `Decoder.__call__` computes for one token per row with the equivalent
+cache; only the attention it hands the block differs. Its cache is a `StepCache`:
+the U prefilled prefix rows ([L, U, K, P, Dh], read only) and each row's new slots
+([L, B, K, N, Dh]). The G samples of a prefix row attend to one copy of it (one
+matmul per prefix row and KV head), so the prefix is neither copied G times nor
+read G times per step; the new slots are written in place in the scan's carry.
+The scan reads one layer of the stacked weights and prefix at a time, so decoding
+holds no second copy of the weights (`Decoder.weights` casts them to the compute
+dtype first, a copy only when that dtype differs from the parameters').
 The [B]-row `KVCache` (prefix repeated, then the new slots) is materialised at
 the end only when the caller keeps it for a continuation.
 
@@ -38,10 +36,12 @@ Conventions
   log-prob of 0. `done[b]` is True when the row ended on a stop id, False when
   it ran out of `max_new_tokens`.
 * Randomness. Row b (of the final, post-repeat batch) samples step t with key
-  `fold_in(fold_in(rng, b), t)`. With prefix sharing, output row `u * G + g`
-  is sample g of prompt u, which is exactly the row index the same prompts
-  repeated G times would have without sharing: both paths draw the same tokens
-  under the same rng. Keys do not depend on the padded batch size or the mesh.
+  `fold_in(fold_in(rng, b), t)`, b counted over the whole call (`generate`'s
+  `row_offset`: a call sampled in chunks draws the tokens of one pass). With
+  prefix sharing, output row `u * G + g` is sample g of prompt u, which is exactly
+  the row index the same prompts repeated G times would have without sharing: both
+  paths draw the same tokens under the same rng. Keys do not depend on the padded
+  batch size, the chunking or the mesh.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from reflax.models.decoder import Decoder, KVCache, positions_from_mask
 from reflax.sampling import DeviceSpec, forbidden_mask, sample_logits
 from reflax.sharding import constrain
 
-_STEP_CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")  # a StepCache layer
+_STEP_CACHE_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")  # StepCache
 
 __all__ = [
     "StepCache",
@@ -89,24 +89,22 @@ def prefill(
 
 
 class StepCache(flax.struct.PyTreeNode):
-    """The KV cache while decoding: a shared prefix and per-row new slots, per layer.
+    """The KV cache while decoding: a shared prefix and per-row new slots, layers stacked.
 
-    The prefix is the prefilled cache of the U unique rows ([U, K, P, Dh] per
-    layer, read only); the B = U * G decoding rows write their new tokens into
-    their own slots ([B, K, N, Dh] per layer), which follow the prefix's slots.
-    Row u * G + g attends to prefix row u, so the prefix is never copied G times
-    and the attention over it is one matmul per (prefix row, KV head) with the
-    queries of all G samples. Per-layer arrays in this layout are updated in
-    place and read by the matmuls as they are; `KVCache`'s stacked [L, B, S, K, Dh]
-    layout suits the layer scan of prefill and training, but decoding with it
-    would copy and transpose the cache every step.
+    The prefix is the prefilled cache of the U unique rows ([L, U, K, P, Dh], read
+    only); the B = U * G decoding rows write their new tokens into their own slots
+    ([L, B, K, N, Dh]), which follow the prefix's slots. Row u * G + g attends to
+    prefix row u, so the prefix is never copied G times and the attention over it is
+    one matmul per (prefix row, KV head) with the queries of all G samples. Heads come
+    before slots, the layout the matmuls read; `KVCache`'s [L, B, S, K, Dh] is the
+    layout of prefill and training.
     """
 
-    prefix_k: tuple[jax.Array, ...]  # L x [U, K, P, Dh]
-    prefix_v: tuple[jax.Array, ...]
+    prefix_k: jax.Array  # [L, U, K, P, Dh]
+    prefix_v: jax.Array
     prefix_mask: jax.Array  # [U, P] bool
-    k: tuple[jax.Array, ...]  # L x [B, K, N, Dh]: the slots decoding writes
-    v: tuple[jax.Array, ...]
+    k: jax.Array  # [L, B, K, N, Dh]: the slots decoding writes
+    v: jax.Array
     mask: jax.Array  # [B, N] bool
     step: jax.Array  # [] int32: next of the N slots to write
 
@@ -114,16 +112,13 @@ class StepCache(flax.struct.PyTreeNode):
     def create(cls, prefix: KVCache, batch: int, new_slots: int) -> StepCache:
         """From a prefilled [U]-row cache, for `batch` = U * G rows and N new slots."""
         L, _, _, K, Dh = prefix.k.shape
-        split = lambda a: tuple(
-            constrain(a[i].transpose(0, 2, 1, 3), _STEP_CACHE_AXES) for i in range(L)
-        )
-        empty = lambda: tuple(
-            constrain(jnp.zeros((batch, K, new_slots, Dh), prefix.k.dtype), _STEP_CACHE_AXES)
-            for _ in range(L)
+        heads_first = lambda a: constrain(a.transpose(0, 1, 3, 2, 4), _STEP_CACHE_AXES)
+        empty = lambda: constrain(
+            jnp.zeros((L, batch, K, new_slots, Dh), prefix.k.dtype), _STEP_CACHE_AXES
         )
         return cls(
-            prefix_k=split(prefix.k),
-            prefix_v=split(prefix.v),
+            prefix_k=heads_first(prefix.k),
+            prefix_v=heads_first(prefix.v),
             prefix_mask=prefix.mask,
             k=empty(),
             v=empty(),
@@ -134,8 +129,10 @@ class StepCache(flax.struct.PyTreeNode):
     def to_cache(self) -> KVCache:
         """The [B]-row KVCache: each row's prefix (repeated G times) then its new slots."""
         G = self.mask.shape[0] // self.prefix_mask.shape[0]
-        stack = lambda xs: jnp.stack([x.transpose(0, 2, 1, 3) for x in xs])  # [L, ., S, K, Dh]
-        join = lambda p, n: jnp.concatenate([jnp.repeat(stack(p), G, axis=1), stack(n)], axis=2)
+        slots_first = lambda a: a.transpose(0, 1, 3, 2, 4)  # [L, ., S, K, Dh]
+        join = lambda p, n: jnp.concatenate(
+            [jnp.repeat(slots_first(p), G, axis=1), slots_first(n)], axis=2
+        )
         mask = jnp.concatenate([jnp.repeat(self.prefix_mask, G, axis=0), self.mask], axis=1)
         index = self.prefix_mask.shape[1] + self.step
         return KVCache(
@@ -145,7 +142,7 @@ class StepCache(flax.struct.PyTreeNode):
 
 def _step(
     model: Decoder,
-    weights: dict[str, Any],  # model.weights(per_layer=True)
+    weights: dict[str, Any],  # model.weights(): layers stacked [L, ...]
     cache: StepCache,
     tokens: jax.Array,  # [B] int32
     positions: jax.Array,  # [B] int32
@@ -153,14 +150,16 @@ def _step(
 ) -> tuple[jax.Array, StepCache]:
     """One token per row -> (logits [B, V] float32, cache with the token written).
 
-    The model's own block, layer by layer, with attention over the shared prefix and the
-    row's new slots (one softmax over both): what `Decoder.__call__` computes for one
-    token per row with the equivalent `KVCache` (`cache.to_cache()`).
+    The model's own block in a scan over the layers, with attention over the shared
+    prefix and the row's new slots (one softmax over both): what `Decoder.__call__`
+    computes for one token per row with the equivalent `KVCache` (`cache.to_cache()`).
+    The scan reads each layer's weights and prefix out of the stacked arrays and
+    writes the new keys and values into its carried cache in place, so no second copy
+    of the weights or the cache is made, only one layer's at a time.
     """
     c = model.config
-    B = tokens.shape[0]
     N = cache.mask.shape[1]
-    G = B // cache.prefix_mask.shape[0]  # samples per prefix row
+    G = tokens.shape[0] // cache.prefix_mask.shape[0]  # samples per prefix row
     step = cache.step
     x = jnp.take(weights["embed"], tokens, axis=0)[:, None]  # [B, 1, D]
     x = constrain(x, ("batch", "length", "embed"))
@@ -170,41 +169,49 @@ def _step(
     # valid keys: the prefix's real tokens; new slots written so far (this one included)
     prefix_valid = cache.prefix_mask[:, None, :]  # [U, 1, P]
     new_valid = (new_mask & (jnp.arange(N) <= step)[None, :])[:, None, :]  # [B, 1, N]
-    windows = c.layer_windows() or (None,) * c.num_layers
     # key positions count each row's real tokens (only sliding windows read them)
     prefix_pos = positions_from_mask(cache.prefix_mask)  # [U, P]
     prefix_len = jnp.repeat(cache.prefix_mask.sum(-1, dtype=jnp.int32), G)  # [B]
     new_pos = prefix_len[:, None] + jnp.cumsum(new_mask, axis=-1, dtype=jnp.int32) - 1  # [B, N]
+    windows = decoder._scanned_windows(c)  # [L] int32, or None: no layer slides
 
-    ks, vs = list(cache.k), list(cache.v)
-    for i, p in enumerate(weights["layers"]):
+    def layer(carry, xs):
+        x, ks, vs, i = carry
+        p, prefix_k, prefix_v, window = xs
 
-        def attend(q, k, v, i=i):  # q [B, 1, H, Dh], k/v [B, 1, K, Dh]
-            kc = jax.lax.dynamic_update_slice(
-                ks[i], k.transpose(0, 2, 1, 3).astype(ks[i].dtype), (0, 0, step, 0)
+        def attend(q, k, v):  # q [B, 1, H, Dh], k/v [B, 1, K, Dh]
+            at = (i, 0, 0, step, 0)
+            ks_ = jax.lax.dynamic_update_slice(
+                ks, k.transpose(0, 2, 1, 3)[None].astype(ks.dtype), at
             )
-            vc = jax.lax.dynamic_update_slice(
-                vs[i], v.transpose(0, 2, 1, 3).astype(vs[i].dtype), (0, 0, step, 0)
+            vs_ = jax.lax.dynamic_update_slice(
+                vs, v.transpose(0, 2, 1, 3)[None].astype(vs.dtype), at
             )
+            kc = jax.lax.dynamic_index_in_dim(ks_, i, keepdims=False)  # [B, K, N, Dh]
+            vc = jax.lax.dynamic_index_in_dim(vs_, i, keepdims=False)
             blocks = [
                 decoder.KVBlock(
-                    cache.prefix_k[i],
-                    cache.prefix_v[i],
-                    decoder.window_valid(prefix_valid, pos, prefix_pos, windows[i]),
+                    prefix_k,
+                    prefix_v,
+                    decoder.window_valid(prefix_valid, pos, prefix_pos, window),
                     heads_first=True,
                 ),
                 decoder.KVBlock(
-                    kc, vc, decoder.window_valid(new_valid, pos, new_pos, windows[i]), True
+                    kc, vc, decoder.window_valid(new_valid, pos, new_pos, window), True
                 ),
             ]
-            return decoder.attention(q, blocks), (kc, vc)
+            return decoder.attention(q, blocks), (ks_, vs_)
 
-        x, (ks[i], vs[i]) = decoder.block(p, x, rope, attend, c)
+        x, (ks, vs) = decoder.block(p, x, rope, attend, c)
+        return (x, ks, vs, i + 1), None
+
+    xs = (weights["layers"], cache.prefix_k, cache.prefix_v, windows)
+    (x, ks, vs, _), _ = jax.lax.scan(layer, (x, cache.k, cache.v, jnp.int32(0)), xs)
     x = decoder.final_norm(weights, x, c)
     logits = decoder.project(x, weights["lm_head"])[:, 0]
     cache = cache.replace(
-        k=tuple(constrain(a, _STEP_CACHE_AXES) for a in ks),
-        v=tuple(constrain(a, _STEP_CACHE_AXES) for a in vs),
+        k=constrain(ks, _STEP_CACHE_AXES),
+        v=constrain(vs, _STEP_CACHE_AXES),
         mask=new_mask,
         step=step + 1,
     )
@@ -255,7 +262,7 @@ def decode(
     B, V = logits.shape
     stop_v = forbidden_mask(spec.stop_ids, V)  # [V]
     banned_v = forbidden_mask(spec.banned_ids, V)  # [V]
-    weights = model.weights(per_layer=True)  # split once: slicing inside the loop copies
+    weights = model.weights()  # layers stacked: the layer scan reads them in place
     carry = dict(
         cache=StepCache.create(prefix, B, gen_len),
         logits=logits,
@@ -318,12 +325,17 @@ def generate(
     num_samples: int,
     gen_len: int,
     keep_cache: bool = True,
+    row_offset: jax.Array | int = 0,  # [] int32: global index of this block's first row
 ) -> dict[str, Any]:
-    """Prefill U rows once, then decode G = num_samples rows per prefix row (u*G+g)."""
+    """Prefill U rows once, then decode G = num_samples rows per prefix row (u*G+g).
+
+    Row b samples with the keys of global row `row_offset + b`, so a call cut into
+    blocks draws what the whole call draws.
+    """
     logits, cache, seq_lens = prefill(model, cache, seq_lens, tokens, mask)
     G = num_samples
     logits = constrain(jnp.repeat(logits, G, axis=0), ("batch", "vocab"))
-    rows = jnp.arange(logits.shape[0], dtype=jnp.int32)
+    rows = row_offset + jnp.arange(logits.shape[0], dtype=jnp.int32)
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, rows)
     return decode(
         model,

@@ -48,7 +48,10 @@ class Runtime:
     def create(cls, c: ConfigDict, mesh: Mesh, tok: ChatTokens, graphdef: Any) -> Runtime:
         """Around a built mesh, tokenizer and model graph: the config's task and a sampler."""
         task = tasks.get(c.task.name, **dict(c.task.kwargs))
-        sampler = Sampler(graphdef, mesh, cache_dtype=jnp.dtype(c.rollout.cache_dtype))
+        r = c.rollout
+        sampler = Sampler(
+            graphdef, mesh, cache_dtype=r.cache_dtype, kv_cache_bytes=r.kv_cache_bytes
+        )
         return cls(c, mesh, tok, graphdef, task, sampler)
 
 

@@ -42,9 +42,22 @@ from reflax.sharding import (
 
 BucketSpec = int | Sequence[int] | None
 
-__all__ = ["BucketSpec", "CachedRows", "SampleOutput", "Sampler", "bucket_size", "left_pad"]
+__all__ = [
+    "BucketSpec",
+    "CachedRows",
+    "SampleOutput",
+    "Sampler",
+    "bucket_size",
+    "kv_cache_bytes",
+    "left_pad",
+    "resolve_cache_dtype",
+]
 
 _LOWERING_SPEC = SamplingSpec(stop_ids=(0,))  # `lower`'s default: sampled, one stop id
+
+
+def _is_auto(cache_dtype: Any) -> bool:
+    return isinstance(cache_dtype, str) and cache_dtype == "auto"
 
 
 def bucket_size(size: int, buckets: BucketSpec) -> int:
@@ -83,16 +96,25 @@ def left_pad(
 @dataclasses.dataclass
 class CachedRows:
     """Rows an earlier call sampled, kept for `Sampler.continue_rows`: their KV cache on
-    device (every sampled token written) and each row's real token count."""
+    device (every sampled token written) and each row's real token count.
 
-    cache: KVCache  # rows: the padded batch of that call
+    A call sampled in chunks keeps one cache per chunk: rows `starts[j]` onwards are the
+    first rows of `cache[j]` (its batch padded like every chunk's).
+    """
+
+    cache: KVCache | tuple[KVCache, ...]  # rows: the padded batch of that call (chunk)
     seq_lens: np.ndarray  # [num_rows] int32: real tokens per row in the cache
-    index: int  # host copy of cache.index: slots used
+    index: int  # host copy of cache.index: slots used (the most over chunks)
+    starts: tuple[int, ...] = (0,)  # first row of each chunk's cache
 
     @property
     def num_rows(self) -> int:
-        """Real rows (the first num_rows of the cache)."""
+        """Real rows (the first num_rows of the cache, over the chunks in order)."""
         return len(self.seq_lens)
+
+    @property
+    def caches(self) -> tuple[KVCache, ...]:
+        return self.cache if isinstance(self.cache, tuple) else (self.cache,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +130,57 @@ class _Request:
     keep_cache: bool
     prev: CachedRows | None = None
     rows: np.ndarray | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shape:
+    """The shapes every program call of a request shares (chunks included)."""
+
+    unique_rows: int  # U: prompts / new turns per call, padded
+    block_len: int  # C: the bucketed prompt / new-turn block
+    gen_len: int  # N: bucketed max_new_tokens
+    prefix_size: int  # cache slots before decoding (earlier slots + the block)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Piece:
+    """One program call of a request: block entries lo..hi-1, continuing cache `part`."""
+
+    lo: int
+    hi: int
+    part: int = 0
+
+
+def resolve_cache_dtype(cache_dtype: Any, compute_dtype: Any, platform: str) -> np.dtype:
+    """The KV cache dtype: "auto" is bfloat16 on TPU (half the cache of float32, the
+    dtype its matmul units take) and the model's compute dtype elsewhere; any other
+    value is a dtype name or dtype."""
+    if _is_auto(cache_dtype):
+        return jnp.dtype(jnp.bfloat16 if platform == "tpu" else compute_dtype)
+    return jnp.dtype(cache_dtype)
+
+
+def kv_cache_bytes(
+    config: Any,
+    cache_dtype: Any,
+    *,
+    groups: int,
+    num_samples: int,
+    prefix_size: int,
+    gen_len: int,
+    keep_cache: bool,
+    batch_shards: int = 1,
+) -> int:
+    """KV cache bytes per device of one program call: `groups` prefix rows of
+    `prefix_size` slots (the prefilled cache and its heads-first decoding copy), their
+    groups * num_samples decoding rows of `gen_len` slots, and with `keep_cache` the
+    materialised cache those rows return (prefix + gen_len slots each). Rows are split
+    over `batch_shards` devices."""
+    slot = config.num_layers * 2 * config.num_kv_heads * config.head_dim
+    slot *= jnp.dtype(cache_dtype).itemsize
+    rows = -(-groups * num_samples // batch_shards)
+    per_row = gen_len + (prefix_size + gen_len if keep_cache else 0)
+    return slot * (-(-groups // batch_shards) * 2 * prefix_size + rows * per_row)
 
 
 @dataclasses.dataclass
@@ -133,6 +206,11 @@ class Sampler:
     `gen_buckets` for max_new_tokens, `cache_buckets` for the prefix length of a
     continuation (earlier slots + new turn), `batch_buckets` for the number of
     unique rows. A fresh call's cache holds prompt bucket + generation bucket slots.
+    `cache_dtype`: the KV cache's dtype, "auto" as `resolve_cache_dtype`.
+    `kv_cache_bytes`: the KV cache one device may hold per program call
+    (`kv_cache_bytes`); a call whose rows need more is sampled in chunks of whole
+    groups (a prompt's G samples stay together), all padded to one size (one program),
+    drawing the tokens of one pass. 0: every call in one pass.
     `compiler_options` go to `jax.jit` (e.g. a lower XLA backend optimisation
     level where compile time matters more than speed, as in tests).
     """
@@ -142,17 +220,23 @@ class Sampler:
         model: Decoder | nnx.GraphDef,
         mesh: Mesh | None = None,
         *,
-        cache_dtype: Any = jnp.float32,
+        cache_dtype: Any = "auto",
+        kv_cache_bytes: int = 0,
         prompt_buckets: BucketSpec = 64,
         gen_buckets: BucketSpec = 64,
         cache_buckets: BucketSpec = 128,
         batch_buckets: BucketSpec = None,
         compiler_options: dict[str, Any] | None = None,
     ):
+        if kv_cache_bytes < 0:
+            raise ValueError(f"kv_cache_bytes must be >= 0 (0: one pass), got {kv_cache_bytes}")
         self.graphdef = nnx.split(model)[0] if isinstance(model, nnx.Module) else model
         self.config = model.config if isinstance(model, nnx.Module) else None  # else at 1st call
         self.mesh = mesh
-        self.cache_dtype = cache_dtype
+        self.cache_dtype = cache_dtype  # "auto" resolved at the first call
+        if isinstance(model, nnx.Module) or not _is_auto(cache_dtype):
+            self.cache_dtype = self._resolve_cache_dtype(model)
+        self.kv_cache_bytes = kv_cache_bytes
         self.prompt_buckets = prompt_buckets
         self.gen_buckets = gen_buckets
         self.cache_buckets = cache_buckets
@@ -160,6 +244,16 @@ class Sampler:
         self.compiler_options = compiler_options  # passed to XLA, e.g. to compile faster
         self._fns: dict[tuple, Any] = {}
         self._traces = 0
+
+    def _resolve_cache_dtype(self, model: Any) -> np.dtype:
+        platform = (
+            jax.default_backend() if self.mesh is None else self.mesh.devices.flat[0].platform
+        )
+        if _is_auto(self.cache_dtype) and platform != "tpu":
+            compute = model.dtype  # only "auto" off TPU needs the model
+        else:
+            compute = None
+        return resolve_cache_dtype(self.cache_dtype, compute, platform)
 
     @property
     def num_compilations(self) -> int:
@@ -222,7 +316,7 @@ class Sampler:
         config, num_samples, gen_len, prefix_size, keep_cache = key[1:6]
         graphdef, cache_dtype = self.graphdef, self.cache_dtype
 
-        def run(state, prev, tokens, mask, row_valid, rng, spec, max_new):
+        def run(state, prev, tokens, mask, row_valid, rng, spec, max_new, row_offset):
             self._traces += 1  # runs once per trace, i.e. per compiled program
             model = nnx.merge(graphdef, state)
             if prev is None:
@@ -245,63 +339,112 @@ class Sampler:
                 num_samples=num_samples,
                 gen_len=gen_len,
                 keep_cache=keep_cache,
+                row_offset=row_offset,
             )
 
         fn = jax.jit(run, out_shardings=out_shardings, compiler_options=self.compiler_options)
         self._fns[key] = fn
         return fn
 
-    def _prepare(self, req: _Request, abstract: bool = False) -> tuple[Any, tuple]:
-        """The jitted program of a call and its arguments (inputs placed on the mesh;
-        `abstract`: their ShapeDtypeStructs, for `lower`).
+    def _chunk_groups(self, config: Any, shape: _Shape, req: _Request, step: int) -> int:
+        """The most unique rows (a multiple of `step`) whose call fits `kv_cache_bytes`."""
+        need = lambda groups: kv_cache_bytes(
+            config,
+            self.cache_dtype,
+            groups=groups,
+            num_samples=req.num_samples,
+            prefix_size=shape.prefix_size,
+            gen_len=shape.gen_len,
+            keep_cache=req.keep_cache,
+            batch_shards=self._batch_shards(),
+        )
+        if need(step) > self.kv_cache_bytes:
+            raise ValueError(
+                f"kv_cache_bytes={self.kv_cache_bytes} fits no chunk: {step} prompt(s) x "
+                f"{req.num_samples} samples ({shape.prefix_size} prefix + {shape.gen_len} new "
+                f"slots) need {need(step)} bytes of KV cache per device"
+            )
+        groups = step
+        while need(groups + step) <= self.kv_cache_bytes and groups < len(req.block):
+            groups += step
+        return groups
+
+    def _plan(self, req: _Request) -> tuple[_Shape, list[_Piece]]:
+        """The shapes a request's program calls share and the calls: one, or chunks of
+        whole groups (each within one cached chunk when continuing) of one padded size."""
+        state, prev, rows, block = req.state, req.prev, req.rows, req.block
+        if req.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if req.num_samples < 1:
+            raise ValueError("num_samples must be >= 1")
+        if any(len(seq) == 0 for seq in block):
+            raise ValueError("every prompt / new turn needs at least one token")
+        if self.config is None or _is_auto(self.cache_dtype):
+            model = nnx.merge(self.graphdef, state)
+            self.config = model.config
+            self.cache_dtype = self._resolve_cache_dtype(model)
+        config = self.config
+        n = len(block)
+        C = bucket_size(max(len(seq) for seq in block), self.prompt_buckets)
+        gen_len = bucket_size(req.max_new_tokens, self.gen_buckets)
+        # the prefilled prefix: the new block after the earlier call's slots, if any
+        prefix_size = C if prev is None else bucket_size(prev.index + C, self.cache_buckets)
+        lens = np.zeros((n,), np.int32) if prev is None else prev.seq_lens[rows]
+        longest = max(int(lens[i]) + len(block[i]) for i in range(n))
+        check_rope_range(config, longest + req.max_new_tokens)
+        shape = _Shape(self._unique_rows(n, req.num_samples), C, gen_len, prefix_size)
+        parts = np.zeros((n,), np.int64)
+        if prev is not None and len(prev.starts) > 1:
+            parts = np.searchsorted(np.asarray(prev.starts), rows, side="right") - 1
+            # a chunk as large as a cached chunk continues it in order (no gather)
+            shape = dataclasses.replace(shape, unique_rows=prev.caches[0].k.shape[1])
+        if self.kv_cache_bytes:
+            step = self._batch_shards() // math.gcd(self._batch_shards(), req.num_samples)
+            fit = self._chunk_groups(config, shape, req, step)
+            if fit < shape.unique_rows:
+                shape = dataclasses.replace(shape, unique_rows=fit)
+        pieces, lo = [], 0
+        for hi in range(1, n + 1):  # runs of one cached chunk, cut to unique_rows each
+            if hi == n or parts[hi] != parts[lo] or hi - lo == shape.unique_rows:
+                pieces.append(_Piece(lo, hi, int(parts[lo])))
+                lo = hi
+        return shape, pieces
+
+    def _prepare(
+        self, req: _Request, shape: _Shape, piece: _Piece, abstract: bool = False
+    ) -> tuple[Any, tuple]:
+        """The jitted program of one call (`piece` of `req`) and its arguments (inputs
+        placed on the mesh; `abstract`: their ShapeDtypeStructs, for `lower`).
 
         `req.state` and `req.prev.cache` are passed through as they are, so they may be
         `jax.ShapeDtypeStruct`s carrying shardings.
         """
-        state, prev, rows, block, spec = req.state, req.prev, req.rows, req.block, req.spec
-        num_samples, max_new_tokens, rng = req.num_samples, req.max_new_tokens, req.rng
+        state, prev, spec, G = req.state, req.prev, req.spec, req.num_samples
         put = self._abstract if abstract else self._put
         if isinstance(state, nnx.Module):
             state = nnx.state(state)
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-        if num_samples < 1:
-            raise ValueError("num_samples must be >= 1")
-        if any(len(seq) == 0 for seq in block):
-            raise ValueError("every prompt / new turn needs at least one token")
-        if isinstance(rng, int):
-            rng = jax.random.key(rng)
-        if self.config is None:
-            self.config = nnx.merge(self.graphdef, state).config
-        config = self.config
-        n = len(block)
-        U = self._unique_rows(n, num_samples)
-        B = U * num_samples
-        C = bucket_size(max(len(seq) for seq in block), self.prompt_buckets)
-        gen_len = bucket_size(max_new_tokens, self.gen_buckets)
+        rng = jax.random.key(req.rng) if isinstance(req.rng, int) else req.rng
+        config, U, C = self.config, shape.unique_rows, shape.block_len
+        block = req.block[piece.lo : piece.hi]
+        n, B = len(block), U * G
         device_spec = spec.on_device(config.vocab_size)
-        # real tokens of each row before sampling, and the prefilled prefix: the new block
-        # after the earlier call's slots, if any
-        lens = np.zeros((U,), np.int32)
-        if prev is None:
-            prefix_size = C
-        else:
-            lens[:n] = prev.seq_lens[rows]
-            prefix_size = bucket_size(prev.index + C, self.cache_buckets)
-        longest = max(int(lens[i]) + len(block[i]) for i in range(n))
-        check_rope_range(config, longest + max_new_tokens)
         cache_shape = None
         if req.keep_cache:
-            cache_size = prefix_size + gen_len
+            cache_size = shape.prefix_size + shape.gen_len
             cache_shape = (config.num_layers, B, cache_size, config.num_kv_heads, config.head_dim)
+        lens = np.zeros((U,), np.int32)  # real tokens of each row before sampling
+        if prev is not None:
+            lens[:n] = prev.seq_lens[req.rows[piece.lo : piece.hi]]
+            prev_cache = prev.caches[piece.part]
+            rows = req.rows[piece.lo : piece.hi] - prev.starts[piece.part]
         # continuing every row in order (a retry per reflection) needs no gather of the cache
-        in_order = prev is not None and prev.cache.k.shape[1] == U
+        in_order = prev is not None and prev_cache.k.shape[1] == U
         in_order = in_order and np.array_equal(rows, np.arange(n))
         kind = "new" if prev is None else ("in_order" if in_order else "gather")
-        key = (kind, config, num_samples, gen_len, prefix_size, req.keep_cache, U, C)
+        key = (kind, config, G, shape.gen_len, shape.prefix_size, req.keep_cache, U, C)
         key += (jax.tree.structure(device_spec), *(x.shape for x in jax.tree.leaves(device_spec)))
         if prev is not None:
-            key += (prev.cache.k.shape, prev.cache.k.dtype)
+            key += (prev_cache.k.shape, prev_cache.k.dtype)
         fn = self._program(key, self._out_shardings(B, spec.logprobs, cache_shape))
 
         tokens, mask = left_pad(block, C, spec.pad_id, rows=U)
@@ -311,7 +454,9 @@ class Sampler:
             rows_padded = np.zeros((U,), np.int32)
             rows_padded[:n] = rows
             rows_arg = None if in_order else put(rows_padded, ("batch",))
-            prev_args = (prev.cache, put(lens, ("batch",)), rows_arg)
+            # every chunk continues at the slot one pass would (the most slots used)
+            prev_cache = prev_cache.replace(index=put(np.int32(prev.index), None))
+            prev_args = (prev_cache, put(lens, ("batch",)), rows_arg)
         args = (
             state,
             prev_args,
@@ -320,30 +465,39 @@ class Sampler:
             put(row_valid, ("batch",)),
             put(rng, None),
             jax.tree.map(lambda x: put(x, None), device_spec),
-            put(np.int32(max_new_tokens), None),
+            put(np.int32(req.max_new_tokens), None),
+            put(np.int32(piece.lo * G), None),
         )
         return fn, args
 
     def _call(self, req: _Request) -> SampleOutput:
-        fn, args = self._prepare(req)
-        if self.mesh is not None:
-            with jax.set_mesh(self.mesh):
+        shape, pieces = self._plan(req)
+        G, n = req.num_samples, req.max_new_tokens
+        outs, caches, index = [], [], 0
+        for piece in pieces:
+            fn, args = self._prepare(req, shape, piece)
+            if self.mesh is not None:
+                with jax.set_mesh(self.mesh):
+                    out = fn(*args)
+            else:
                 out = fn(*args)
-        else:
-            out = fn(*args)
-        real, n = len(req.block) * req.num_samples, req.max_new_tokens
-        host = jax.device_get({k: v for k, v in out.items() if k != "cache"})
+            real = (piece.hi - piece.lo) * G
+            host = jax.device_get({k: v for k, v in out.items() if k != "cache"})
+            outs.append({k: np.asarray(v)[:real] for k, v in host.items()})
+            if req.keep_cache:
+                caches.append(out["cache"])
+                index = max(index, int(jax.device_get(out["cache"].index)))
+        join = lambda k: np.concatenate([o[k] for o in outs])
         cached = None
         if req.keep_cache:
-            index = int(jax.device_get(out["cache"].index))
-            seq_lens = np.asarray(host["seq_lens"])[:real]
-            cached = CachedRows(out["cache"], seq_lens, index=index)
-        logprobs = host.get("logprobs")
+            starts = tuple(p.lo * G for p in pieces)
+            cache = caches[0] if len(caches) == 1 else tuple(caches)
+            cached = CachedRows(cache, join("seq_lens"), index=index, starts=starts)
         return SampleOutput(
-            tokens=np.asarray(host["tokens"])[:real, :n],
-            logprobs=None if logprobs is None else np.asarray(logprobs)[:real, :n],
-            lengths=np.asarray(host["lengths"])[:real],
-            done=np.asarray(host["done"])[:real],
+            tokens=join("tokens")[:, :n],
+            logprobs=join("logprobs")[:, :n] if req.spec.logprobs else None,
+            lengths=join("lengths"),
+            done=join("done"),
             cached=cached,
         )
 
@@ -361,7 +515,7 @@ class Sampler:
     ) -> jax.stages.Lowered:
         """The program `sample` (prev None) or `continue_rows` (all of `prev`'s rows, in
         order) runs for `num_rows` prompts / new turns of `block_len` tokens, lowered
-        without running it.
+        without running it (a chunk's, when `kv_cache_bytes` cuts the call).
 
         `state` (and `prev.cache`) may be `jax.ShapeDtypeStruct`s with their shardings:
         nothing is allocated or placed, so `.compile().memory_analysis()` sizes a rollout
@@ -375,7 +529,8 @@ class Sampler:
         request = _Request(
             state, block, spec, num_samples, max_new_tokens, 0, keep_cache, prev, rows
         )
-        fn, args = self._prepare(request, abstract=True)
+        shape, pieces = self._plan(request)
+        fn, args = self._prepare(request, shape, pieces[0], abstract=True)
         if self.mesh is None:
             return fn.lower(*args)
         with jax.set_mesh(self.mesh):
