@@ -283,23 +283,31 @@ def test_collect_failures_and_evaluate_with_bucket_paths(gcs, run1, env, local):
 def test_unreachable_bucket_is_one_error_before_any_compute(gcs, env, local):
     cwd, e = local
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    dead_env = dict(e, STORAGE_EMULATOR_HOST=dead, TENSORSTORE_GCS_HTTP_URL=dead)
     train = start(
-        cli("train", f"--config={SMOKE}", f"--workdir=gs://{BUCKET}/unreached"),
+        cli("train", f"--config={SMOKE}", f"--workdir=gs://{BUCKET}/unreached"), cwd, dead_env
+    )
+    evaluate = start(
+        cli("evaluate", f"--config={SMOKE}", f"--checkpoint=gs://{BUCKET}/unreached"),
         cwd,
-        dict(e, STORAGE_EMULATOR_HOST=dead, TENSORSTORE_GCS_HTTP_URL=dead),
+        dead_env,
     )
     collect = start(  # a bucket the (running) server does not have
         cli("collect_failures", f"--config={SMOKE}", "--output=gs://no-such-bucket/f.jsonl"),
         cwd,
         e,
     )
-    for p, where in ((train, f"gs://{BUCKET}/unreached"), (collect, "gs://no-such-bucket")):
+    for p, where in (
+        (train, f"cannot write to gs://{BUCKET}/unreached: "),
+        (evaluate, f"gs://{BUCKET}/unreached"),
+        (collect, "cannot write to gs://no-such-bucket: "),
+    ):
         rc, _, err = finish(p, check=False)
         assert rc == 1, err[-3000:]
         lines = [line for line in err.splitlines() if line.strip()]
-        errors = [line for line in lines if f"cannot write to {where}: " in line]
-        assert errors == lines[-1:], err[-3000:]  # one line, the last one, names the bucket
-        assert "warm start" not in err and "attempts" not in err  # no compute began
+        # one line, naming the bucket: no traceback, no log of any compute
+        assert len(lines) == 1 and lines[0].startswith("StorageError: "), err[-3000:]
+        assert where in lines[0], err[-3000:]
     assert "unreached" not in " ".join(objects(gcs[1], ""))
     assert_nothing_local(cwd, e)
 
