@@ -14,8 +14,8 @@ keeps alive around the programs are added to find the peak of each phase:
               retry    `Sampler.continue_rows`: every row's cache grown by the retry turn,
                        decode one retry per row (max_retry_tokens)
               Their arguments hold the policy's params and (retry) the reflect program's
-              cache; their temporaries hold the prefill's cache, the decode's cache, the
-              per-layer compute-dtype weight views and the logits.
+              cache; their temporaries hold the prefill's cache, the decode's cache,
+              a compute-dtype copy of the weights and the logits.
   train step  `reflax.trainer`'s step over the U*G rows of seq_len tokens, micro-batched;
               arguments: train state (donated), batch, KL reference.
 
@@ -123,7 +123,13 @@ from jax.sharding import Mesh  # noqa: E402
 from reflax import optim  # noqa: E402
 from reflax.batch import Batch, batch_shardings, bucket_lengths, fit_length  # noqa: E402
 from reflax.models import ModelConfig, abstract_model  # noqa: E402
-from reflax.sampler import CachedRows, Sampler, bucket_size, resolve_cache_dtype  # noqa: E402
+from reflax.sampler import (  # noqa: E402
+    CachedRows,
+    Sampler,
+    bucket_size,
+    kv_slot_bytes,
+    resolve_cache_dtype,
+)
 from reflax.sharding import make_mesh, param_shardings  # noqa: E402
 from reflax.trainer import (  # noqa: E402
     StepConfig,
@@ -513,9 +519,7 @@ def compile_rollout(
 
 def kv_cache_bytes(config: ModelConfig, rows: int, slots: int, dtype: Any, shards: int = 1) -> int:
     """Keys and values of every layer for `rows` x `slots`, over `shards` batch shards."""
-    c = config
-    per = 2 * c.num_layers * slots * c.num_kv_heads * c.head_dim * jnp.dtype(dtype).itemsize
-    return per * (rows // shards)
+    return kv_slot_bytes(config, dtype) * slots * (rows // shards)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -525,7 +529,7 @@ class WeightTerms:
     state: int  # master params + AdamW moments + step
     params: int  # the master params (what the sampler and the train step read)
     ref: int  # the KL reference (0: no KL term)
-    views: int  # the sampler's per-layer weight views in the compute dtype (inside its temp)
+    views: int  # the sampler's copy of the weights in the compute dtype (inside its temp)
 
     @property
     def resident(self) -> int:

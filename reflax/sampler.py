@@ -160,6 +160,17 @@ def resolve_cache_dtype(cache_dtype: Any, compute_dtype: Any, platform: str) -> 
     return jnp.dtype(cache_dtype)
 
 
+def kv_slot_bytes(config: Any, cache_dtype: Any) -> int:
+    """Bytes of one cache slot of one row: keys and values of every layer."""
+    return (
+        config.num_layers
+        * 2
+        * config.num_kv_heads
+        * config.head_dim
+        * (jnp.dtype(cache_dtype).itemsize)
+    )
+
+
 def kv_cache_bytes(
     config: Any,
     cache_dtype: Any,
@@ -176,8 +187,7 @@ def kv_cache_bytes(
     groups * num_samples decoding rows of `gen_len` slots, and with `keep_cache` the
     materialised cache those rows return (prefix + gen_len slots each). Rows are split
     over `batch_shards` devices."""
-    slot = config.num_layers * 2 * config.num_kv_heads * config.head_dim
-    slot *= jnp.dtype(cache_dtype).itemsize
+    slot = kv_slot_bytes(config, cache_dtype)
     rows = -(-groups * num_samples // batch_shards)
     per_row = gen_len + (prefix_size + gen_len if keep_cache else 0)
     return slot * (-(-groups // batch_shards) * 2 * prefix_size + rows * per_row)
