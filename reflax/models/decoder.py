@@ -377,19 +377,15 @@ class Decoder(nnx.Module):
             return self.embed[...].T
         return self.lm_head[...]
 
-    def weights(self, per_layer: bool = False) -> dict[str, Any]:
+    def weights(self) -> dict[str, Any]:
         """Parameters cast to the compute dtype: embed [V, D], layers, final_norm [D] and
         lm_head [D, V] (the transposed embedding when tied). `layers` is a dict of stacked
-        [L, ...] arrays for the layer scan, or with `per_layer` a list of L per-layer dicts
-        (the sampler's decode loop: slicing stacked weights inside a loop copies them at
-        every step, so it splits them once)."""
+        [L, ...] arrays, read one layer at a time by the layer scans of training, prefill
+        and decode."""
         dt = self.dtype
         layers = {
             k: v[...].astype(dt) for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)
         }
-        if per_layer:
-            n = self.config.num_layers
-            layers = [{k: v[i] for k, v in layers.items()} for i in range(n)]
         return dict(
             embed=self.embed[...].astype(dt),
             layers=layers,
