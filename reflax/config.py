@@ -13,7 +13,8 @@ from typing import Literal, get_args
 
 from ml_collections import ConfigDict
 
-from reflax.sharding import MESH_AXES  # its only reflax import: sharding imports no reflax
+# its only reflax import: sharding imports no reflax
+from reflax.sharding import LORA_TARGETS, MESH_AXES
 
 # the modules that build objects from a config (episodes.RolloutSettings, trainer.StepConfig)
 # take their choices from here
@@ -130,6 +131,18 @@ def base_config() -> ConfigDict:
     # (per device); 0: the largest chunk within grpo.logits_bytes (reflax.grpo.logits_chunk)
     c.grpo.logits_chunk = 0
     c.grpo.logits_bytes = DEFAULT_LOGITS_BYTES
+
+    # LoRA (reflax.models.lora): rank 0 trains every weight (full fine-tuning); rank r > 0
+    # trains adapters A [in, r], B [r, out] on `targets` (scaled by alpha / r) and freezes the
+    # base, which is then also the KL reference (grpo.ref_dtype unused). Checkpoints hold the
+    # adapters and their optimizer state; the base is model.path's (or model.init's) again.
+    c.lora = ConfigDict(
+        dict(
+            rank=0,
+            alpha=16.0,
+            targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        )
+    )
 
     c.optim = ConfigDict(
         dict(
@@ -274,6 +287,20 @@ def validate(c: ConfigDict) -> ConfigDict:
         not g.pack_groups or r.groups_per_step % max(g.micro_batches, 1) == 0,
         f"grpo.pack_groups splits whole groups: groups_per_step = {r.groups_per_step} must be "
         "divisible by grpo.micro_batches (or set grpo.pack_groups=False)",
+    )
+    lo = c.lora
+    need(
+        isinstance(lo.rank, int) and not isinstance(lo.rank, bool) and lo.rank >= 0,
+        f"lora.rank must be an integer >= 0 (0: full fine-tuning), got {lo.rank!r}",
+    )
+    need(
+        isinstance(lo.alpha, (int, float)) and lo.alpha > 0,
+        f"lora.alpha must be > 0, got {lo.alpha!r}",
+    )
+    targets = (lo.targets,) if isinstance(lo.targets, str) else tuple(lo.targets)
+    need(
+        bool(targets) and set(targets) <= set(LORA_TARGETS) and len(set(targets)) == len(targets),
+        f"lora.targets must be distinct names among {LORA_TARGETS}, got {targets}",
     )
     need(c.optim.learning_rate > 0, "optim.learning_rate must be > 0")
     need(0 <= c.optim.warmup_ratio < 1, "optim.warmup_ratio must be in [0, 1)")

@@ -18,7 +18,7 @@ from ml_collections import ConfigDict
 from reflax import tasks
 from reflax.checkpoint import Checkpointer, CheckpointError, abstract_like
 from reflax.config import ConfigError
-from reflax.models import ModelConfig, create
+from reflax.models import Decoder, ModelConfig, create, lora
 from reflax.models.gguf import load_gguf
 from reflax.models.hf import load_pretrained
 from reflax.sampler import Sampler
@@ -96,11 +96,20 @@ def build_model(c: ConfigDict, mesh: Mesh, vocab_size: int, path: str | None = N
     return model
 
 
+def add_lora(c: ConfigDict, model: Decoder, mesh: Mesh | None) -> Decoder:
+    """`model` with fresh LoRA adapters (A from the run's seed, B zero: the model is
+    unchanged) when the config asks for them (lora.rank > 0), else `model` as it is."""
+    spec = lora.LoraSpec.from_config(c.lora)
+    return model if spec is None else lora.attach(model, spec, seed=c.seed, mesh=mesh)
+
+
 def build(c: ConfigDict, *, model_path: str | None = None) -> tuple[Runtime, Any]:
-    """(the run's Runtime, the model's initial weights as an nnx.State in their shards)."""
+    """(the run's Runtime, the model's initial weights as an nnx.State in their shards).
+    The run's own model (no `model_path`) carries the config's LoRA adapters, if any."""
     mesh = make_mesh(dict(c.mesh))
     tok = build_tokenizer(c)
-    graphdef, params = nnx.split(build_model(c, mesh, len(tok.tokenizer), model_path))
+    model = build_model(c, mesh, len(tok.tokenizer), model_path)
+    graphdef, params = nnx.split(model if model_path else add_lora(c, model, mesh))
     return Runtime.create(c, mesh, tok, graphdef), params
 
 
@@ -118,14 +127,18 @@ def restore_params(like: Any, workdir: str, step: int | None = None) -> tuple[An
     """Parameters of a run's latest (or given) checkpoint, restored into the shards of
     `like` (parameters of the same model, e.g. its initial weights, or their abstract
     shapes). Only the `params` subtree is read: the optimizer state, whatever optimizer
-    wrote it, is neither needed nor loaded."""
+    wrote it, is neither needed nor loaded. A LoRA run's checkpoint holds its adapters:
+    they are restored and returned beside the base weights of `like`."""
     ckpt = Checkpointer(checkpoint_dir(workdir))
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise CheckpointError(f"no checkpoint in {checkpoint_dir(workdir)}")
-    state, _ = ckpt.restore({"params": abstract_like(like)}, step, partial=True)
+    adapters, base = lora.split(like)
+    lora_run = bool(jax.tree.leaves(adapters))
+    target = abstract_like(adapters if lora_run else like)
+    state, _ = ckpt.restore({"params": target}, step, partial=True)
     ckpt.close()
-    return state["params"], step
+    return (lora.join(base, state["params"]) if lora_run else state["params"]), step
 
 
 def restore_state(

@@ -36,6 +36,7 @@ LOGICAL_RULES: dict[str, Any] = {
     "length": None,
     "head_dim": None,
     "norm": None,
+    "lora_rank": None,  # a LoRA adapter's rank: small, never split
 }
 
 # parameter leaf name -> logical axes of that array (stacked layers lead with "layers")
@@ -62,6 +63,14 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "q_norm": ("layers", "head_dim"),
     "k_norm": ("layers", "head_dim"),
 }
+
+# LoRA (reflax.models.lora): the projections that can carry an adapter, and an adapter's
+# leaf names, `<projection>_lora_a` [L, in, r] and `<projection>_lora_b` [L, r, out]. Each is
+# sharded along its big dim as the projection's kernel is; the rank stays whole.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_A, LORA_B = "_lora_a", "_lora_b"
+PARAM_AXES.update({n + LORA_A: (*PARAM_AXES[n][:2], "lora_rank") for n in LORA_TARGETS})
+PARAM_AXES.update({n + LORA_B: ("layers", "lora_rank", PARAM_AXES[n][2]) for n in LORA_TARGETS})
 
 # KV cache [L, B, S, K, Dh] and its slot mask [B, S]
 CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")

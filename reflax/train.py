@@ -6,7 +6,8 @@ Each step: take failed attempts (offline failure set, or fresh attempts online),
 sample G reflections per failure and one retry each, verify the retries, and
 update the policy on the reflection tokens with one compiled GRPO step. The
 workdir holds orbax checkpoints (resumed automatically), metrics.jsonl,
-samples.jsonl, TensorBoard events, the HF export (hf/) and eval.json.
+samples.jsonl, TensorBoard events, the HF export (hf/; with LoRA, the merged weights
+there and the adapters alone as a PEFT directory in peft/) and eval.json.
 
 `train` reads top to bottom: config and cluster, mesh, model and tokenizer, task and
 data, warm start, state (restored or initialised), the rollout (chosen once), the
@@ -15,6 +16,7 @@ train step (compiled before the loop), the loop, the final evaluation and export
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -40,10 +42,12 @@ from reflax.episodes import (
 )
 from reflax.evaluate import accuracy_title, evaluate, table
 from reflax.metrics import MetricsWriter, Progress, Timer
+from reflax.models import lora
 from reflax.models.hf import save_pretrained
 from reflax.results import save_json
 from reflax.runtime import (
     Runtime,
+    add_lora,
     build_model,
     build_tokenizer,
     check_resume,
@@ -94,7 +98,11 @@ def _train(c: ConfigDict, workdir: str, stop: distributed.StopRequest) -> dict[s
 
     # --- model and tokenizer -------------------------------------------------------------
     tok = build_tokenizer(c)
-    graphdef, params = nnx.split(build_model(c, mesh, len(tok.tokenizer)))  # in their shards
+    model = build_model(c, mesh, len(tok.tokenizer))  # in its shards
+    base_graphdef = nnx.graphdef(model)  # LoRA: the frozen base's graph, the KL reference's
+    graphdef, params = nnx.split(add_lora(c, model, mesh))  # lora.rank > 0: + adapters
+    del model
+    use_lora = c.lora.rank > 0
 
     # --- task and data -------------------------------------------------------------------
     rt = Runtime.create(c, mesh, tok, graphdef)  # + the task and the sampler
@@ -117,17 +125,31 @@ def _train(c: ConfigDict, workdir: str, stop: distributed.StopRequest) -> dict[s
                 results[name] = evaluate(rt, params, eval_examples, **kw)
 
     # --- warm start (supervised, for models with no pretraining) -------------------------
-    if c.warm_start.steps:
-        params = warm_start(rt, params, workdir, writer, restore_only=latest is not None)
+    if c.warm_start.steps:  # LoRA: the base is warm-started (fully), then adapted
+        adapters, base = lora.split(params) if use_lora else (None, params)
+        base_rt = dataclasses.replace(rt, graphdef=base_graphdef)
+        base = warm_start(base_rt, base, workdir, writer, restore_only=latest is not None)
+        params = lora.join(base, adapters) if use_lora else base
     if c.eval.before and latest is None:
         run_eval("before", params)
 
     # --- state: restored, or initialised from the (warm-started) weights ----------------
     tx, schedule = optim.make_optimizer(total_steps=c.total_steps * c.grpo.mu, **c.optim)
-    ref = None  # the KL reference: the initial weights, in grpo.ref_dtype
-    if c.grpo.beta > 0 or c.grpo.anchor_beta > 0:
+    # LoRA: the state trains the adapters; the frozen base stays beside it, passed to the
+    # step as its reference (always: the policy is base + adapters, the KL reference the
+    # base alone, no copy). Full fine-tuning: the reference is a copy of the initial
+    # weights in grpo.ref_dtype, made only when a KL term needs it.
+    frozen = None
+    if use_lora:
+        params, frozen = lora.split(params)
+    ref = frozen
+    if not use_lora and (c.grpo.beta > 0 or c.grpo.anchor_beta > 0):
         dtype = jnp.dtype(c.grpo.ref_dtype)
         ref = jax.tree.map(lambda x: x.astype(dtype, copy=True), params)  # state is donated
+
+    def policy(state: Any) -> Any:  # the whole model's weights: base + adapters under LoRA
+        return state.params if frozen is None else lora.join(frozen, state.params)
+
     start = 0
     if latest is None:
         state = init_state(params, tx, mesh)
@@ -151,7 +173,16 @@ def _train(c: ConfigDict, workdir: str, stop: distributed.StopRequest) -> dict[s
     # --- train step, compiled ahead of time from abstract shapes -------------------------
     # every layout a batch can take: unpacked rows, or each (prefix, suffix) size pair
     cfg = StepConfig.from_config(c)
-    steps = CompiledSteps(graphdef, tx, cfg, state, ref, mesh, with_logprobs=c.grpo.mu > 1)
+    steps = CompiledSteps(
+        graphdef,
+        tx,
+        cfg,
+        state,
+        ref,
+        mesh,
+        with_logprobs=c.grpo.mu > 1,
+        ref_graphdef=base_graphdef if use_lora else None,
+    )
     ladder = PackLengths.coarse(T, own_tokens_bound(settings, T), c.grpo.pack_sizes)
     layouts = ladder.layouts(U, G) if c.grpo.pack_groups else [Batch.abstract(U * G, T)]
     seconds = steps.precompile(layouts)
@@ -166,7 +197,7 @@ def _train(c: ConfigDict, workdir: str, stop: distributed.StopRequest) -> dict[s
     with jax.set_mesh(mesh):
         for step in range(start, c.total_steps):
             with timer("rollout"):
-                groups, info = rollout(state.params, jax.random.fold_in(rng0, step))
+                groups, info = rollout(policy(state), jax.random.fold_in(rng0, step))
                 host, stats = build_batch(
                     groups, num_groups=U, group_size=G, seq_len=T, pad_id=tok.pad_id
                 )
@@ -176,7 +207,8 @@ def _train(c: ConfigDict, workdir: str, stop: distributed.StopRequest) -> dict[s
             with timer("train_step"):
                 train_step = steps.step(batch)
                 if c.grpo.mu > 1:
-                    batch = batch.replace(old_logprobs=steps.logprobs(batch)(state.params, batch))
+                    old = steps.logprobs(batch)(policy(state), batch)
+                    batch = batch.replace(old_logprobs=old)
                 finite = True
                 for _ in range(c.grpo.mu):
                     state, m = train_step(state, batch, ref)
@@ -241,16 +273,24 @@ def _train(c: ConfigDict, workdir: str, stop: distributed.StopRequest) -> dict[s
         if stop.agreed():
             skipped.append("final evaluation")
         else:
-            run_eval("after", state.params)
+            run_eval("after", policy(state))
     if c.export_hf:
         if stop.agreed():
             skipped.append("HF export")
         else:
-            model = nnx.merge(graphdef, state.params)
+            model = nnx.merge(graphdef, policy(state))
             # built aside and moved in whole: a reader never sees half an export
             hf_dir = storage.join(workdir, "hf")
             with storage.staged_dir(hf_dir, publish=distributed.is_primary()) as staged:
-                save_pretrained(model, staged, tokenizer=tok.tokenizer)
+                # LoRA: the merged weights, W + A @ B * alpha / r
+                save_pretrained(lora.merged(model), staged, tokenizer=tok.tokenizer)
+            if use_lora:  # and the adapters alone, as a PEFT directory on the base model
+                peft_dir = storage.join(workdir, "peft")
+                last = (lora.PEFT_CONFIG,)
+                with storage.staged_dir(
+                    peft_dir, publish=distributed.is_primary(), last=last
+                ) as st:
+                    lora.save_peft(model, st, base_model_name=c.model.path or None)
     if results and "final evaluation" not in skipped and distributed.is_primary():
         print(table(results, accuracy_title(c, len(eval_examples))))
         if c.eval.expected:

@@ -42,6 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from reflax import grpo
 from reflax.batch import Batch, batch_shardings, layout
 from reflax.config import DEFAULT_LOGITS_BYTES
+from reflax.models import lora
 from reflax.sharding import (
     constrain,
     local_size,
@@ -173,18 +174,23 @@ def step_normalisers(batch: Batch, cfg: StepConfig) -> tuple[jax.Array, jax.Arra
     return den, anchor_tokens
 
 
-def make_grad_fn(graphdef: Any, cfg: StepConfig) -> Callable:
+def make_grad_fn(graphdef: Any, cfg: StepConfig, ref_graphdef: Any = None) -> Callable:
     """`(params, batch, ref_params) -> (grads, loss, metric sums, (den, anchor_tokens))`:
-    the step's objective and its gradient, accumulated exactly over the micro-batches."""
+    the step's objective and its gradient, accumulated exactly over the micro-batches.
+
+    LoRA (`ref_graphdef`, the base model's graph, given): `params` are the adapters and
+    `ref_params` the frozen base; the policy is the two together, the reference the base
+    alone, and gradients are taken for the adapters only."""
 
     def loss_fn(params, mb: Batch, ref_params, norm):
         # norm: (den, anchor_tokens) of the whole step; the objective is this micro-batch's
         # share of num / den + anchor_beta * anchor_kl_sum / anchor_tokens
-        lp, ent = _sequence_logprobs(graphdef, params, mb, cfg)
+        policy = params if ref_graphdef is None else lora.join(ref_params, params)
+        lp, ent = _sequence_logprobs(graphdef, policy, mb, cfg)
         ref_lp = None
         anchored = cfg.anchor_beta != 0.0 and ref_params is not None
         if anchored or (cfg.beta != 0.0 and ref_params is not None):
-            ref_lp, _ = _sequence_logprobs(graphdef, ref_params, mb, cfg)
+            ref_lp, _ = _sequence_logprobs(ref_graphdef or graphdef, ref_params, mb, cfg)
             ref_lp = jax.lax.stop_gradient(ref_lp)
         rows = mb.sample_rows
         loss_mask = rows(mb.loss_mask)
@@ -238,9 +244,14 @@ def make_grad_fn(graphdef: Any, cfg: StepConfig) -> Callable:
     return grad_fn
 
 
-def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: StepConfig) -> Callable:
-    """The pure step; jit it with `jit_train_step` (or plain jax.jit on one device)."""
-    grad_fn = make_grad_fn(graphdef, cfg)
+def make_train_step(
+    graphdef: Any, tx: optax.GradientTransformation, cfg: StepConfig, ref_graphdef: Any = None
+) -> Callable:
+    """The pure step; jit it with `jit_train_step` (or plain jax.jit on one device).
+
+    LoRA: `ref_graphdef` is the base model's graph, the state holds the adapters and their
+    optimizer state, and `ref_params` is the frozen base (`make_grad_fn`)."""
+    grad_fn = make_grad_fn(graphdef, cfg, ref_graphdef)
 
     def train_step(state: TrainState, batch: Batch, ref_params: Any = None):
         anchored = cfg.anchor_beta != 0.0 and ref_params is not None
@@ -325,14 +336,23 @@ def init_state(
 
 
 def jit_train_step(
-    train_step: Callable, state: TrainState, batch: Batch, mesh: Mesh | None, with_ref: bool
+    train_step: Callable,
+    state: TrainState,
+    batch: Batch,
+    mesh: Mesh | None,
+    with_ref: bool,
+    ref: Any = None,
 ) -> Callable:
-    """jax.jit with explicit in/out shardings and the state donated."""
+    """jax.jit with explicit in/out shardings and the state donated. The reference is laid
+    out as the state's parameters, or as `ref` (its parameters or their abstract shapes)
+    when given: LoRA's frozen base, which the state's adapters are not shaped like."""
     if mesh is None:
         return jax.jit(train_step, donate_argnums=(0,))
     s = state_shardings(jax.eval_shape(lambda x: x, state), mesh)
     b = batch_shardings(batch, mesh)
-    r = s.params if with_ref else None
+    r = None
+    if with_ref:
+        r = s.params if ref is None else param_shardings(jax.eval_shape(lambda x: x, ref), mesh)
     return jax.jit(
         train_step,
         in_shardings=(s, b, r),
@@ -358,6 +378,9 @@ class CompiledSteps:
     `precompile(layouts)` compiles every layout a run can meet before its first step and
     seals the set: a batch of another layout is then an error, never a compile inside a
     timed step. Unsealed, `step(batch)` or `logprobs(batch)` on a new layout compiles it.
+
+    LoRA (`ref_graphdef` given, `make_train_step`): `ref_params` is the frozen base, and the
+    old-log-prob pass takes the whole policy, `lora.join(base, state.params)`.
     """
 
     def __init__(
@@ -369,11 +392,15 @@ class CompiledSteps:
         ref_params: Any,
         mesh: Mesh | None,
         with_logprobs: bool = False,
+        ref_graphdef: Any = None,
     ):
-        self._step = make_train_step(graphdef, tx, cfg)
+        self._step = make_train_step(graphdef, tx, cfg, ref_graphdef)
         self._logprob = make_logprob_fn(graphdef, cfg) if with_logprobs else None
         self._state = jax.eval_shape(lambda x: x, state)
         self._ref = None if ref_params is None else jax.eval_shape(lambda x: x, ref_params)
+        self._policy = self._state.params
+        if ref_graphdef is not None:
+            self._policy = jax.eval_shape(lora.join, self._ref, self._state.params)
         self._mesh = mesh
         self._programs: dict[Any, tuple[Callable, Callable | None]] = {}
         self._sealed = False
@@ -396,15 +423,15 @@ class CompiledSteps:
                     f"{len(self._programs)} compiled before the loop"
                 )
             mesh, state, ref = self._mesh, self._state, self._ref
-            step = jit_train_step(self._step, state, abstract, mesh, ref is not None)
+            step = jit_train_step(self._step, state, abstract, mesh, ref is not None, ref)
             logprob = None
             with contextlib.ExitStack() as stack:
                 if mesh is not None:
                     stack.enter_context(jax.set_mesh(mesh))
                 step = step.lower(state, abstract, ref).compile()
                 if self._logprob is not None:
-                    logprob = jit_logprob_fn(self._logprob, state.params, abstract, mesh)
-                    logprob = logprob.lower(state.params, abstract).compile()
+                    logprob = jit_logprob_fn(self._logprob, self._policy, abstract, mesh)
+                    logprob = logprob.lower(self._policy, abstract).compile()
             self._programs[key] = (step, logprob)
         return self._programs[key]
 

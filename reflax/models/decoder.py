@@ -36,7 +36,7 @@ from flax import nnx
 
 from reflax.models.attention_kernels import Layout, cudnn_attention, resolve, splash_attention
 from reflax.models.config import ModelConfig
-from reflax.sharding import CACHE_AXES, CACHE_MASK_AXES, constrain
+from reflax.sharding import CACHE_AXES, CACHE_MASK_AXES, LORA_A, LORA_B, constrain
 
 _NEG_INF = -1e30  # finite, so rows with no valid key (padding) give no NaN
 F32 = jnp.float32
@@ -163,9 +163,15 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * xf.astype(x.dtype)
 
 
-def _dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
-    y = jnp.einsum("btd,df->btf", x, kernel)
-    return y if bias is None else y + bias
+def _dense(p: dict[str, jax.Array], x: jax.Array, name: str, bias: str) -> jax.Array:
+    """x [B, T, in] @ the projection `name` [in, out] (+ its bias): x @ W, plus (x @ A) @ B
+    where the projection carries a LoRA adapter (reflax.models.lora; `Decoder.weights` has
+    scaled B by alpha / r), never a merged W + A @ B."""
+    y = jnp.einsum("btd,df->btf", x, p[name])
+    if name + LORA_A in p:
+        low = jnp.einsum("btd,dr->btr", x, p[name + LORA_A])  # [B, T, r]
+        y = y + jnp.einsum("btr,rf->btf", low, p[name + LORA_B])
+    return y if bias not in p else y + p[bias]
 
 
 # --------------------------------------------------------------------------- attention
@@ -276,9 +282,9 @@ def block(
     B, T, _ = x.shape
     H, K, Dh = c.num_heads, c.num_kv_heads, c.head_dim
     h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
-    q = _dense(h, p["q_proj"], p.get("q_bias")).reshape(B, T, H, Dh)
-    k = _dense(h, p["k_proj"], p.get("k_bias")).reshape(B, T, K, Dh)
-    v = _dense(h, p["v_proj"], p.get("v_bias")).reshape(B, T, K, Dh)
+    q = _dense(p, h, "q_proj", "q_bias").reshape(B, T, H, Dh)
+    k = _dense(p, h, "k_proj", "k_bias").reshape(B, T, K, Dh)
+    v = _dense(p, h, "v_proj", "v_bias").reshape(B, T, K, Dh)
     if c.qk_norm:  # per head, before rope (Qwen3)
         q = rms_norm(q, p["q_norm"], c.rms_norm_eps)
         k = rms_norm(k, p["k_norm"], c.rms_norm_eps)
@@ -286,12 +292,12 @@ def block(
     k = constrain(apply_rope(k, rope), ("batch", "length", "kv_heads", None))
     v = constrain(v, ("batch", "length", "kv_heads", None))
     out, aux = attend(q, k, v)
-    x = x + _dense(out, p["o_proj"], p.get("o_bias"))
+    x = x + _dense(p, out, "o_proj", "o_bias")
     h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-    gate = _dense(h, p["gate_proj"], p.get("gate_bias"))
-    up = _dense(h, p["up_proj"], p.get("up_bias"))
+    gate = _dense(p, h, "gate_proj", "gate_bias")
+    up = _dense(p, h, "up_proj", "up_bias")
     act = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-    x = x + _dense(act, p["down_proj"], p.get("down_bias"))
+    x = x + _dense(p, act, "down_proj", "down_bias")
     return constrain(x, ("batch", "length", "embed")), aux
 
 
@@ -370,6 +376,8 @@ class Decoder(nnx.Module):
         self.layers = Layers(shapes["layers"], rngs, param_dtype)
         self.final_norm = nnx.Param(jnp.ones(shapes["final_norm"], param_dtype))
         self.lm_head = nnx.Param(init(shapes["lm_head"])) if "lm_head" in shapes else None
+        # alpha / r of the LoRA adapters `reflax.models.lora.attach` adds to `layers`
+        self.lora_scale: float | None = None
 
     def lm_head_kernel(self) -> jax.Array:
         """[D, V] output projection (the transposed embedding when tied)."""
@@ -386,6 +394,9 @@ class Decoder(nnx.Module):
         layers = {
             k: v[...].astype(dt) for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)
         }
+        for k in layers:  # a LoRA B [L, r, out] carries the scale, once per forward
+            if k.endswith(LORA_B):
+                layers[k] = (getattr(self.layers, k)[...] * self.lora_scale).astype(dt)
         return dict(
             embed=self.embed[...].astype(dt),
             layers=layers,
