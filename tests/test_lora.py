@@ -18,11 +18,11 @@ from helpers import (
     torch_logits,
 )
 
-from reflax import api, optim
+from reflax import api, grpo, optim
 from reflax.batch import Batch, shard_batch
 from reflax.checkpoint import Checkpointer
 from reflax.config import ConfigError, base_config, validate
-from reflax.models import create, lora
+from reflax.models import abstract_model, create, lora
 from reflax.models.hf import load_pretrained, save_pretrained
 from reflax.runtime import (
     add_lora,
@@ -146,7 +146,7 @@ def test_lora_step_equals_hand_written_reference():
         w = base_np["layers"][t].astype(np.float64)
         merged["layers"][t] = (w + s * np.einsum("lir,lro->lio", a, b)).astype(np.float32)
     merged_state = jax.tree.map(jnp.asarray, merged)
-    grads, loss, _, _ = jax.jit(make_grad_fn(base_graphdef, cfg))(
+    grads, loss, sums, _ = jax.jit(make_grad_fn(base_graphdef, cfg))(
         merged_state, batch, jax.tree.map(jnp.asarray, base_np)
     )
     g = host(grads)["layers"]
@@ -159,6 +159,10 @@ def test_lora_step_equals_hand_written_reference():
     new = host(new.params)["layers"]
     assert float(m["applied"]) == 1.0
     assert_close_scaled(float(m["loss"]), float(loss), 1e-5, scale=abs(float(loss)), err_msg="loss")
+    # the reference is the base: KL(merged policy || base) > 0, as the step measured it
+    kl = float(grpo.finalize_metrics(sums)["kl"])
+    assert kl > 1e-4
+    assert_close_scaled(float(m["kl"]), kl, 1e-4, scale=kl, err_msg="kl")
     for t in LORA_TARGETS:
         a, b = a_np[t + LORA_A].astype(np.float64), a_np[t + LORA_B].astype(np.float64)
         gw = g[t].astype(np.float64)  # [L, in, out]
@@ -187,6 +191,10 @@ def test_optimizer_state_and_checkpoint_hold_adapters_only(tmp_path):
     assert nbytes(adapters) < nbytes(base) / 4
     base_shapes = {x.shape for x in jax.tree.leaves(base)}
     assert not any(x.shape in base_shapes for x in moments)
+    # an abstract model gets the same adapters, abstract (ahead-of-time compiles)
+    abstract, _ = lora.split(nnx.state(lora.attach(abstract_model(CFG), SPEC)))
+    shapes = lambda tree: [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
+    assert shapes(abstract) == shapes(adapters)
 
     ckpt = Checkpointer(checkpoint_dir(str(tmp_path)))
     ckpt.save(3, state_to_dict(state), {})

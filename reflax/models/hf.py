@@ -407,6 +407,11 @@ def save_pretrained(
     Stale `model*.safetensors` files and index in `path` are removed first. In
     a multi-process job every process must call this; only process 0 writes.
     """
+    if model.lora_scale is not None:  # its adapters would be left out without a word
+        raise ValueError(
+            "the model carries LoRA adapters: save reflax.models.lora.merged(model), the "
+            "merged weights (reflax.save does)"
+        )
     path = os.fspath(path)
     config: ModelConfig = model.config
     params = _model_params(model)

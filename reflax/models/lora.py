@@ -115,11 +115,16 @@ def init_adapters(
 
 
 def attach(model: Decoder, spec: LoraSpec, *, seed: int = 0, mesh: Mesh | None = None) -> Decoder:
-    """`model` with fresh adapters on `spec.targets` (in place; its weights are untouched)."""
+    """`model` with fresh adapters on `spec.targets` (in place; its weights are untouched).
+    An abstract model (`reflax.models.abstract_model`) gets abstract adapters (shapes and
+    dtypes; the step's shardings come from `reflax.sharding`'s table): what an
+    ahead-of-time compile of a LoRA step needs."""
     if model.lora_scale is not None:
         raise ValueError("the model already carries LoRA adapters")
-    dtype = model.layers.q_proj[...].dtype
-    for name, value in init_adapters(model.config, spec, seed=seed, dtype=dtype, mesh=mesh).items():
+    kernel = model.layers.q_proj.get_value()
+    make = lambda: init_adapters(model.config, spec, seed=seed, dtype=kernel.dtype, mesh=mesh)
+    adapters = jax.eval_shape(make) if isinstance(kernel, jax.ShapeDtypeStruct) else make()
+    for name, value in adapters.items():
         setattr(model.layers, name, LoraParam(value))
     model.lora_scale = spec.scale
     return model
