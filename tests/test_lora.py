@@ -17,6 +17,7 @@ from helpers import (
     tiny_train_config,
     torch_logits,
 )
+from jax.sharding import PartitionSpec
 
 from reflax import api, grpo, optim
 from reflax.batch import Batch, shard_batch
@@ -33,7 +34,7 @@ from reflax.runtime import (
 )
 from reflax.sampler import Sampler
 from reflax.sampling import SamplingSpec
-from reflax.sharding import LORA_A, LORA_B, LORA_TARGETS
+from reflax.sharding import LORA_A, LORA_B, LORA_TARGETS, make_mesh
 from reflax.trainer import CompiledSteps, StepConfig, init_state, make_grad_fn, make_train_step
 
 CFG = tiny_train_config()
@@ -152,6 +153,10 @@ def test_lora_step_equals_hand_written_reference():
     g = host(grads)["layers"]
 
     state = init_state(adapters, tx, mesh)
+    # sharded along the big dim as the kernel (q_proj [L, embed: fsdp, heads: tensor])
+    spec = lambda n: jax.tree.leaves(state.params["layers"][n])[0].sharding.spec
+    assert spec("q_proj_lora_a") == PartitionSpec(None, "fsdp", None)
+    assert spec("q_proj_lora_b") == PartitionSpec(None, None, "tensor")
     steps = CompiledSteps(graphdef, tx, cfg, state, base, mesh, ref_graphdef=base_graphdef)
     sharded = shard_batch(batch, mesh)
     with jax.set_mesh(mesh):
@@ -177,7 +182,7 @@ def test_lora_step_equals_hand_written_reference():
 
 
 def test_optimizer_state_and_checkpoint_hold_adapters_only(tmp_path):
-    mesh = cpu_mesh()
+    mesh = make_mesh({"fsdp": 1}, jax.devices()[:1])  # the sharded step: the test above
     _, model = lora_model(mesh=mesh)
     graphdef, full = nnx.split(model)
     adapters, base = lora.split(full)
