@@ -17,7 +17,7 @@ from ml_collections import ConfigDict
 
 from reflax import tasks
 from reflax.checkpoint import Checkpointer, CheckpointError, abstract_like
-from reflax.config import ConfigError
+from reflax.config import ConfigError, base_config
 from reflax.models import Decoder, ModelConfig, create, lora
 from reflax.models.gguf import load_gguf
 from reflax.models.hf import load_pretrained
@@ -180,14 +180,18 @@ RESUMABLE_KEYS = (
 
 def check_resume(c: ConfigDict, saved: dict[str, Any], where: str) -> None:
     """A `ConfigError` with a one-line diff when the recipe keys of `c` differ from the
-    config saved with checkpoint `where` (unless `c.resume_override`)."""
+    config saved with checkpoint `where` (unless `c.resume_override`). A key the saved
+    config lacks counts only when `c` sets it to other than its default."""
     if c.resume_override or "config" not in saved:
         return
-    now, then = (_flat(json.loads(json.dumps(x))) for x in (c.to_dict(), saved["config"]))
+    flat = lambda x: _flat(json.loads(json.dumps(x)))
+    now, then, default = (flat(x) for x in (c.to_dict(), saved["config"], base_config().to_dict()))
+    # a key the checkpoint predates (e.g. lora.*) at its default trains as before it existed
+    new = lambda k: k not in then and k in default and now.get(k) == default[k]
     changed = [
         f"{k}: {then.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}"
         for k in sorted(set(now) | set(then))
-        if now.get(k) != then.get(k) and not _resumable(k)
+        if now.get(k) != then.get(k) and not _resumable(k) and not new(k)
     ]
     if changed:
         raise ConfigError(

@@ -27,6 +27,7 @@ from reflax.models import abstract_model, create, lora
 from reflax.models.hf import load_pretrained, save_pretrained
 from reflax.runtime import (
     add_lora,
+    check_resume,
     checkpoint_dir,
     restore_params,
     restore_state,
@@ -89,6 +90,16 @@ def test_config_keys_validated():
     assert "lora.rank" in msg and "lora.alpha" in msg and "lora.targets" in msg, msg
     with pytest.raises(ValueError, match="targets must be distinct names"):
         lora.LoraSpec(4, 8.0, ("q_proj", "q_proj"))
+
+
+def test_a_checkpoint_from_before_lora_resumes_only_without_it():
+    c = base_config()
+    saved = c.to_dict()
+    del saved["lora"]  # a run from before the keys existed
+    check_resume(c, {"config": saved}, "ckpt/5")  # lora.rank 0: the same recipe
+    c.lora.rank = 8
+    with pytest.raises(ConfigError, match="lora.rank"):
+        check_resume(c, {"config": saved}, "ckpt/5")
 
 
 def test_fresh_adapters_leave_the_model_exactly_as_it_was():
