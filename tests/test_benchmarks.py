@@ -92,3 +92,32 @@ def test_bench_accelerator_tiny(env):
             bound = 1e-4 * max(abs(v) for v in values)
         assert max(values) - min(values) <= bound, line
     assert "  agree: True" in lines
+
+
+def test_bench_smollm2_tiny(env):
+    """The real-model benchmark's workers and report on a random 2-layer Llama."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "experiments/bench_smollm2.py",
+            "--tiny",
+            "--allow_load",
+            "--rounds=1",
+            "--steps=1",
+            "--reps=1",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    num = r"([-+0-9.eE]+|nan|inf)"
+    m = re.fullmatch(rf"smollm2: sampler_vs_generate={num} packed_vs_torch={num}", lines[-1])
+    assert m, lines[-1]
+    assert all(math.isfinite(float(x)) and float(x) > 0 for x in m.groups()), lines[-1]
+    assert bc.cpu_model() in proc.stdout  # every figure names the CPU it ran on
+    assert "load average" in lines[0]
+    assert "  agree: True" in lines  # packed reflax and eager torch: the same first step
