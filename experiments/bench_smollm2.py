@@ -18,10 +18,13 @@ transformers alike, loads the same checkpoint. The shapes are the SmolLM2 config
            to 192 tokens; beta 0.001 (a reference forward on a frozen copy of the weights),
            temperature 0.9, epsilon 0.2, AdamW lr 1e-5, clipping at 1.0, token-mean, no
            remat. reflax packed (`reflax.batch.pack_groups`: one row per group, the prefix
-           once) against the PyTorch eager step on the 64 x 192 batch (SDPA, no-grad
-           reference forward, 16 rows per forward / backward so that its float32 logits,
-           16 x 192 x 49,152, stay near 0.6 GB). reflax's unpacked step on the same batch
-           asks XLA for about 30 GB without remat and is left out.
+           once; `--packed_micro_batches`, default 2 micro-batches of 4 group rows: on a
+           23 GB machine shared with other jobs all 8 rows at once reached 16 GB and 2
+           micro-batches 11 GB before the kernel killed the worker) against the PyTorch
+           eager step on the 64 x 192 batch (SDPA, no-grad reference forward, 16 rows
+           per forward / backward so that its float32 logits, 16 x 192 x 49,152, stay near
+           0.6 GB; gradients accumulated on both sides). reflax's unpacked step on the
+           same batch asks XLA for about 30 GB without remat and is left out.
 
 Every implementation runs in its own process, in interleaved rounds (`bench_common`: the
 order rotated per round, a float32 2048^3 matmul probe in the worker's framework before and
@@ -31,11 +34,13 @@ taken within each round. The first train step's loss, mean log-prob and gradient
 printed for both sides (same weights, same batch): they must agree to float32 rounding.
 The output names the CPU model: the ratios move with it.
 
-The quiet run, for the README (nothing else running; about 20 minutes a round on 2 cores):
+The quiet run, for the README (nothing else running on the machine):
 
     python experiments/bench_smollm2.py --rounds 3
 
-A check of the script under load (figures flagged "(loaded)", not for the README):
+It needs about 12 GB of free memory or more (the packed step's worker; the figure at
+which it was killed, above). A check of the script under load (figures flagged
+"(loaded)", not for the README):
 
     nice -n 15 python experiments/bench_smollm2.py --rounds 1 --allow_load
 
@@ -83,6 +88,7 @@ SHAPES = {
     "prefix": (128, 24),
     "refl": ((16, 64), (4, 16)),
     "seq": (192, 40),
+    "micro_packed": (2, 1),  # micro-batches of the packed step (of 8 group rows)
     "torch_micro_rows": (16, 4),  # rows per torch forward/backward
     "s_prompts": (8, 2),
     "s_prompt_len": (128, 16),
@@ -132,7 +138,14 @@ def worker(a: argparse.Namespace) -> int:
         "reflax_sampler": lambda: bs.reflax_worker(ckpt, prompts, new, g, True, a.reps, **buckets),
         "torch_generate": lambda: bs.torch_worker(ckpt, prompts, new, g, a.reps),
         "reflax_packed": lambda: bt.reflax_train_worker(
-            ckpt, hb, beta=bt.W4_BETA, packed=True, group_size=g, logits_chunk=0, **train
+            ckpt,
+            hb,
+            beta=bt.W4_BETA,
+            packed=True,
+            group_size=g,
+            logits_chunk=0,
+            micro_batches=a.packed_micro_batches or s["micro_packed"],
+            **train,
         ),
         "torch_train": lambda: bt.torch_train_worker(
             ckpt, hb, beta=bt.W4_BETA, micro_rows=s["torch_micro_rows"], **train
@@ -150,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2, help="timed train steps per process")
     p.add_argument("--warmup", type=int, default=0, help="untimed train steps after the first")
     p.add_argument("--reps", type=int, default=3, help="timed sampler calls per process")
+    p.add_argument(
+        "--packed_micro_batches",
+        type=int,
+        default=0,
+        help="micro-batches of the packed train step (default: 2; tiny: 1)",
+    )
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.worker:
