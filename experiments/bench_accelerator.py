@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg["vocab_size"],
     )
     with tempfile.TemporaryDirectory() as tmp:
-        bt.random_qwen2(cfg, a.seed, dtype).save_pretrained(os.path.join(tmp, "model"))
+        bt.random_model(cfg, a.seed, dtype).save_pretrained(os.path.join(tmp, "model"))
         np.savez(os.path.join(tmp, "batch.npz"), **hb)
         rounds = bc.run_rounds(__file__, impls, a.rounds, bc.parent_argv(argv), tmp)
 

@@ -355,12 +355,28 @@ def selected(impls: Sequence[Impl], only: str) -> list[Impl]:
     return [i for i in impls if i.name in names or i.worker in names]
 
 
+def cpu_model() -> str:
+    """The processor's model name (/proc/cpuinfo on Linux, else `platform.processor()`):
+    every figure is named with it, since the ratios move with the CPU."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def header(note: str = "") -> None:
     """Versions and the machine, printed by the parent (which imports neither framework
     for timing)."""
     import platform
 
     print(
-        f"python {platform.python_version()}, {os.cpu_count()} CPUs{', ' + note if note else ''}",
+        f"python {platform.python_version()}, {os.cpu_count()} CPUs ({cpu_model()})"
+        f"{', ' + note if note else ''}",
         flush=True,
     )

@@ -195,11 +195,11 @@ def torch_worker(
 ) -> dict[str, Any]:
     """Load the checkpoint, one warm-up call, `reps` timed calls of `generate`."""
     import torch
-    from transformers import Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(os.cpu_count() or 1)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    hf = Qwen2ForCausalLM.from_pretrained(
+    hf = AutoModelForCausalLM.from_pretrained(
         ckpt, torch_dtype=getattr(torch, dtype), attn_implementation="sdpa"
     )
     hf = hf.to(dev).eval()

@@ -29,8 +29,9 @@ Implementations (each run in its own process, see `bench_common`)
                     one row per group holding the shared prefix once and the 8 reflections
                     after it, at the smallest `bucket_lengths` length that fits;
   reflax unpacked   (W4) the same step on the 32 x 512 batch;
-  torch             transformers' Qwen2ForCausalLM (SDPA attention, the padding mask passed
-                    as TRL does), eager, a no-grad reference forward (W4),
+  torch             transformers' Qwen2ForCausalLM (the checkpoint's class; SDPA attention,
+                    the padding mask passed as TRL does), eager, a no-grad reference
+                    forward (W4),
                     torch.optim.AdamW, `torch.set_num_threads(os.cpu_count())`.
 
 Each worker compiles, runs one step whose loss, mean reflection log-prob and pre-clipping
@@ -118,19 +119,22 @@ IMPLS = (
 # ----------------------------------------------------------------------------- model, data
 
 
-def random_qwen2(config_kwargs: dict[str, Any], seed: int, dtype: str = "float32"):
-    """Qwen2ForCausalLM with random weights: norms 1 + 0.1 N, biases 0.1 N, N(0, 1/fan_in).
+def random_model(
+    config_kwargs: dict[str, Any], seed: int, dtype: str = "float32", arch: str = "qwen2"
+):
+    """A transformers causal LM of architecture `arch` ("qwen2" or "llama") with random
+    weights: norms 1 + 0.1 N, biases 0.1 N, N(0, 1/fan_in).
 
     Built on the meta device and then filled, so a large model is not initialised twice;
     only its parameters are valid (the rotary buffers are not): it is meant for
     `save_pretrained`, and every user loads the saved checkpoint."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = Qwen2Config(**config_kwargs)
+    config = AutoConfig.for_model(arch, **config_kwargs)
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     model = model.to_empty(device="cpu").to(getattr(torch, dtype))
     model.tie_weights()  # to_empty unties the shared embedding
     gen = torch.Generator().manual_seed(seed)
@@ -402,11 +406,11 @@ def torch_train_worker(
     remat: bool = False,
 ) -> dict[str, Any]:
     import torch
-    from transformers import Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(os.cpu_count() or 1)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model = Qwen2ForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         ckpt, torch_dtype=getattr(torch, dtype), attn_implementation="sdpa"
     ).to(dev)
     if remat:  # recompute each layer in the backward pass, as reflax's remat does
@@ -507,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     impls = bc.selected(IMPLS, a.only)
     hb = {"w3": w3_batch(a.seed), "w4": w4_batch(a.seed)}
     with tempfile.TemporaryDirectory() as tmp:
-        random_qwen2(BENCH, a.seed).save_pretrained(os.path.join(tmp, "model"))
+        random_model(BENCH, a.seed).save_pretrained(os.path.join(tmp, "model"))
         np.savez(
             os.path.join(tmp, "batches.npz"),
             **{f"{w}_{k}": v for w, b in hb.items() for k, v in b.items()},

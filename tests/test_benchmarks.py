@@ -92,3 +92,33 @@ def test_bench_accelerator_tiny(env):
             bound = 1e-4 * max(abs(v) for v in values)
         assert max(values) - min(values) <= bound, line
     assert "  agree: True" in lines
+
+
+def test_bench_smollm2_tiny(env):
+    """The real-model benchmark's train pair and report on a random 2-layer Llama (its
+    sampler pair runs the workers test_bench_accelerator_tiny already runs)."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "experiments/bench_smollm2.py",
+            "--tiny",
+            "--allow_load",
+            "--rounds=1",
+            "--steps=1",
+            "--only=train reflax packed,train torch",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    num = r"([-+0-9.eE]+|nan|inf)"
+    m = re.fullmatch(rf"smollm2: sampler_vs_generate={num} packed_vs_torch={num}", lines[-1])
+    assert m, lines[-1]
+    assert m[1] == "nan" and math.isfinite(float(m[2])) and float(m[2]) > 0, lines[-1]
+    assert bc.cpu_model() in proc.stdout  # every figure names the CPU it ran on
+    assert "load average" in lines[0]
+    assert "  agree: True" in lines  # packed reflax and eager torch: the same first step

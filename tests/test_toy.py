@@ -114,3 +114,64 @@ def test_toy_smoke_train_then_evaluate(tmp_path: Path) -> None:
     runs = json.loads((workdir / "forgetting.json").read_text())["runs"]
     assert [k.split(" ")[0] for k in runs] == ["vanilla", "trained"]
     assert all(0.0 <= r["results"]["sums"]["acc,none"] <= 1.0 for r in runs.values())
+
+
+def test_reproduction_paired_tests_and_tables() -> None:
+    """run.py's paired tests (trained vs the seed's vanilla model, per try) and its tables."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "toy_run", ROOT / "experiments" / "toy_reproduction" / "run.py"
+    )
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+
+    def result(first: list[int], second: list[int]) -> dict:
+        n = len(first)
+        return {
+            "n": n,
+            "first_try": sum(first) / n,
+            "second_try": sum(second) / n,
+            "first_try_ci95": [0.0, 1.0],
+            "second_try_ci95": [0.0, 1.0],
+            "outcomes": {"first_try": first, "second_try": second},
+        }
+
+    van = result([1, 0, 0, 0, 1, 0], [1, 1, 0, 0, 1, 0])
+    # seed 1: the second try gains problems 2, 3, 5 and loses 1; seed 2 changes nothing
+    trained = result([1, 0, 0, 0, 1, 0], [1, 0, 1, 1, 1, 1])
+    tests = run.paired_tests({1: (van, trained), 2: (van, van), 3: ({"n": 6}, trained)})
+    assert list(tests["per_seed"]) == [1, 2]  # seed 3 keeps no outcomes: left out
+    second = tests["per_seed"][1]["second_try"]
+    assert (second["gained"], second["lost"], second["p"]) == (3, 1, 0.625)
+    assert tests["per_seed"][1]["first_try"]["gained"] == 0
+    across = tests["across_seeds"]["second_try"]
+    assert abs(across["mean"] - (2 / 6) / 2) < 1e-12 and across["positive"] == 1
+    table = "\n".join(run.tests_table(tests))
+    assert "+3 -1, p=0.625" in table and "across 2 seeds, second try change" in table
+
+    row = {
+        "names_a_solving_op": 0.5,
+        "retry_success_given_failure": 0.4,
+        "side_right": None,
+        "best_constant": "over",
+        "constant_reflection_ceiling": {"over": 0.3},
+        "failed_op_ceiling": 0.6,
+        "failed_op_and_side_ceiling": 0.7,
+        "failed_op_and_size_ceiling": 0.8,
+        "reflections": [["high, use over", 10], ["low, use plus", 5]],
+        "failures": 15,
+    }
+    leads = {
+        1: {
+            "vanilla": {**row, "lead_over_best_constant": [0.0, 0.1]},
+            "trained": {**row, "lead_over_best_constant": [0.2, 0.05]},
+        },
+        2: {
+            "vanilla": {**row, "lead_over_best_constant": [0.0, 0.1]},
+            "trained": {**row, "lead_over_best_constant": [0.02, 0.05]},
+        },
+    }
+    lines = run.leads_table(leads)
+    assert "| +20.0 ± 5.0 | yes |" in lines[2] and "| +2.0 ± 5.0 | no |" in lines[3]
+    assert "`high, use over` 10, `low, use plus` 5 of 15" in lines[2]

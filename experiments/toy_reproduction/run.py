@@ -16,9 +16,25 @@ paper's own recipe runs beside the shipped design from the same warm start: an o
 failure set collected once from the warm-started model (`reflax.collect_failures`, 64
 sampled attempts per query), no anchor; then each of the two switches alone (`RECIPES`).
 Only that recipe is labelled "paper". Runs whose eval.json already exists are skipped, so
-the script can be resumed. Writes results.json (with each seed's `reflections.py` results
-where its reflect run holds a reflections.json), results.md and success_vs_step.png into
---root (and copies them to --out).
+the script can be resumed. After each seed's reflect run, `reflections.py` analyses it
+(vanilla and trained reflections, their lead over the best constant reflection; skipped
+where its reflections.json exists, or with --no-reflections). Writes results.json (every
+run's figures and per-problem outcomes, each seed's reflections.json, the paired tests),
+results.md (the tables) and success_vs_step.png into --root (and copies them to --out).
+
+The paired tests compare each seed's trained reflect model with that seed's vanilla model
+(its warm start) on the same problems, per try: the exact McNemar test of the per-problem
+outcomes (`reflax.stats.mcnemar`), the Wilson intervals eval.json keeps, and across the
+seeds the test of the per-seed accuracy changes (`reflax.stats.across_seeds`: the seed is
+the unit of replication).
+
+A pre-registered rerun of the shipped design on fresh seeds and a fresh split salt (the
+salt of the train / validation / test split, `task.kwargs.split_seed`; 0 made the splits
+that chose the design):
+
+    python experiments/toy_reproduction/run.py --root /tmp/toy_fresh \
+        --out experiments/toy_reproduction/fresh_seeds --seeds 10 11 12 --ablation-seeds \
+        -- --config.task.kwargs.split_seed=1
 """
 
 from __future__ import annotations
@@ -31,7 +47,7 @@ import subprocess
 import sys
 import time
 
-from reflax.stats import mcnemar
+from reflax.stats import across_seeds, mcnemar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "configs", "countdown_toy.py")
@@ -136,6 +152,12 @@ def main() -> None:
     ap.add_argument("--ablation-seeds", type=int, nargs="*", default=[0])
     ap.add_argument("--methods", nargs="*", default=list(ABLATIONS))
     ap.add_argument("--recipe-seeds", type=int, nargs="*", default=[])
+    ap.add_argument(
+        "--no-reflections",
+        dest="reflections",
+        action="store_false",
+        help="do not run reflections.py on each seed's reflect run",
+    )
     ap.add_argument("overrides", nargs="*", help="extra --config.key=value flags for every run")
     args = ap.parse_args()
     os.makedirs(args.root, exist_ok=True)
@@ -156,6 +178,8 @@ def main() -> None:
 
     for seed in args.seeds:
         run(f"reflect_s{seed}", seed, "reflect")
+        if args.reflections:
+            analyse_reflections(os.path.join(args.root, f"reflect_s{seed}"), seed, args.overrides)
     for seed in args.ablation_seeds:
         for method in args.methods:
             run(f"{method}_s{seed}", seed, method)
@@ -183,6 +207,17 @@ def main() -> None:
         times,
         args.recipe_seeds,
     )
+
+
+def analyse_reflections(workdir: str, seed: int, overrides: list[str]) -> None:
+    """`reflections.py` on a finished reflect run (its reflections.json), unless done."""
+    if os.path.exists(os.path.join(workdir, "reflections.json")):
+        return
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reflections.py")
+    cmd = [sys.executable, script, f"--workdir={workdir}", f"--config.seed={seed}", *overrides]
+    print("$", " ".join(cmd[1:]), flush=True)
+    with open(log_path(workdir) + ".reflections", "w") as f:
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
 
 
 def collect(root: str, seed: int, overrides: list[str]) -> str:
@@ -218,12 +253,7 @@ def report(
     times: dict[str, float],
     recipe_seeds: list[int] = (),
 ) -> None:
-    """results.md (the table), results.json and success_vs_step.png from the run dirs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """results.md (the tables), results.json and success_vs_step.png from the run dirs."""
     results, lines = {}, []
     lines.append(
         "| run | seed | n | first try | second try | retry success given failure | "
@@ -253,17 +283,49 @@ def report(
                 f" | {100 * r['retry_success_given_failure']:.1f} | {gain} | {sep} | "
                 f"{'' if t is None else f'{t:.0f}'} |"
             )
-    table = "\n".join(lines)
-    print(table)
     reflections = {}  # seed -> reflections.py's results for its reflect run
     for seed in seeds:
         p = os.path.join(root, f"reflect_s{seed}", "reflections.json")
         if os.path.exists(p):
             reflections[seed] = load_json(p)
+    tests = paired_tests(
+        {s: (results["vanilla (warm start)"][s], results["reflect"][s]) for s in seeds}
+    )
+    lines += ["", *tests_table(tests), "", *leads_table(reflections)]
+    table = "\n".join(lines)
+    print(table)
     with open(os.path.join(root, "results.json"), "w") as f:
-        json.dump({"results": results, "times_s": times, "reflections": reflections}, f, indent=1)
+        json.dump(
+            {
+                "results": results,
+                "times_s": times,
+                "paired_tests": tests,
+                "reflections": reflections,
+            },
+            f,
+            indent=1,
+        )
     with open(os.path.join(root, "results.md"), "w") as f:
         f.write(table + "\n")
+    written = ["results.json", "results.md"]
+    if plot(root, seeds, ablation_seeds, methods):
+        written.append("success_vs_step.png")
+    if out and os.path.abspath(out) != os.path.abspath(root):
+        os.makedirs(out, exist_ok=True)
+        for name in written:
+            shutil.copy(os.path.join(root, name), os.path.join(out, name))
+
+
+def plot(root: str, seeds: list[int], ablation_seeds: list[int], methods: list[str]) -> bool:
+    """success_vs_step.png: each run's success per RL step; False (and one line saying
+    why) where matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("success_vs_step.png not written: no matplotlib (pip install -e '.[experiments]')")
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     names = [(f"reflect_s{s}", "reflect", s) for s in seeds]
@@ -274,6 +336,7 @@ def report(
         "first_attempt": "C2",
         "fixed_reflection": "C3",
     }
+    order = list(dict.fromkeys([*seeds, *ablation_seeds]))
     for wd, method, seed in names:
         if not os.path.exists(os.path.join(root, wd, "metrics.jsonl")):
             continue
@@ -286,7 +349,10 @@ def report(
                     xs,
                     smooth(ys),
                     color=colors[method],
-                    alpha=0.9 if seed == seeds[0] else 0.5,
+                    # one line style per seed; the config's own runs drawn over the ablations
+                    linestyle=STYLES[order.index(seed) % len(STYLES)],
+                    zorder=3 if method == "reflect" else 2,
+                    alpha=0.9 if seed == seeds[0] else 0.6,
                     label=f"{method} s{seed}",
                 )
     axes[0].set_title("first-attempt success (train problems)")
@@ -299,9 +365,115 @@ def report(
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(root, "success_vs_step.png"), dpi=110)
-    if out and os.path.abspath(out) != os.path.abspath(root):
-        for name in ("results.json", "results.md", "success_vs_step.png"):
-            shutil.copy(os.path.join(root, name), os.path.join(out, name))
+    return True
+
+
+TRIES = ("first_try", "second_try")
+STYLES = ("-", "--", ":", "-.")
+
+
+def paired_tests(pairs: dict[int, tuple[dict, dict]]) -> dict:
+    """Per seed, the trained model against the seed's vanilla model (`pairs`: seed ->
+    (vanilla, trained) eval results) on each try: the exact McNemar test of the per-problem
+    outcomes; across the seeds (two or more), the test of the accuracy changes. Seeds whose
+    results keep no outcomes (older eval.json files) are left out."""
+    per_seed = {}
+    for seed, (van, tr) in pairs.items():
+        if "outcomes" not in van or "outcomes" not in tr:
+            continue
+        per_seed[seed] = {
+            t: {
+                **mcnemar(van["outcomes"][t], tr["outcomes"][t]),
+                "vanilla": van[t],
+                "trained": tr[t],
+                "vanilla_ci95": van[f"{t}_ci95"],
+                "trained_ci95": tr[f"{t}_ci95"],
+            }
+            for t in TRIES
+        }
+    out: dict = {"per_seed": per_seed}
+    if len(per_seed) >= 2:
+        out["across_seeds"] = {
+            t: across_seeds([m[t]["trained"] - m[t]["vanilla"] for m in per_seed.values()])
+            for t in TRIES
+        }
+    return out
+
+
+def _pct_ci(value: float, ci: list[float]) -> str:
+    return f"{100 * value:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def tests_table(tests: dict) -> list[str]:
+    """The paired tests as a markdown table and the across-seed lines (empty without any)."""
+    if not tests["per_seed"]:
+        return []
+    lines = [
+        "| seed | n | first try: vanilla | trained | change | McNemar (+gained -lost, p) "
+        "| second try: vanilla | trained | change | McNemar (+gained -lost, p) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for seed, by_try in tests["per_seed"].items():
+        cells = []
+        for t in TRIES:
+            m = by_try[t]
+            cells += [
+                _pct_ci(m["vanilla"], m["vanilla_ci95"]),
+                _pct_ci(m["trained"], m["trained_ci95"]),
+                f"{100 * (m['trained'] - m['vanilla']):+.1f}",
+                f"+{m['gained']} -{m['lost']}, p={m['p']:.3g}",
+            ]
+        lines.append(f"| {seed} | {by_try['first_try']['n']} | " + " | ".join(cells) + " |")
+    if "across_seeds" in tests:
+        lines.append("")
+    for t, a in tests.get("across_seeds", {}).items():
+        lines.append(
+            f"across {a['seeds']} seeds, {t.replace('_', ' ')} change: mean "
+            f"{100 * a['mean']:+.2f} points, paired t={a['t']:.2f} (df {a['df']}) "
+            f"p={a['p_t']:.3g}; sign test {a['positive']}+ {a['negative']}- p={a['p_sign']:.3g}  "
+        )
+    return lines
+
+
+def leads_table(reflections: dict) -> list[str]:
+    """reflections.py's figures per seed as a markdown table (empty without any): the share
+    of first-try failures whose reflection names a solving operator / whose retry passes /
+    whose stated side is right, vanilla and trained; the lead over the best constant
+    reflection with its paired 95% CI half-width; the ceilings; the commonest reflections."""
+    if not reflections:
+        return []
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}"
+    lines = [
+        "| seed | vanilla: names / retry / side | trained: names / retry / side | "
+        "lead, vanilla | lead, trained | trained lead beyond its CI | best constant "
+        "(trained failures) | ceilings: failed op / + overshot / + target above both | "
+        "trained reflections |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for seed, r in reflections.items():
+        van, tr = r["vanilla"], r["trained"]
+        nst = lambda x: " / ".join(
+            pct(x[k]) for k in ("names_a_solving_op", "retry_success_given_failure", "side_right")
+        )
+        lead = lambda x: "{:+.1f} ± {:.1f}".format(*(100 * v for v in x["lead_over_best_constant"]))
+        mean, half = tr["lead_over_best_constant"]
+        best = tr["best_constant"]
+        ceilings = " / ".join(
+            pct(tr[k])
+            for k in (
+                "failed_op_ceiling",
+                "failed_op_and_side_ceiling",
+                "failed_op_and_size_ceiling",
+            )
+        )
+        common = ", ".join(f"`{text}` {n}" for text, n in tr["reflections"][:3])
+        lines.append(
+            f"| {seed} | {nst(van)} | {nst(tr)} | {lead(van)} | {lead(tr)} | "
+            f"{'yes' if mean - half > 0 else 'no'} | {best} "
+            f"{pct(tr['constant_reflection_ceiling'][best])} | {ceilings} | "
+            f"{common} of {tr['failures']} |"
+        )
+    return lines
 
 
 def smooth(ys: list[float], k: int = 5) -> list[float]:
