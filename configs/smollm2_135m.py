@@ -97,12 +97,17 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.optim.warmup_ratio = 0.05
     c.total_steps = 50
 
-    c.warm_start.steps = 20
+    c.warm_start.steps = 30
     c.warm_start.batch_size = 8
     c.warm_start.learning_rate = 1e-4
-    c.warm_start.seq_len = 160
+    c.warm_start.seq_len = 256
     c.warm_start.answer_template = "<answer> {expression} </answer>"
-    c.warm_start.episode_fraction = 0.0  # reflections are never taught
+    c.warm_start.episode_fraction = 0.0  # no reflection is written for the model
+    # a third of the steps: after a wrong answer line, the pretrained model's own sampled
+    # reflection (self-distillation), so the reflection turn stays its own words
+    c.warm_start.wrong_template = "<answer> {wrong} </answer>"
+    c.warm_start.reflection_fraction = 1 / 3
+    c.warm_start.reflection_rows = 64
 
     c.checkpoint_every = 25
     c.sample_every = 5
@@ -118,8 +123,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
         c.rollout.queries_per_step = 4
         c.rollout.groups_per_step = 1
         c.total_steps = 1
-        c.warm_start.steps = 2
+        c.warm_start.steps = 3  # the third is a reflection step
         c.warm_start.batch_size = 4
+        c.warm_start.reflection_rows = 4
         c.checkpoint_every = 1
         c.sample_every = 1
         c.eval.num_examples = 8
