@@ -55,8 +55,13 @@ def failure_samples(results: dict) -> dict:
     }
 
 
-def summarize(workdir: str) -> dict:
-    steps = [m for m in _lines(os.path.join(workdir, "metrics.jsonl")) if "retry_success" in m]
+def summarize(workdir: str, last_step: int | None = None) -> dict:
+    # a step run again after a resume (the steps past the last checkpoint) counts once: its
+    # last run, the one the weights kept
+    by_step = {
+        m["step"]: m for m in _lines(os.path.join(workdir, "metrics.jsonl")) if "retry_success" in m
+    }
+    steps = [by_step[s] for s in sorted(by_step) if last_step is None or s <= last_step]
     per_step = [{"step": m["step"], **{k: m.get(k) for k in STEP_KEYS}} for m in steps]
     half = len(per_step) // 2
 
@@ -68,7 +73,11 @@ def summarize(workdir: str) -> dict:
         name: {k: mean(rows, k) for k in STEP_KEYS}
         for name, rows in (("first_half", per_step[:half]), ("second_half", per_step[half:]))
     }
-    samples = _lines(os.path.join(workdir, "samples.jsonl"))
+    samples = [
+        s
+        for s in _lines(os.path.join(workdir, "samples.jsonl"))
+        if last_step is None or s["step"] <= last_step
+    ]
     reflections = [r for s in samples for r in s.get("reflection", [])]
     out = {
         "steps": len(per_step),
@@ -101,8 +110,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--output", required=True)
+    ap.add_argument("--last_step", type=int, default=None, help="the evaluated checkpoint's")
     args = ap.parse_args()
-    out = summarize(args.workdir)
+    out = summarize(args.workdir, args.last_step)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(out, f, indent=2, default=str)
