@@ -29,12 +29,12 @@ Measured there, on the validation split (experiments/smollm2/README.md has every
 and results file): the warm start 14 min (sampling the 64 reflections ~3 min), its eval
 2 min; vanilla (pretrained + warm start) 8.3% first / 8.3% second try, its greedy
 reflections words (none with an `<answer>` tag, all 64 tokens long) but no retry passing
-(the greedy retry repeats the attempt on 40 of 44 failures). RL: compile 67 s, ~92 s a
-step (24 steps ~37 min), each eval ~2 min. After 12 steps (the run was killed by the
-machine's out-of-memory killer in step 15 while another job held 15 GB; its step-12
-checkpoint evaluated): 6.2% / 6.2%, paired McNemar p = 1 on both tries: no effect. The
-reward is zero in most groups (75-83% without variance) and the retry ignores the
-reflection, so the recipe does not yet teach this model to reflect.
+(the greedy retry repeats the attempt on 40 of 44 failures). RL: compile 67 s, 73-112 s a
+step (24 steps ~37 min), each eval ~2 min. After 24 steps (resumed from step 12 after the
+machine's out-of-memory killer ended the run in step 15): 6.2% / 6.2%, paired McNemar
+p = 1 on both tries: no effect. The reward is zero in most groups (79-85% without
+variance) and the retry ignores the reflection, so the recipe does not teach this model to
+reflect within these 24 steps.
 `:smoke` is the same pipeline with 3 warm-start steps (one on 4 sampled reflections), 1
 GRPO step of one group and 8 validation problems, for a test to run end to end.
 """

@@ -73,10 +73,11 @@ def summarize(workdir: str, last_step: int | None = None) -> dict:
         name: {k: mean(rows, k) for k in STEP_KEYS}
         for name, rows in (("first_half", per_step[:half]), ("second_half", per_step[half:]))
     }
+    by_sample_step = {  # as for the metrics: a step run again counts once, its last run
+        s["step"]: s for s in _lines(os.path.join(workdir, "samples.jsonl"))
+    }
     samples = [
-        s
-        for s in _lines(os.path.join(workdir, "samples.jsonl"))
-        if last_step is None or s["step"] <= last_step
+        by_sample_step[s] for s in sorted(by_sample_step) if last_step is None or s <= last_step
     ]
     reflections = [r for s in samples for r in s.get("reflection", [])]
     out = {
