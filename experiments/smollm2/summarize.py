@@ -5,7 +5,8 @@
 
 Reads <workdir>/metrics.jsonl (one line per GRPO step), samples.jsonl (the reflections
 and retries written every `sample_every` steps), eval.json (the before/after evaluation)
-and, when there, vanilla.json (experiments/smollm2/vanilla.py). Writes: per GRPO step the
+and, when there, vanilla.json (experiments/smollm2/vanilla.py) and the warm start's sampled
+reflections (warm_start/reflections.jsonl). Writes: per GRPO step the
 sampled retry success (the reward), the share of groups whose G rewards were all equal
 (no gradient), the mean reflection length in tokens, the times; their means over the
 first and second half of the run; the share of sampled reflections holding an `<answer>`
@@ -97,6 +98,16 @@ def summarize(workdir: str, last_step: int | None = None) -> dict:
         out["eval"] = {name: {k: r.get(k) for k in keys} for name, r in ev.items()}
         out["paired_tests"] = paired_tests(ev)
         out["eval_failures_kept"] = {name: failure_samples(r) for name, r in ev.items()}
+    refs = os.path.join(workdir, "warm_start", "reflections.jsonl")  # the distilled samples
+    if os.path.exists(refs):
+        rows = _lines(refs)
+        lengths = [len(r["reflection"]) for r in rows]
+        out["warm_start_reflections"] = {
+            "n": len(rows),
+            "answer_tag_share": sum("<answer>" in r["text"] for r in rows) / len(rows),
+            "mean_tokens": sum(lengths) / len(rows),
+            "at_longest": sum(k == max(lengths) for k in lengths),  # the cap, when reached
+        }
     vanilla = os.path.join(workdir, "vanilla.json")  # experiments/smollm2/vanilla.py's file
     if os.path.exists(vanilla):
         with open(vanilla) as f:
