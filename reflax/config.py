@@ -173,6 +173,11 @@ def base_config() -> ConfigDict:
             wrong_template="",  # an episode's failed first attempt (context, no loss)
             reflection_template="",  # its reflection (loss)
             retry_template="",  # its retry (loss)
+            # share of the steps on reflection rows: after a wrong attempt (wrong_template),
+            # the initial model's own reflection, sampled once at rollout.temperature (loss);
+            # keeps a pretrained model's reflection turn in its own words (0 = none)
+            reflection_fraction=0.0,
+            reflection_rows=64,  # how many problems get one sampled reflection each
             # share of the train problem families (task.family_key) kept out of the warm start
             # for online RL, so RL meets problems as new as the held-out ones; 0 = all in both
             holdout_fraction=0.0,
@@ -317,6 +322,16 @@ def validate(c: ConfigDict) -> ConfigDict:
         or all((w.wrong_template, w.reflection_template, w.retry_template)),
         "warm_start.episode_fraction > 0 needs warm_start.wrong_template, "
         "reflection_template and retry_template",
+    )
+    need(
+        0 <= w.reflection_fraction <= 1 - w.episode_fraction,
+        "warm_start.reflection_fraction must be in [0, 1 - episode_fraction]",
+    )
+    need(
+        not (w.steps and w.reflection_fraction)
+        or (bool(w.wrong_template) and w.reflection_rows >= 1),
+        "warm_start.reflection_fraction > 0 needs warm_start.wrong_template and "
+        "reflection_rows >= 1",
     )
     need(
         c.cluster.init_timeout_s >= 1 and c.cluster.heartbeat_timeout_s >= 1,

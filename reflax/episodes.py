@@ -237,7 +237,7 @@ def reflect_and_retry(
             for i, r in enumerate(reflections)
         ]
         # the reflection's stop token is already in the cache: append only what follows it
-        new_ids = [_after_sampled(tok, r, t) for r, t in zip(reflections, turns)]
+        new_ids = [after_sampled(tok, r, t) for r, t in zip(reflections, turns)]
         retry = sampler.continue_rows(
             state,
             refl.cached,
@@ -264,7 +264,7 @@ def reflect_and_retry(
             if settings.method == "reflect":
                 row = [*prefix, Segment(reflections[i], True, refl_lps[i])]
             elif settings.method == "reflect_retry":
-                closing = _after_sampled(tok, reflections[i], turns[i])
+                closing = after_sampled(tok, reflections[i], turns[i])
                 row = [
                     *prefix,
                     Segment(reflections[i], True, refl_lps[i]),
@@ -282,7 +282,7 @@ def _content(tok: ChatTokens, ids: Sequence[int]) -> list[int]:
     return list(ids[:-1]) if ids and ids[-1] in tok.stop_ids else list(ids)
 
 
-def _after_sampled(tok: ChatTokens, sampled: Sequence[int], turn: Sequence[int]) -> list[int]:
+def after_sampled(tok: ChatTokens, sampled: Sequence[int], turn: Sequence[int]) -> list[int]:
     """`turn` = close_assistant(sampled) + next user turn, minus the ids already sampled.
 
     The cache already holds the sampled ids. close_assistant keeps the content and

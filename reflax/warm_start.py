@@ -7,16 +7,26 @@ loss has exactly the gradient of the answer tokens' negative log-likelihood.
 The result is checkpointed in <workdir>/warm_start, so a resumed run (and its
 KL reference) starts from the same weights.
 
-Two kinds of rows (keys of `warm_start`; templates are str.format over the example
+Three kinds of rows (keys of `warm_start`; templates are str.format over the example
 plus the task's `Task.warm_start_fields`, e.g. Countdown's `expression`, `wrong`, `hint`):
 
-  answer   prompt -> `answer_template` (a first attempt)
-  episode  prompt -> a wrong attempt (`wrong_template`, context only) -> reflection
-           instruction -> `reflection_template` -> retry instruction ->
-           `retry_template`; loss on the reflection and the retry. This teaches the
-           reflect/retry format, and that a retry follows its reflection, so that
-           RL on the reflection tokens has something to steer. A fraction
-           `episode_fraction` of the rows are episodes (0 = answers only).
+  answer      prompt -> `answer_template` (a first attempt)
+  episode     prompt -> a wrong attempt (`wrong_template`, context only) -> reflection
+              instruction -> `reflection_template` -> retry instruction ->
+              `retry_template`; loss on the reflection and the retry. This teaches the
+              reflect/retry format, and that a retry follows its reflection, so that
+              RL on the reflection tokens has something to steer. A fraction
+              `episode_fraction` of the steps are episodes (0 = none).
+  reflection  prompt -> a wrong attempt (`wrong_template`, context only) -> reflection
+              instruction -> the *initial* model's own reflection, sampled once at the
+              rollout temperature (`rollout.max_reflection_tokens`); loss on it alone.
+              For a pretrained model: answer rows alone teach every assistant turn to
+              be an answer line, the reflection turn too; these rows keep that turn in
+              the model's own words (self-distillation: the cross-entropy on the initial
+              model's samples estimates the forward KL to it on the reflection turn,
+              without a reference forward per step). A fraction `reflection_fraction`
+              of the steps, over `reflection_rows` problems; the samples are cached in
+              <workdir>/warm_start/reflections.jsonl until the warm start is saved.
 
 With `holdout_fraction` > 0 the warm start sees only part of the train problem
 families and online RL the rest, as a pretrained model meets its failure set:
@@ -25,25 +35,30 @@ problems it was never taught.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-from reflax import data, optim
+from reflax import data, distributed, optim, storage
 from reflax.batch import shard_batch
 from reflax.checkpoint import Checkpointer, CheckpointError, abstract_like
-from reflax.episodes import Group, Segment, _after_sampled, build_batch, prompt_ids
+from reflax.episodes import Group, Segment, after_sampled, build_batch, prompt_ids
 from reflax.metrics import MetricsWriter, Progress
 from reflax.runtime import Runtime, load_examples
+from reflax.sampling import SamplingSpec
 from reflax.tasks import splits
 from reflax.trainer import StepConfig, init_state, jit_train_step, make_train_step
 
 log = logging.getLogger(__name__)
 _FAMILY_SALT = "reflax-warm-start-families"
+REFLECTIONS_FILE = "reflections.jsonl"  # in <workdir>/warm_start: the sampled reflection rows
+KINDS = ("answer", "episode", "reflection")
 
 
 def _ended(rt: Runtime, text: str) -> list[int]:
@@ -59,24 +74,92 @@ def answer_ids(rt: Runtime, example: dict) -> list[int]:
     return _ended(rt, rt.config.warm_start.answer_template.format(**example))
 
 
-def episode_segments(rt: Runtime, example: dict) -> list[Segment]:
-    """A supervised reflect/retry episode: loss on the reflection and the retry."""
-    c, tok, task = rt.config.warm_start, rt.tok, rt.task
-    wrong = tok.encode(c.wrong_template.format(**example))
-    refl = _ended(rt, c.reflection_template.format(**example))
-    retry = _ended(rt, c.retry_template.format(**example))
-    prefix = (
+def reflection_prefix(rt: Runtime, example: dict) -> list[int]:
+    """The context a reflection follows: the prompt, a wrong attempt (`wrong_template`)
+    closed as an assistant turn, and the task's reflection instruction."""
+    tok, task = rt.tok, rt.task
+    wrong = tok.encode(rt.config.warm_start.wrong_template.format(**example))
+    return (
         prompt_ids(tok, task, example)
         + tok.close_assistant(wrong)
         + tok.user_turn_ids(task.reflection_instruction(example))
     )
+
+
+def episode_segments(rt: Runtime, example: dict) -> list[Segment]:
+    """A supervised reflect/retry episode: loss on the reflection and the retry."""
+    c, tok, task = rt.config.warm_start, rt.tok, rt.task
+    refl = _ended(rt, c.reflection_template.format(**example))
+    retry = _ended(rt, c.retry_template.format(**example))
+    prefix = reflection_prefix(rt, example)
     turn = tok.close_assistant(refl) + tok.user_turn_ids(task.retry_instruction(example))
     return [
         Segment(prefix),
         Segment(refl, True),
-        Segment(_after_sampled(tok, refl, turn)),
+        Segment(after_sampled(tok, refl, turn)),
         Segment(retry, True),
     ]
+
+
+def sampled_reflections(
+    rt: Runtime, params: Any, examples: Sequence[dict], rng: jax.Array
+) -> list[list[Segment]]:
+    """Reflection rows, one per example: its `reflection_prefix` (no loss) and the
+    reflection `params` (the initial model) samples after it at the rollout's temperature,
+    top-k/top-p and reflection length (loss), stop id included when sampled."""
+    c = rt.config
+    prefixes = [reflection_prefix(rt, ex) for ex in examples]
+    out = rt.sampler.sample(
+        params,
+        prefixes,
+        SamplingSpec.from_config(c, rt.tok),
+        max_new_tokens=c.rollout.max_reflection_tokens,
+        rng=rng,
+        keep_cache=False,
+    )
+    return [[Segment(p), Segment(r, True)] for p, r in zip(prefixes, out.completions())]
+
+
+def cached_reflections(
+    rt: Runtime, params: Any, examples: Sequence[dict], directory: str
+) -> list[list[Segment]]:
+    """`sampled_reflections` of `examples`, read from `directory`/reflections.jsonl when an
+    earlier (interrupted) warm start wrote it, else sampled (rng: the run's seed) and
+    written there with their text, for reading what the warm start distils."""
+    path = storage.join(directory, REFLECTIONS_FILE)
+    if storage.exists(path):
+        with storage.open(path) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+        log.info("warm-start reflections read from %s", path)
+        return [[Segment(r["prefix"]), Segment(r["reflection"], True)] for r in lines]
+    rows = sampled_reflections(rt, params, examples, jax.random.key(rt.config.seed + 3))
+    if distributed.is_primary():
+        with storage.atomic_write(path) as f:
+            for prefix, refl in rows:
+                text = rt.tok.decode(refl.ids, skip_special_tokens=True)
+                record = {"prefix": prefix.ids, "reflection": refl.ids, "text": text}
+                f.write(json.dumps(record) + "\n")
+    return rows
+
+
+def step_kinds(steps: int, episode_fraction: float, reflection_fraction: float) -> list[str]:
+    """The row kind of each warm-start step (`KINDS`), each share spread evenly: an episode
+    step whenever the running share of episode steps falls behind `episode_fraction`, and
+    among the other steps a reflection step likewise, so that `reflection_fraction` of
+    all steps are reflection steps; the rest are answer steps."""
+
+    def due(fraction: float, i: int) -> bool:
+        return int((i + 1) * fraction) > int(i * fraction)
+
+    rest_share = reflection_fraction / (1 - episode_fraction) if episode_fraction < 1 else 0.0
+    kinds, rest = [], 0
+    for s in range(steps):
+        if due(episode_fraction, s):
+            kinds.append("episode")
+        else:
+            kinds.append("reflection" if due(rest_share, rest) else "answer")
+            rest += 1
+    return kinds
 
 
 def split_families(rt: Runtime, examples: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -129,29 +212,34 @@ def warm_start(
         )
     examples = train_problems(rt, "warm_start")
     rng = random.Random(rt.config.seed + 1)
-    episode_fraction = c.episode_fraction
-    answers, episodes = [], []
+    kinds = step_kinds(c.steps, c.episode_fraction, c.reflection_fraction)
+    rows: dict[str, list[list[Segment]]] = {kind: [] for kind in KINDS}
+    enriched = []
     for ex in examples:
         ex = {**ex, **rt.task.warm_start_fields(ex, rng)}
         try:
-            answers.append(
+            rows["answer"].append(
                 [Segment(prompt_ids(rt.tok, rt.task, ex)), Segment(answer_ids(rt, ex), True)]
             )
-            if episode_fraction > 0:
-                episodes.append(episode_segments(rt, ex))
+            if c.episode_fraction > 0:
+                rows["episode"].append(episode_segments(rt, ex))
+            if "reflection" in kinds and len(enriched) < c.reflection_rows:
+                reflection_prefix(rt, ex)  # every template's field is there
+                enriched.append(ex)
         except KeyError as e:
             raise ValueError(
                 f"a warm_start template needs field {e} which the examples lack"
             ) from None
-    # Answer rows and (longer) episode rows go in separate batches, each padded only to its
-    # own length (a multiple of 32, at most seq_len): two compiled shapes, far fewer pad tokens.
-    kinds = [(answers, data.Cursor(len(answers), rt.config.seed + 1))]
-    if episodes:
-        kinds.append((episodes, data.Cursor(len(episodes), rt.config.seed + 2)))
-    lengths = [
-        min(c.seq_len, -(-max(sum(len(sg.ids) for sg in r) for r in rows) // 32) * 32)
-        for rows, _ in kinds
-    ]
+    if enriched:  # sampled by the initial model, before any step changes it
+        rows["reflection"] = cached_reflections(rt, params, enriched, ckpt.directory)
+    # Each kind's rows go in their own batches, padded only to their own length (a multiple
+    # of 32, at most seq_len): one compiled shape per kind, far fewer pad tokens.
+    used = sorted(set(kinds), key=KINDS.index)
+    cursors = {k: data.Cursor(len(rows[k]), rt.config.seed + 1 + KINDS.index(k)) for k in used}
+    lengths = {
+        k: min(c.seq_len, -(-max(sum(len(sg.ids) for sg in r) for r in rows[k]) // 32) * 32)
+        for k in used
+    }
     tx, _ = optim.make_optimizer(
         total_steps=c.steps,
         learning_rate=c.learning_rate,
@@ -161,21 +249,19 @@ def warm_start(
     state = init_state(params, tx, rt.mesh)
     del params  # the state holds them now
     step_fn = make_train_step(rt.graphdef, tx, StepConfig(temperature=1.0, beta=0.0))
-    compiled: dict[int, Any] = {}
+    compiled: dict[str, Any] = {}
     progress = Progress(c.steps, desc="warm start")
     with jax.set_mesh(rt.mesh):
-        for step in range(c.steps):
-            # an episode step whenever the running share of episode steps falls behind
-            k = int(
-                bool(episodes) and int((step + 1) * episode_fraction) > int(step * episode_fraction)
-            )
-            rows, cursor = kinds[k]
-            groups = [Group(None, [r], [1.0]) for r in data.select(rows, cursor.take(c.batch_size))]
+        for step, kind in enumerate(kinds):
+            groups = [
+                Group(None, [r], [1.0])
+                for r in data.select(rows[kind], cursors[kind].take(c.batch_size))
+            ]
             host, stats = build_batch(
                 groups,
                 num_groups=c.batch_size,
                 group_size=1,
-                seq_len=lengths[k],
+                seq_len=lengths[kind],
                 pad_id=rt.tok.pad_id,
             )
             # group_size 1 gives zero advantages; supervised rows all get advantage 1
@@ -183,19 +269,16 @@ def warm_start(
                 advantages=np.ones_like(host.advantages) * (host.loss_mask.sum(1) > 0)
             )
             batch = shard_batch(host, rt.mesh)
-            if k not in compiled:
-                compiled[k] = jit_train_step(step_fn, state, batch, rt.mesh, with_ref=False)
-            state, m = compiled[k](state, batch, None)
+            if kind not in compiled:
+                compiled[kind] = jit_train_step(step_fn, state, batch, rt.mesh, with_ref=False)
+            state, m = compiled[kind](state, batch, None)
             nll = -float(m["logprob"])
             if not np.isfinite(nll):
                 raise FloatingPointError(f"warm start diverged at step {step} (nll={nll})")
             progress.update(1, nll=nll)
             writer.write_scalars(
                 step + 1,
-                {
-                    f"warm_start/nll_{('answer', 'episode')[k]}": nll,
-                    "warm_start/dropped": stats.dropped_too_long,
-                },
+                {f"warm_start/nll_{kind}": nll, "warm_start/dropped": stats.dropped_too_long},
             )
     progress.close()
     ckpt.save(c.steps, {"params": state.params}, {"steps": c.steps})

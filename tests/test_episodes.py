@@ -13,8 +13,8 @@ from reflax.config import base_config
 from reflax.episodes import (
     Failure,
     RolloutSettings,
-    _after_sampled,
     _content,
+    after_sampled,
     build_batch,
     completion_text,
     prompt_ids,
@@ -137,7 +137,7 @@ def test_retry_continues_the_exact_context(setup):
             turn = tok.close_assistant(reflection) + tok.user_turn_ids(
                 task.retry_instruction(failures[u].example)
             )
-            contexts.append(prefix + reflection + _after_sampled(tok, reflection, turn))
+            contexts.append(prefix + reflection + after_sampled(tok, reflection, turn))
             expected.append(g.texts["retry"][k])
     spec = SamplingSpec(greedy=True, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
     fresh = sampler.sample(params, contexts, spec, max_new_tokens=8, rng=jax.random.key(2))

@@ -10,12 +10,26 @@ import re
 import types
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
 from reflax.config import validate
+from reflax.episodes import Group, build_batch
+from reflax.metrics import MetricsWriter
+from reflax.runtime import build, load_examples
+from reflax.sampling import SamplingSpec
 from reflax.tasks.countdown import CountdownTask
-from reflax.warm_start import split_families, train_problems
+from reflax.warm_start import (
+    REFLECTIONS_FILE,
+    cached_reflections,
+    reflection_prefix,
+    split_families,
+    step_kinds,
+    train_problems,
+    warm_start,
+)
 
 WORDS = {"plus": "+", "minus": "-", "times": "*", "over": "/"}
 _spec = importlib.util.spec_from_file_location(
@@ -178,4 +192,84 @@ def test_every_warm_start_key_is_declared_and_validated():
     c = toy_config()
     c.warm_start.reflection_gold_fraction = 0.0  # undeclared keys are typos, not defaults
     with pytest.raises(ValueError, match=r"not declared.*warm_start.reflection_gold_fraction"):
+        validate(c)
+
+
+def test_step_kinds_spread_each_share_and_keep_the_episode_schedule():
+    kinds = step_kinds(30, 0.0, 1 / 3)
+    assert kinds.count("reflection") == 10 and kinds.count("episode") == 0
+    assert kinds[:3] == ["answer", "answer", "reflection"]  # spread, not bunched
+    mixed = step_kinds(40, 0.5, 0.25)
+    assert (mixed.count("episode"), mixed.count("reflection")) == (20, 10)
+    # without reflection rows the episode steps fall where they always did
+    old = [int((s + 1) * 0.8) > int(s * 0.8) for s in range(25)]
+    assert [k == "episode" for k in step_kinds(25, 0.8, 0.0)] == old
+
+
+def test_reflection_rows_are_the_initial_models_samples_with_loss_on_them_alone(tmp_path):
+    c = toy_config("smoke")
+    c.task.kwargs.synthetic_size = 64
+    c.task.num_train = 64
+    c.warm_start.update(
+        steps=3, batch_size=2, episode_fraction=0.0, reflection_fraction=1 / 3, reflection_rows=3
+    )
+    validate(c)
+    rt, params = build(c)
+    examples = [
+        {**ex, **rt.task.warm_start_fields(ex, random.Random(0))}
+        for ex in load_examples(rt, "train", 3)
+    ]
+    rows = cached_reflections(rt, params, examples, str(tmp_path))
+    prefixes = [reflection_prefix(rt, ex) for ex in examples]
+    # the targets are what the initial model samples after that context at the run's settings
+    direct = rt.sampler.sample(
+        params,
+        prefixes,
+        SamplingSpec.from_config(c, rt.tok),
+        max_new_tokens=c.rollout.max_reflection_tokens,
+        rng=jax.random.key(c.seed + 3),
+        keep_cache=False,
+    ).completions()
+    assert [[sg.ids for sg in r] for r in rows] == [[p, d] for p, d in zip(prefixes, direct)]
+    assert [[sg.trainable for sg in r] for r in rows] == [[False, True]] * 3
+    # the wrong attempt is context: the answer template's text is not a target
+    assert all(
+        c.warm_start.wrong_template.format(**ex) in rt.tok.decode(p)
+        for ex, p in zip(examples, prefixes)
+    )
+    host, _ = build_batch(
+        [Group(None, [r], [1.0]) for r in rows],
+        num_groups=3,
+        group_size=1,
+        seq_len=128,
+        pad_id=rt.tok.pad_id,
+    )
+    for b, (p, d) in enumerate(zip(prefixes, direct)):
+        n = len(p) + len(d)
+        assert np.asarray(host.tokens[b][:n]).tolist() == p + d
+        loss = np.flatnonzero(np.asarray(host.loss_mask[b]))
+        assert loss.tolist() == list(range(len(p), n))  # the reflection's tokens, only them
+    # cached: another model (or a resumed run) reads the same rows back
+    other = jax.tree.map(lambda x: x + 1.0, params)
+    again = cached_reflections(rt, other, examples, str(tmp_path))
+    assert [[sg.ids for sg in r] for r in again] == [[sg.ids for sg in r] for r in rows]
+    # the warm start trains on them: its reflection step's nll is logged, the file stays
+    writer = MetricsWriter(str(tmp_path), tensorboard=False)
+    warm_start(rt, params, str(tmp_path), writer)
+    writer.close()
+    logged = (tmp_path / "metrics.jsonl").read_text()
+    assert "warm_start/nll_reflection" in logged and "warm_start/nll_answer" in logged
+    assert (tmp_path / "warm_start" / REFLECTIONS_FILE).exists()
+
+
+def test_reflection_keys_are_validated():
+    c = toy_config()
+    c.warm_start.reflection_fraction = 0.3  # with episode_fraction 0.8: more than all steps
+    with pytest.raises(ValueError, match="reflection_fraction must be in"):
+        validate(c)
+    c.warm_start.update(episode_fraction=0.0, wrong_template="")
+    with pytest.raises(ValueError, match="reflection_fraction > 0 needs"):
+        validate(c)
+    c.warm_start.update(wrong_template="{wrong}", reflection_rows=0)
+    with pytest.raises(ValueError, match="reflection_rows >= 1"):
         validate(c)
