@@ -34,9 +34,11 @@ Log-probabilities (:func:`token_logprobs`, :func:`token_logprobs_and_entropy`)
     ``[B, chunk_size, V]`` logits exist at a time in the forward and the backward pass. A
     single chunk (``chunk_size >= T``) keeps its logits for the backward pass instead of
     recomputing them.
-    Chunking along ``T`` (not ``B * T``) keeps ``B`` a plain batch axis of every chunk, so a
-    batch-sharded input is never scanned over its sharded axis. ``T`` need not be a multiple
-    of ``chunk_size``: it is zero-padded and the padding is sliced off. The trainer's
+    Chunks are strided along ``T`` (chunk ``k`` holds positions ``k, k + n, ...`` of ``n``
+    chunks), never cut along ``B * T``: ``B`` stays a plain batch axis of every chunk and a
+    ``T`` split in contiguous blocks (sequence parallelism) stays split, so a sharded input
+    is never scanned over its sharded axis. ``T`` need not be a multiple of ``chunk_size``:
+    it is zero-padded and the padding is sliced off. The trainer's
     default chunk is the largest whose ``[rows, chunk, V]`` logits fit a byte budget
     (:func:`logits_chunk`, ``grpo.logits_bytes``): one chunk for a small vocabulary, which
     also skips the recomputation, and a few hundred positions for a 150k one.

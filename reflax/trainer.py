@@ -9,14 +9,18 @@ micro-batch's objective is divided by them: accumulation is exact.
 
 Sharding: a batch's rows (unpacked rows; packed, its groups) are split over the batch mesh
 axes (data, fsdp) in contiguous blocks, and micro-batches are strided (`split_micro`), so
-every micro-batch spans every batch shard: a device runs the prefix of its own groups and
-their G suffixes, and the weights, not the activations, are gathered over fsdp (the
-compiled packed step's HLO on a (2, 2, 2) mesh, tests/test_packing.py). A micro-batch
-with fewer groups than batch shards (the paper configs: 32 groups in 8 micro-batches, 4
-groups against 8-16 shards) cannot give every shard a prefix: `reflax.sharding.constrain`
-leaves its rows whole and shards the hidden dimension over fsdp, and the compiled program
-(fake fsdp=8 mesh, 4 groups) then gathers whole prefix activations around the matmuls;
-micro-batches of at least data x fsdp groups avoid that.
+every micro-batch spans every batch shard. A micro-batch whose rows fill the batch axes
+(rows divisible by data x fsdp) runs each row on its own shard. One with fewer rows (the
+paper configs: 32 groups in 8 micro-batches, 4 groups against 8-16 shards) takes the
+longest leading run of (data, fsdp) its rows divide, and each activation's length takes
+the axes left over (`reflax.sharding`'s "sequence": sequence parallelism): with 4 groups
+against data=1, fsdp=8, the prefix [4, Lp, D] lies as 4 rows x Lp / 8 positions on each
+device, and so do the suffixes [4 G, Ls, D] where 4 G rows do not fill the 8 shards.
+Weights are gathered over fsdp as for any batch, attention gathers the keys and values
+[rows, Lp, K, Dh] along the length, and the log-probs are scored where the hidden states
+lie (no shifted slice of an activation, strided LM-head chunks). The compiled step then
+returns no whole activation from any collective (tests/test_packing.py, fake fsdp=8 and
+(2, 2, 2) meshes).
 
 A step with no loss tokens and no anchor tokens (no failures this step, or every group
 dropped as too long) has nothing to learn from: it leaves the state untouched (AdamW's
