@@ -17,8 +17,8 @@ the axes left over (`reflax.sharding`'s "sequence": sequence parallelism): with 
 against data=1, fsdp=8, the prefix [4, Lp, D] lies as 4 rows x Lp / 8 positions on each
 device, and so do the suffixes [4 G, Ls, D] where 4 G rows do not fill the 8 shards.
 Weights are gathered over fsdp as for any batch, attention gathers the keys and values
-[rows, Lp, K, Dh] along the length, and the log-probs are scored where the hidden states
-lie (no shifted slice of an activation, strided LM-head chunks). The compiled step then
+[rows, Lp, K, Dh] along the length, the prefix is scored where it lies (no shifted slice),
+and LM-head chunks are strided over the length. The compiled step then
 returns no whole activation from any collective (tests/test_packing.py, fake fsdp=8 and
 (2, 2, 2) meshes).
 
@@ -131,8 +131,8 @@ def _sequence_logprobs(graphdef, params, batch: Batch, cfg: StepConfig):
     nothing predicts the token: position 0, padding; a packed suffix's first token is
     predicted by the prefix's last slot).
 
-    Each activation is scored where it lies, against its next tokens (`_next`), never
-    shifted by a slice: cut from a length-sharded activation, that would move it whole."""
+    A length-sharded activation is scored where it lies, against its next tokens (`_next`),
+    never shifted by a slice: that would move it whole (the prefix is always scored so)."""
     model = nnx.merge(graphdef, params)
     head = model.lm_head_kernel()
     scored = (batch.loss_mask > 0) | (batch.anchor_mask > 0)  # [B, T]
@@ -163,17 +163,24 @@ def _sequence_logprobs(graphdef, params, batch: Batch, cfg: StepConfig):
         batch.tokens, batch.positions, batch.mask, Lp, G
     )  # [B, Lp, D], [B * G, Ls, D]
     lp_p, ent_p = score(h_prefix, _next(batch.tokens[:, :Lp]), _next(scored[:, :Lp]))
-    rows = batch.sample_rows
-    tokens_s, scored_s = rows(batch.tokens), rows(scored)  # [B * G, Ls]
-    lp_s, ent_s = score(h_suffix, _next(tokens_s), _next(scored_s))
     # the prefix's last slot (left padding puts it at Lp - 1) predicts every suffix's first
     # token: G copies of one hidden state, whose gradient sums the G samples'
     last = jnp.repeat(h_prefix[:, -1:], G, axis=0)  # [B * G, 1, D]
-    lp_0, ent_0 = score(last, tokens_s[:, :1], scored_s[:, :1])  # [B * G, 1]
-    lp_s = jnp.concatenate([lp_0, lp_s[:, :-1]], 1).reshape(B, -1)
-    ent_s = jnp.concatenate([ent_0, ent_s[:, :-1]], 1).reshape(B, -1)
-    lp = jnp.concatenate([pad, lp_p[:, :-1], lp_s], 1)
-    ent = jnp.concatenate([pad, ent_p[:, :-1], ent_s], 1)
+    rows = batch.sample_rows
+    tokens_s, scored_s = rows(batch.tokens), rows(scored)  # [B * G, Ls]
+    if local_shape(h_suffix.shape[:2], ACTIVATION_AXES[:2])[1] == h_suffix.shape[1]:
+        # suffix lengths whole on each device: the last slot shifted in, one LM-head pass
+        h_pred = jnp.concatenate([last, h_suffix[:, :-1]], 1)  # [B * G, Ls, D]
+        lp_s, ent_s = score(h_pred, tokens_s, scored_s)
+    else:
+        # length-sharded suffixes are scored where they lie (a shifted slice would move
+        # them whole), and the last slot on its own
+        lp_s, ent_s = score(h_suffix, _next(tokens_s), _next(scored_s))
+        lp_0, ent_0 = score(last, tokens_s[:, :1], scored_s[:, :1])  # [B * G, 1]
+        lp_s = jnp.concatenate([lp_0, lp_s[:, :-1]], 1)
+        ent_s = jnp.concatenate([ent_0, ent_s[:, :-1]], 1)
+    lp = jnp.concatenate([pad, lp_p[:, :-1], lp_s.reshape(B, -1)], 1)
+    ent = jnp.concatenate([pad, ent_p[:, :-1], ent_s.reshape(B, -1)], 1)
     return lp, ent
 
 
