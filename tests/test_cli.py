@@ -52,12 +52,9 @@ LEARNABLE = [
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    e = dict(os.environ)
+def env():
+    e = dict(os.environ)  # with conftest's compilation cache: a relaunch loads the programs
     e.pop("XLA_FLAGS", None)  # the CLI runs on the real (single) CPU device
-    # one compilation cache for all runs: the relaunched run reuses the programs
-    e["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
-    e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
     return e
 
@@ -206,6 +203,7 @@ def test_non_finite_loss_stops_with_checkpoint_intact(tmp_path, env):
             "--config.optim.learning_rate=1e30",
             "--config.optim.warmup_ratio=0.0",
             "--config.optim.max_grad_norm=0.0",
+            "--config.grpo.pack_sizes=1",  # one train program: the loss overflows in any layout
             "--config.eval.before=False",
             "--config.eval.after=False",
             *LEARNABLE,
@@ -247,6 +245,7 @@ def test_collect_failures_then_offline_training(tmp_path, env):
             "--config.warm_start.steps=0",
             "--config.export_hf=False",
             "--config.grpo.ref_dtype=bfloat16",  # the KL reference cast from the initial weights
+            "--config.grpo.pack_sizes=1",  # one train program for the one step
         ),
         env,
     )
@@ -298,6 +297,7 @@ def test_mu2_on_eight_devices(tmp_path, env):
             f"--config={SMOKE}",
             f"--workdir={w}",
             "--config.grpo.mu=2",
+            "--config.grpo.pack_sizes=1",  # one train program (each layout's path is the same)
             "--config.total_steps=2",
             "--config.warm_start.steps=0",
             "--config.eval.before=False",

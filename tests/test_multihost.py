@@ -34,6 +34,10 @@ RUN = [
     "--config.eval.before=False",
     "--config.eval.num_examples=8",
     "--config.eval.batch_size=8",
+    # one packed layout (the largest) for every step: the multi-process path is the same
+    # code for each layout (tests/test_cli.py runs the whole ladder), and here each program
+    # is compiled by every process of every cluster
+    "--config.grpo.pack_sizes=1",
     *LEARNABLE,
 ]
 TENSOR_MESH = [
@@ -45,10 +49,10 @@ TENSOR_MESH = [
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    e = dict(os.environ)  # XLA_FLAGS from conftest: 8 devices for single-process runs
-    e["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
-    e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+def env():
+    # XLA_FLAGS from conftest: 8 devices for single-process runs; its compilation cache:
+    # a relaunch loads the programs its first launch compiled
+    e = dict(os.environ)
     e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
     return e
 
