@@ -185,10 +185,11 @@ def _train(c: ConfigDict, workdir: str, stop: distributed.StopRequest) -> dict[s
     )
     ladder = PackLengths.coarse(T, own_tokens_bound(settings, T), c.grpo.pack_sizes)
     layouts = ladder.layouts(U, G) if c.grpo.pack_groups else [Batch.abstract(U * G, T)]
-    seconds = steps.precompile(layouts)
-    writer.write_scalars(start, {"compiled_train_programs": len(layouts), "compile_s": seconds})
-    if distributed.is_primary():
-        print(f"compiled {len(layouts)} train programs in {seconds:.1f} s", flush=True)
+    if start < c.total_steps:  # a relaunch after the last step trains nothing: compile nothing
+        seconds = steps.precompile(layouts)
+        writer.write_scalars(start, {"compiled_train_programs": len(layouts), "compile_s": seconds})
+        if distributed.is_primary():
+            print(f"compiled {len(layouts)} train programs in {seconds:.1f} s", flush=True)
 
     # --- loop ----------------------------------------------------------------------------
     rng0 = jax.random.key(c.seed)

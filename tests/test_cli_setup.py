@@ -223,7 +223,6 @@ def test_sigterm_during_the_final_evaluation_skips_the_export_cleanly(tmp_path, 
 
     c = get_config("smoke")
     c.total_steps, c.warm_start.steps, c.eval.before = 1, 0, False
-    c.grpo.pack_sizes = 1  # no step is left to train: compile one train program, not 3
     c = validate(c)
     rt, params = build(c)
     tx, _ = make_optimizer(total_steps=1, **c.optim)
@@ -241,6 +240,8 @@ def test_sigterm_during_the_final_evaluation_skips_the_export_cleanly(tmp_path, 
     monkeypatch.setattr(train_module, "evaluate", evaluate_then_signalled)
     before = signal.getsignal(signal.SIGTERM)
     assert train_module.train(c, str(tmp_path)) == {"after": result}
+    metrics = tmp_path / "metrics.jsonl"  # no step is left to train: no program compiled
+    assert not metrics.exists() or "compiled_train_programs" not in metrics.read_text()
     assert signal.getsignal(signal.SIGTERM) == before
     with open(tmp_path / "eval.json") as f:
         assert json.load(f) == {"after": result}  # the evaluation in progress finished
