@@ -38,5 +38,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.optim.update(learning_rate=5e-7, warmup_ratio=0.03, min_lr_ratio=0.0)  # cosine to 0
     c.grpo.beta = 0.001
     c.grpo.micro_batches = 4  # one packed group per chip of a v5e-8 per micro-batch
+    c.grpo.logits_bytes = 64 * 2**20  # LM-head chunks of 64 MiB: headroom on a v5e-8
     c.mesh.update(data=1, fsdp=-1, tensor=1)  # FSDP over every chip
     return recipes.variant(c, arg)

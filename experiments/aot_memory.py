@@ -54,9 +54,12 @@ The README's table (every paper config on the slices of `TABLE`; results appende
 
     python experiments/aot_memory.py --table
 
-`--flops` compiles one config's packed train step with the XLA attention and with splash
-attention and prints the compiler's cost analysis of each beside the attention FLOPs each
-path computes (`attention_flops`). A TPU compile of a 7B program takes minutes on a CPU.
+`--flops=qwen1p5b@v5e-8` compiles one config's packed train step with the XLA attention
+and with splash attention (`--impls`) and writes the compiler's cost analysis of each to
+FLOPS, printing beside them the attention FLOPs each path computes for one packed row and
+layer (`attention_flops`). XLA's cost analysis counts a loop's body once: the figures
+are one layer of the layer scan in one micro-batch plus what lies outside the loops, not
+a step's FLOPs. A TPU compile of a 7B program takes minutes on a CPU.
 `compile_train_step`, `compile_rollout`, `weight_terms` and `measure` are the reusable
 parts (tests/test_aot.py runs them on a tiny model).
 """
@@ -160,6 +163,7 @@ CORES_PER_CHIP = {"v4": 2, "v5e": 1, "v5p": 2, "v6e": 1}
 V5E_HBM_BYTES = CHIP_HBM_GIB["v5e"] * GIB
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "aot_memory.json"
+FLOPS = REPO / "experiments" / "aot_flops.json"
 # The README table: each paper config on the slices it is checked on (FSDP over every chip)
 TABLE: tuple[tuple[str, str], ...] = (
     ("qwen1p5b", "v5e-8"),
@@ -545,9 +549,10 @@ def run_table(rows: list[tuple[str, str]], backend: str, path: Path, overrides: 
     return status
 
 
-def run_flops(name: str, slice_: str, backend: str, overrides: list[str]) -> None:
-    """The packed train step of config `name` with the XLA attention and with splash:
-    the compiler's cost analysis of each, and the attention FLOPs each computes."""
+def run_flops(name: str, slice_: str, backend: str, overrides: list[str], impls: list[str]) -> None:
+    """The packed train step of config `name` with each attention implementation of
+    `impls` ("xla", "splash"): the compiler's cost analysis of each (written to FLOPS),
+    and the attention FLOPs each path computes."""
     chip, chips = parse_slice(slice_)
     devices = _devices(backend, chip, chips)
     c = load_config(name, overrides)
@@ -558,15 +563,14 @@ def run_flops(name: str, slice_: str, backend: str, overrides: list[str]) -> Non
     lp, G = s.packed
     layout = Layout(lp, G, (s.train_slots - lp) // G)
     m = s.model
-    rows = s.train_rows  # one forward per row; backward ~2x; policy (and reference) forward
     print(f"{name} on {slice_}: packed step {s.layout}, {m.num_layers} layers, {m.num_heads} heads")
     print(f"  {'path':<8}{'cost_analysis flops':>22}{'bytes accessed':>18}{'compile':>9}")
-    for impl in ("xla", "splash"):
-        model = dataclasses.replace(m, attention_impl=impl)
+    rows = _read_results(FLOPS)
+    for impl in impls:
         res = compile_train_step(
-            model,
+            dataclasses.replace(m, attention_impl=impl),
             mesh,
-            batch_size=rows,
+            batch_size=s.train_rows,
             seq_len=s.train_slots,
             packed=s.packed,
             step_config=s.step,
@@ -581,14 +585,16 @@ def run_flops(name: str, slice_: str, backend: str, overrides: list[str]) -> Non
         cost = train_cost(res)
         flops, nbytes = cost["flops"], cost["bytes accessed"]
         print(f"  {impl:<8}{flops:>22.4e}{nbytes:>18.4e}{res.compile_s:>8.0f}s")
+        key = (name, slice_, impl)
+        rows = [r for r in rows if (r["config"], r["slice"], r["impl"]) != key]
+        rows.append(dict(config=name, slice=slice_, impl=impl, layout=s.layout, **cost))
+        FLOPS.write_text(json.dumps(rows, indent=1) + "\n")
     block, _ = block_size(layout.length)
     exact = attention_flops(layout, m.num_heads, m.head_dim)
     tiles = attention_flops(layout, m.num_heads, m.head_dim, block)
-    per_step = m.num_layers * rows // chips  # per device: every layer of its rows
     print(
-        f"  attention forward FLOPs per device (all layers, {rows // chips} rows): allowed "
-        f"pairs {exact * per_step:.4e}; splash tiles of {block} {tiles * per_step:.4e} "
-        f"({tiles / exact:.2f}x the pairs)"
+        f"  attention forward FLOPs of one packed row and layer: allowed pairs {exact:.4e}, "
+        f"splash tiles of {block} {tiles:.4e} ({tiles / exact:.2f}x the pairs)"
     )
 
 
@@ -615,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", help="table rows, config@slice,... (default: TABLE)")
     p.add_argument("--print_table", action="store_true", help="print RESULTS as the table")
     p.add_argument("--flops", help="config@slice: XLA vs splash cost of the packed step")
+    p.add_argument("--impls", default="xla,splash", help="--flops: attention paths compiled")
     p.add_argument("--results", default=str(RESULTS), help="the table's results file")
     a = p.parse_args(argv)
 
@@ -626,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(table_lines(_read_results(path))))
         return 0
     if a.flops:
-        run_flops(*a.flops.split("@"), backend, a.set)
+        run_flops(*a.flops.split("@"), backend, a.set, a.impls.split(","))
         return 0
     if a.table:
         rows = [tuple(r.split("@")) for r in a.rows.split(",")] if a.rows else list(TABLE)

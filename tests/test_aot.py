@@ -48,7 +48,7 @@ CFG = ModelConfig(
     qkv_bias=True,
     tie_word_embeddings=True,
 )
-BATCH, SEQ, MICRO, CHUNK = 32, 64, 2, 32
+BATCH, SEQ, MICRO, CHUNK = 32, 64, 1, 32
 DEVICES = 8
 
 
@@ -142,7 +142,7 @@ def test_packed_step_needs_less_than_unpacked(result):
         batch_size=BATCH // 4,
         seq_len=48 + 4 * 16,
         packed=(48, 4),
-        step_config=StepConfig(beta=0.001, micro_batches=1, logits_chunk=CHUNK, max_len=SEQ),
+        step_config=StepConfig(beta=0.001, micro_batches=MICRO, logits_chunk=CHUNK, max_len=SEQ),
         param_dtype=jnp.float32,
         dtype=jnp.bfloat16,
         ref_dtype=jnp.float32,
@@ -151,7 +151,8 @@ def test_packed_step_needs_less_than_unpacked(result):
     )
     state, batch, _ = packed.args
     assert batch.tokens.shape == (BATCH // 4, 112) and batch.advantages.shape == (8, 4)
-    # same weights as arguments; the unpacked step (2 micro-batches) keeps more temporaries
+    # same weights as arguments, one micro-batch each: per device one group of 112 slots
+    # against 4 rows of 64; the unpacked step keeps more temporaries
     assert packed.memory.argument < result.memory.argument
     assert packed.memory.temp < result.memory.temp
 
