@@ -1,8 +1,11 @@
 """Llama-3.2-3B-Instruct, Reflect-Retry-Reward on xLAM function calling.
 
-Its 3.2B parameters need about 51 GB for weights, optimizer and reference (16 bytes
-each): a TPU v5e-8 (8 x 16 GiB) with FSDP over the 8 chips and 8 micro-batches, or a
-v5p-8. Llama's gated weights and the gated Salesforce/xlam-function-calling-60k both need
+Hardware: its eight KV heads make a rollout's cache four times Qwen2.5-3B's: on a TPU
+v5e-8 (FSDP over 8 chips, 4 micro-batches) the reflections' cache kept for the retry alone
+is 32 rows x 2,048 slots x 112 KiB = 7 GiB per chip, and a chunked rollout gathers each
+chunk's cache across chips for the retry (`python experiments/aot_memory.py --table
+--rows=llama3p2_3b@v5e-8` measures it; not yet run).
+Llama's gated weights and the gated Salesforce/xlam-function-calling-60k both need
 accepted terms and a Hub login. The 12,000 held-out queries are the evaluation set.
 Should reach: no published number is recorded in reflax for this model (the paper lists
 it among those trained); read the paper's function-calling table for its figures.
@@ -37,6 +40,5 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.optim.update(learning_rate=5e-7, warmup_ratio=0.03, min_lr_ratio=0.0)  # cosine to 0
     c.grpo.beta = 0.001
     c.grpo.micro_batches = 4  # one packed group per chip of a v5e-8 per micro-batch
-    c.grpo.logits_bytes = 64 * 2**20  # LM-head chunks of 64 MiB: headroom on a v5e-8
     c.mesh.update(data=1, fsdp=-1, tensor=1)  # FSDP over every chip
     return recipes.variant(c, arg)
