@@ -5,10 +5,8 @@
 
 (after `python -m reflax.collect_failures --config=configs/qwen2p5_7b.py
 --output=$W/failures.jsonl`). Hardware: a TPU v5e-32, FSDP over its 32 chips, one
-micro-batch of 32 packed groups: Qwen2-7B's shapes, which qwen7b fits there with
-2,048-token rows (README memory table); these rows are half as long, their retries twice
-(`python experiments/aot_memory.py --table --rows=qwen2p5_7b@v5e-32` measures this
-config; not yet run).
+micro-batch of 32 packed groups: the rollout peaks at 7.3 GiB per chip and the train step
+at 8.3 (`python experiments/aot_memory.py --table --rows=qwen2p5_7b@v5e-32`).
 Data: Jiayi-Pan/Countdown-Tasks-3to4 from the Hub; 15,000 problems held out by a fixed
 hash and evaluated.
 Should reach on the 15,000: vanilla 31.7 first try (second try not among reflax's recorded
