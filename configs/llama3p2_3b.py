@@ -3,8 +3,8 @@
 Hardware: a TPU v5e-8 does not fit it: its eight KV heads make the rollout's cache four
 times Qwen2.5-3B's, and the one-pass retry needs 24.8 GiB of temporaries per chip (the
 train step, 4 micro-batches, peaks at 15.7; `python experiments/aot_memory.py --table
---rows=llama3p2_3b@v5e-8`); a chunked rollout gathers each chunk's cache across chips for
-the retry.
+--rows=llama3p2_3b@v5e-8`), and a v5e-16's rollout peaks at 16.2 (`@v5e-16`); a chunked
+rollout gathers each chunk's cache across chips for the retry.
 Llama's gated weights and the gated Salesforce/xlam-function-calling-60k both need
 accepted terms and a Hub login. The 12,000 held-out queries are the evaluation set.
 Should reach: no published number is recorded in reflax for this model (the paper lists
