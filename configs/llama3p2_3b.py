@@ -1,8 +1,11 @@
 """Llama-3.2-3B-Instruct, Reflect-Retry-Reward on xLAM function calling.
 
-Its 3.2B parameters need about 51 GB for weights, optimizer and reference (16 bytes
-each): a TPU v5e-8 (8 x 16 GiB) with FSDP over the 8 chips and 8 micro-batches, or a
-v5p-8. Llama's gated weights and the gated Salesforce/xlam-function-calling-60k both need
+Hardware: a TPU v5e-8 does not fit it: its eight KV heads make the rollout's cache four
+times Qwen2.5-3B's, and the one-pass retry needs 24.8 GiB of temporaries per chip (the
+train step, 4 micro-batches, peaks at 15.7; `python experiments/aot_memory.py --table
+--rows=llama3p2_3b@v5e-8`), and a v5e-16's rollout peaks at 16.2 (`@v5e-16`); a chunked
+rollout gathers each chunk's cache across chips for the retry.
+Llama's gated weights and the gated Salesforce/xlam-function-calling-60k both need
 accepted terms and a Hub login. The 12,000 held-out queries are the evaluation set.
 Should reach: no published number is recorded in reflax for this model (the paper lists
 it among those trained); read the paper's function-calling table for its figures.
@@ -36,6 +39,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.total_steps = 1000
     c.optim.update(learning_rate=5e-7, warmup_ratio=0.03, min_lr_ratio=0.0)  # cosine to 0
     c.grpo.beta = 0.001
-    c.grpo.micro_batches = 8
+    c.grpo.micro_batches = 4  # one packed group per chip of a v5e-8 per micro-batch
     c.mesh.update(data=1, fsdp=-1, tensor=1)  # FSDP over every chip
     return recipes.variant(c, arg)

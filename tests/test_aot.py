@@ -16,8 +16,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import pytest
+from jax._src.mesh import AbstractDevice, AbstractMesh
 
 from reflax.models import ModelConfig
+from reflax.models.attention_kernels import Layout, resolve, target_platform
+from reflax.sampler import kv_cache_bytes as sampler_kv_bytes
 from reflax.sharding import make_mesh
 from reflax.trainer import StepConfig
 
@@ -45,7 +48,7 @@ CFG = ModelConfig(
     qkv_bias=True,
     tie_word_embeddings=True,
 )
-BATCH, SEQ, MICRO, CHUNK = 32, 64, 2, 32
+BATCH, SEQ, MICRO, CHUNK = 32, 64, 1, 32
 DEVICES = 8
 
 
@@ -139,7 +142,7 @@ def test_packed_step_needs_less_than_unpacked(result):
         batch_size=BATCH // 4,
         seq_len=48 + 4 * 16,
         packed=(48, 4),
-        step_config=StepConfig(beta=0.001, micro_batches=1, logits_chunk=CHUNK, max_len=SEQ),
+        step_config=StepConfig(beta=0.001, micro_batches=MICRO, logits_chunk=CHUNK, max_len=SEQ),
         param_dtype=jnp.float32,
         dtype=jnp.bfloat16,
         ref_dtype=jnp.float32,
@@ -148,7 +151,8 @@ def test_packed_step_needs_less_than_unpacked(result):
     )
     state, batch, _ = packed.args
     assert batch.tokens.shape == (BATCH // 4, 112) and batch.advantages.shape == (8, 4)
-    # same weights as arguments; the unpacked step (2 micro-batches) keeps more temporaries
+    # same weights as arguments, one micro-batch each: per device one group of 112 slots
+    # against 4 rows of 64; the unpacked step keeps more temporaries
     assert packed.memory.argument < result.memory.argument
     assert packed.memory.temp < result.memory.temp
 
@@ -169,6 +173,17 @@ def rollout():
         retry_turn_len=10,
         max_retry_tokens=8,
     )
+    # a KV budget of exactly 4 of the 8 groups: the reflect call runs in 2 chunks
+    budget = sampler_kv_bytes(
+        CFG,
+        jnp.bfloat16,
+        groups=4,
+        num_samples=4,
+        prefix_size=128,
+        gen_len=64,
+        keep_cache=True,
+        batch_shards=DEVICES,
+    )
     ro = aot.compile_rollout(
         CFG,
         mesh,
@@ -176,6 +191,7 @@ def rollout():
         param_dtype=jnp.float32,
         dtype=jnp.bfloat16,
         cache_dtype=jnp.bfloat16,
+        kv_cache_bytes=budget,
         compiler_options=aot.FAST_COMPILE,
     )
     weights = aot.weight_terms(
@@ -187,21 +203,23 @@ def rollout():
 def test_rollout_kv_cache_matches_its_analytic_size(rollout):
     _, shapes, ro, _ = rollout
     # the reflect program keeps prefix (a 64-slot prompt bucket) + reflection slots
-    # (a 64-slot generation bucket) for every one of the U * G rows
-    slots = 128 + 64
-    assert ro.reflect_prefix_slots == 128
+    # (a 64-slot generation bucket) for the G rows of each of a chunk's 4 groups
+    slots, rows = 128 + 64, shapes.rows // 2
+    assert ro.chunks == 2 and ro.reflect_prefix_slots == 128
     assert ro.reflect_cache.k.shape == (
         CFG.num_layers,
-        shapes.rows,
+        rows,
         slots,
         CFG.num_kv_heads,
         CFG.head_dim,
     )
     per_row = 2 * CFG.num_layers * slots * CFG.num_kv_heads * CFG.head_dim * 2  # bf16
-    mask = shapes.rows * slots // DEVICES  # bool slot mask
-    assert aot.kv_cache_bytes(CFG, shapes.rows, slots, jnp.bfloat16) == shapes.rows * per_row
+    mask = rows * slots // DEVICES  # bool slot mask
+    assert aot.kv_cache_bytes(CFG, rows, slots, jnp.bfloat16) == rows * per_row
     cache_shard = aot.tree_bytes(ro.reflect_cache, shard=True)
-    assert cache_shard == shapes.rows // DEVICES * per_row + mask + 4  # + the int32 index
+    assert cache_shard == rows // DEVICES * per_row + mask + 4  # + the int32 index
+    # the first chunk's cache is alive while the second chunk (and the retry) runs
+    assert ro.held_cache_bytes == cache_shard
     # the cache is the reflect program's output and the retry program's argument
     assert ro.reflect.memory.output >= cache_shard
     assert ro.retry.memory.argument >= cache_shard
@@ -220,10 +238,13 @@ def test_rollout_programs_hold_params_and_caches(rollout):
         assert m.total == m.argument + m.output - m.alias + m.temp + m.code
         # the sampler reads the master params: they are every program's argument
         assert m.argument >= w.params
-        assert m.argument == pytest.approx(res.shard_argument_bytes(), rel=0.01)
-    # the retry prefix cache and the per-layer compute-dtype views live in the retry's temp
+        # ... with the cache, plus the call's token block (int32 ids and a bool mask of
+        # at most every row at the largest 128-slot bucket) and a few scalars
+        assert 0 <= m.argument - res.shard_argument_bytes() <= 5 * shapes.rows * 128
+    # the retry call's prefix cache lives in its temp
+    assert 0 < ro.retry_rows <= shapes.rows // 2  # within one cached chunk
     retry_prefix = aot.kv_cache_bytes(
-        CFG, shapes.rows, ro.retry_prefix_slots, jnp.bfloat16, DEVICES
+        CFG, ro.retry_rows, ro.retry_prefix_slots, jnp.bfloat16, DEVICES
     )
     assert ro.retry.memory.temp >= retry_prefix
 
@@ -233,6 +254,54 @@ def test_rollout_peak_adds_the_weights_outside_the_program(rollout):
     name, peak = aot.rollout_peak(ro, w)
     assert name in ro.programs
     for res in ro.programs.values():
-        # the peak is at least each program plus the optimizer moments and the reference
-        assert peak >= res.memory.total + w.state - w.params + w.ref
-        assert peak >= res.memory.argument + w.resident - w.params
+        # the peak is at least each program plus the optimizer moments, the reference and
+        # the other chunk's kept cache
+        held = ro.held_cache_bytes
+        assert peak >= res.memory.total + w.state - w.params + w.ref + held
+        assert peak >= res.memory.argument + w.resident - w.params + held
+
+
+# --------------------------------------------------------------------------- config shapes
+
+
+def test_step_shapes_follow_the_config_and_target_platform():
+    c = aot.load_config("qwen1p5b", ["model.dtype=float32", "rollout.kv_cache_bytes=2e9"])
+    tpu, cpu = aot.step_shapes(c, "tpu"), aot.step_shapes(c, "cpu")
+    # "auto" KV caches: bfloat16 on the TPU compiled for, the compute dtype elsewhere
+    assert tpu.cache_dtype == jnp.bfloat16 and cpu.cache_dtype == jnp.float32
+    assert tpu.kv_cache_bytes == 2_000_000_000
+    # the largest packed layout reflax.train precompiles: seq_len prefix + G reflections
+    r = c.rollout
+    assert tpu.packed == (r.seq_len, r.group_size) and tpu.train_rows == r.groups_per_step
+    assert tpu.train_slots == r.seq_len + r.group_size * r.max_reflection_tokens
+    flat = aot.step_shapes(c, "tpu", unpacked=True)
+    assert (flat.train_rows, flat.train_slots, flat.packed) == (256, r.seq_len, None)
+    with pytest.raises(SystemExit, match="not key=value"):
+        aot.load_config("qwen1p5b", ["grpo.micro_batches"])
+
+
+def test_auto_attention_resolves_for_the_target_platform():
+    # a described TPU slice (no TPU, no libtpu needed to describe one) gets splash attention
+    tpu = AbstractMesh(
+        (8,), ("fsdp",), abstract_device=AbstractDevice("TPU v5 lite", 1, platform="tpu")
+    )
+    with jax.sharding.use_abstract_mesh(tpu):
+        assert target_platform() == "tpu" and resolve("auto", jnp.bfloat16) == "splash"
+    with jax.set_mesh(make_mesh({"fsdp": DEVICES}, devices=jax.devices()[:DEVICES])):
+        assert target_platform() == "cpu" and resolve("auto", jnp.bfloat16) == "xla"
+
+
+def test_attention_flops_counts_allowed_pairs_and_splash_tiles():
+    H, Dh = 2, 16
+    per_pair = 4 * Dh * H  # QK^T and PV: 2 FLOPs per multiply-add, Dh each, every head
+    # causal row of 200 slots: T(T+1)/2 pairs; splash computes whole 128-slot tiles of a
+    # 256-slot padded row: 3 of 4 (the upper right one is masked)
+    T = 200
+    assert aot.attention_flops(Layout(T), H, Dh) == per_pair * T * (T + 1) // 2
+    assert aot.attention_flops(Layout(T), H, Dh, block=128) == per_pair * 3 * 128 * 128
+    # packed: a 128-slot prefix, 4 suffixes of 32 (each sees the prefix and itself)
+    lp, g, ls = 128, 4, 32
+    pairs = lp * (lp + 1) // 2 + g * (ls * lp + ls * (ls + 1) // 2)
+    assert aot.attention_flops(Layout(lp, g, ls), H, Dh) == per_pair * pairs
+    tiles = aot.attention_flops(Layout(lp, g, ls), H, Dh, block=128)
+    assert tiles == per_pair * 3 * 128 * 128  # the 4 suffixes fill one tile row

@@ -4,8 +4,11 @@ splash attention on TPU, cuDNN flash attention on GPU; XLA's einsum attention
 
 `resolve` picks the implementation from `ModelConfig.attention_impl`: "auto" is splash
 on TPU, cuDNN on GPU for 16-bit compute dtypes (cuDNN's flash attention has no float32)
-and XLA otherwise; "xla", "splash" and "cudnn" force one. Off TPU, splash runs in Pallas
-interpret mode, which is how the tests check it against the XLA attention.
+and XLA otherwise; "xla", "splash" and "cudnn" force one. The platform is the one the
+program is traced for (`target_platform`: the active mesh's devices, so a TPU slice
+that is only described, compiled ahead of time on a CPU host, gets the TPU's choice).
+Off TPU, splash runs in Pallas interpret mode, which is how the tests check it against
+the XLA attention.
 
 Splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`) takes its mask as
 a static object, skips the key blocks it rules out, and computes the rest in blocks of
@@ -24,13 +27,17 @@ traced value; `splash_attention` switches between one kernel per distinct window
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax._src import config as jax_config
+from jax._src import mesh as mesh_lib
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec
@@ -43,14 +50,23 @@ IMPLS = ("auto", "xla", "splash", "cudnn")
 BLOCK_SIZES = (512, 256, 128)
 
 
+def target_platform() -> str:
+    """The platform of the program being traced: the active mesh's devices (`jax.set_mesh`;
+    e.g. "tpu" for a described TPU slice compiled on a CPU host), else jax's default
+    backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    return jax.default_backend() if device is None else device.platform
+
+
 def resolve(impl: str, dtype: Any) -> str:
-    """The implementation `impl` ("auto" | "xla" | "splash" | "cudnn") names on this
-    platform, for compute dtype `dtype`."""
+    """The implementation `impl` ("auto" | "xla" | "splash" | "cudnn") names on the target
+    platform (`target_platform`), for compute dtype `dtype`."""
     if impl not in IMPLS:
         raise ValueError(f"attention_impl {impl!r} is not one of {IMPLS}")
     if impl != "auto":
         return impl
-    backend = jax.default_backend()
+    backend = target_platform()
     if backend == "tpu":
         return "splash"
     if backend == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
@@ -122,6 +138,19 @@ def block_size(length: int) -> tuple[int, int]:
     return next(b for b in BLOCK_SIZES if padded % b == 0), padded
 
 
+@contextlib.contextmanager
+def _outside_mesh() -> Iterator[None]:
+    """Arrays made here are placed on the default device, not on the active mesh's. A
+    mesh of described devices (a TPU slice compiled ahead of time on a CPU host) can run
+    nothing, so a compile-time constant placed on it fails; jax has no public way to
+    leave a mesh inside a trace, hence its thread-local device context."""
+    prev = jax_config.device_context.swap_local(mesh_lib.empty_concrete_mesh)
+    try:
+        yield
+    finally:
+        jax_config.device_context.set_local(prev)
+
+
 @functools.lru_cache(maxsize=64)
 def _kernel(
     layout: Layout, window: int | None, padded: int, heads: int, interpret: bool
@@ -138,7 +167,7 @@ def _kernel(
     )
     mask = splash_mask.MultiHeadMask([LayoutMask(layout, window, padded)] * heads)
     # the mask's block tables become constants, not values of the trace that asked first
-    with jax.ensure_compile_time_eval():
+    with jax.ensure_compile_time_eval(), _outside_mesh():
         return splash.make_splash_mha(
             mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
         )
@@ -211,13 +240,13 @@ def splash_attention(
     `window`: this layer's sliding window (an int, or a traced scalar from the layer
     scan, in which case `windows` lists every layer's window, None for full layers; a
     value past the row's length, like the decoder's full-layer sentinel, is no window).
-    `interpret`: Pallas interpret mode (default: off TPU).
+    `interpret`: Pallas interpret mode (default: when the target platform is not TPU).
     """
     B, T, H, Dh = q.shape
     if layout.length != T:
         raise ValueError(f"rows of {T} slots do not match the layout's {layout.length}")
     if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+        interpret = target_platform() != "tpu"
     dt = q.dtype
     _, padded = block_size(T)
 
