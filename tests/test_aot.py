@@ -20,9 +20,8 @@ from jax._src.mesh import AbstractDevice, AbstractMesh
 
 from reflax.models import ModelConfig
 from reflax.models.attention_kernels import Layout, resolve, target_platform
-from reflax.models.decoder import packed_attention
 from reflax.sampler import kv_cache_bytes as sampler_kv_bytes
-from reflax.sharding import MESH_AXES, make_mesh
+from reflax.sharding import make_mesh
 from reflax.trainer import StepConfig
 
 _SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "aot_memory.py"
@@ -290,20 +289,6 @@ def test_auto_attention_resolves_for_the_target_platform():
         assert target_platform() == "tpu" and resolve("auto", jnp.bfloat16) == "splash"
     with jax.set_mesh(make_mesh({"fsdp": DEVICES}, devices=jax.devices()[:DEVICES])):
         assert target_platform() == "cpu" and resolve("auto", jnp.bfloat16) == "xla"
-
-
-def test_auto_packed_attention_keeps_splash_to_rows_that_fill_the_batch_shards():
-    # splash takes whole rows: a packed micro-batch with fewer rows than batch shards (4
-    # groups against fsdp=8) runs the length-sharded XLA path under "auto"; rows that fill
-    # the shards keep splash, and so does an explicit "splash"
-    device = AbstractDevice("TPU v5 lite", 1, platform="tpu")
-    tpu = AbstractMesh((1, 8, 1), MESH_AXES, abstract_device=device)
-    with jax.sharding.use_abstract_mesh(tpu):
-        assert packed_attention("auto", jnp.bfloat16, 8, 640) == "splash"
-        assert packed_attention("auto", jnp.bfloat16, 4, 640) == "xla"
-        assert packed_attention("splash", jnp.bfloat16, 4, 640) == "splash"
-        assert packed_attention("xla", jnp.bfloat16, 8, 640) == "xla"
-    assert packed_attention("auto", jnp.bfloat16, 4, 640) == "xla"  # this CPU host
 
 
 def test_attention_flops_counts_allowed_pairs_and_splash_tiles():

@@ -43,7 +43,6 @@ from reflax.sharding import (
     LORA_A,
     LORA_B,
     constrain,
-    local_shape,
 )
 
 _NEG_INF = -1e30  # finite, so rows with no valid key (padding) give no NaN
@@ -363,20 +362,6 @@ class Layers(nnx.Module):
             setattr(self, name, nnx.Param(value))
 
 
-def packed_attention(impl: str, dtype: Any, rows: int, length: int) -> str:
-    """The attention a packed micro-batch of `rows` rows of `length` slots runs: "splash"
-    or "xla". Splash's kernel takes whole rows on each device, so when the rows alone do
-    not fill the batch shards (the length is then sequence-sharded, `sharding`) it would
-    gather each row's activations whole: "auto" then picks the XLA path, whose prefix and
-    suffixes stay length-sharded and which gathers only keys and values. An explicit
-    "splash" is kept."""
-    name = resolve(impl, dtype)
-    if name != "splash" or impl != "auto":
-        return "splash" if name == "splash" else "xla"
-    whole_rows = local_shape((rows, length), ("batch", "sequence"))[1] == length
-    return "splash" if whole_rows else "xla"
-
-
 class Decoder(nnx.Module):
     """Causal LM. `__call__(tokens, positions, mask, cache)` -> (logits, cache)."""
 
@@ -538,7 +523,7 @@ class Decoder(nnx.Module):
         def suffixes(a: jax.Array) -> jax.Array:  # [U, P, ...] -> [U * G, Ls, ...]
             return a[:, Lp:].reshape(U * G, Ls, *a.shape[2:])
 
-        if packed_attention(c.attention_impl, self.dtype, U, P) == "splash":
+        if resolve(c.attention_impl, self.dtype) == "splash":
             hidden, _ = self.hidden_states(tokens, positions, mask, layout=Layout(Lp, G, Ls))
             return hidden[:, :Lp], suffixes(hidden)
         w = self.weights()
