@@ -34,11 +34,9 @@ Log-probabilities (:func:`token_logprobs`, :func:`token_logprobs_and_entropy`)
     ``[B, chunk_size, V]`` logits exist at a time in the forward and the backward pass. A
     single chunk (``chunk_size >= T``) keeps its logits for the backward pass instead of
     recomputing them.
-    Chunks are strided along ``T`` (chunk ``k`` holds positions ``k, k + n, ...`` of ``n``
-    chunks), never cut along ``B * T``: ``B`` stays a plain batch axis of every chunk and a
-    ``T`` split in contiguous blocks (sequence parallelism) stays split, so a sharded input
-    is never scanned over its sharded axis. ``T`` need not be a multiple of ``chunk_size``:
-    it is zero-padded and the padding is sliced off. The trainer's
+    Chunking along ``T`` (not ``B * T``) keeps ``B`` a plain batch axis of every chunk, so a
+    batch-sharded input is never scanned over its sharded axis. ``T`` need not be a multiple
+    of ``chunk_size``: it is zero-padded and the padding is sliced off. The trainer's
     default chunk is the largest whose ``[rows, chunk, V]`` logits fit a byte budget
     (:func:`logits_chunk`, ``grpo.logits_bytes``): one chunk for a small vocabulary, which
     also skips the recomputation, and a few hundred positions for a 150k one.
@@ -266,11 +264,10 @@ def token_logprobs_and_entropy(
     if pad:
         h_btd = jnp.pad(h_btd, ((0, 0), (0, pad), (0, 0)))
         t_bt = jnp.pad(t_bt, ((0, 0), (0, pad)))
-    # Chunks are strided along T (chunk k holds positions k, k + num_chunks, ...) and B stays
-    # a batch axis inside every chunk, so an input sharded over B, or in contiguous blocks
-    # over T, stays sharded: the scanned axis is never a sharded one.
-    h_kbcd = h_btd.reshape(batch, chunk, num_chunks, dim).transpose(2, 0, 1, 3)
-    t_kbc = t_bt.reshape(batch, chunk, num_chunks).transpose(2, 0, 1)
+    # Chunks are cut along T, and B stays a batch axis inside every chunk, so a batch-sharded
+    # input stays sharded: the scanned axis is never a sharded one.
+    h_kbcd = h_btd.reshape(batch, num_chunks, chunk, dim).transpose(1, 0, 2, 3)
+    t_kbc = t_bt.reshape(batch, num_chunks, chunk).transpose(1, 0, 2)
 
     def one_chunk(args: tuple[Array, Array]) -> tuple[Array, Array]:
         h_bcd, t_bc = args
@@ -283,8 +280,8 @@ def token_logprobs_and_entropy(
         # Rematerialised body: the backward pass recomputes one chunk's logits instead of
         # keeping [B, T, V] residuals.
         lp_kbc, ent_kbc = jax.lax.map(jax.checkpoint(one_chunk), (h_kbcd, t_kbc))
-    logprobs = lp_kbc.transpose(1, 2, 0).reshape(batch, num_chunks * chunk)[:, :length]
-    entropy = ent_kbc.transpose(1, 2, 0).reshape(batch, num_chunks * chunk)[:, :length]
+    logprobs = lp_kbc.transpose(1, 0, 2).reshape(batch, num_chunks * chunk)[:, :length]
+    entropy = ent_kbc.transpose(1, 0, 2).reshape(batch, num_chunks * chunk)[:, :length]
     if mask is not None:
         logprobs = jnp.where(mask.astype(bool), logprobs, 0.0)
         entropy = jnp.where(mask.astype(bool), entropy, 0.0)

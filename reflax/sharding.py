@@ -8,15 +8,6 @@ Mesh axes:
   data   - pure data parallelism (parameters replicated)
   fsdp   - data parallelism with parameters and optimizer state sharded
   tensor - megatron-style tensor parallelism over heads / mlp / vocab
-
-A mesh axis shards at most one dimension of an array, and a dimension takes the longest
-leading run of its rule's mesh axes that divides it (the others stay free for later
-dimensions): rows that fill (data, fsdp) take both, 4 rows against data=1, fsdp=8 take
-data only. An activation [rows, length, ...] names its length "sequence", which takes the
-batch axes its rows leave: when a micro-batch has fewer rows than batch shards (a packed
-micro-batch of 4 groups against 8-16 shards), its tokens, not its hidden dimension, are
-spread over the remaining devices (sequence parallelism). Weights are then gathered over
-fsdp as for any batch, and attention gathers only the keys and values along the length.
 """
 
 from __future__ import annotations
@@ -43,7 +34,6 @@ LOGICAL_RULES: dict[str, Any] = {
     "mlp": "tensor",
     "layers": None,
     "length": None,
-    "sequence": ("data", "fsdp"),  # an activation's length: the batch axes its rows leave
     "head_dim": None,
     "norm": None,
     "lora_rank": None,  # a LoRA adapter's rank: small, never split
@@ -81,9 +71,6 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 LORA_A, LORA_B = "_lora_a", "_lora_b"
 PARAM_AXES.update({n + LORA_A: (*PARAM_AXES[n][:2], "lora_rank") for n in LORA_TARGETS})
 PARAM_AXES.update({n + LORA_B: ("layers", "lora_rank", PARAM_AXES[n][2]) for n in LORA_TARGETS})
-
-# hidden states [rows, length, D] of a forward pass
-ACTIVATION_AXES = ("batch", "sequence", "embed")
 
 # KV cache [L, B, S, K, Dh] and its slot mask [B, S]
 CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
@@ -146,22 +133,30 @@ def _mesh_axis_size(mesh: Mesh, axes: Any) -> int:
 def logical_to_spec(
     logical: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None
 ) -> PartitionSpec:
-    """PartitionSpec for logical axes. Each dimension takes its rule's mesh axes that no
-    earlier dimension took; with shape and mesh, only the longest leading run of them whose
-    size divides the dimension (none: the dimension stays whole)."""
-    spec: list[Any] = []
+    """PartitionSpec for logical axes; with shape and mesh, axes that don't divide stay whole."""
+    spec = []
     used: set[str] = set()
     for i, name in enumerate(logical):
         axes = LOGICAL_RULES.get(name) if name is not None else None
-        flat = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        free = tuple(a for a in flat if a not in used)
-        if shape is not None and mesh is not None:
-            while free and shape[i] % _mesh_axis_size(mesh, free):
-                free = free[:-1]
-            if len(free) < len(flat):
-                log.debug("dim %d of %s (%d): %s of %s", i, logical, shape[i], free, flat)
-        used |= set(free)
-        spec.append(None if not free else axes if free == flat and isinstance(axes, str) else free)
+        if axes is not None:
+            flat = (axes,) if isinstance(axes, str) else tuple(axes)
+            if used & set(flat):  # a mesh axis may shard only one dimension
+                axes = None
+            elif shape is not None and mesh is not None:
+                size = _mesh_axis_size(mesh, axes)
+                if shape[i] % size:
+                    log.debug(
+                        "dim %d of %s (%d) not divisible by %s=%d: replicated",
+                        i,
+                        logical,
+                        shape[i],
+                        axes,
+                        size,
+                    )
+                    axes = None
+            if axes is not None:
+                used |= set(flat)
+        spec.append(axes)
     return PartitionSpec(*spec)
 
 
@@ -215,14 +210,13 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical, x.shape, mesh))
 
 
-def local_shape(shape: Sequence[int], logical: Sequence[str | None]) -> tuple[int, ...]:
-    """An array's shape as one device holds it when laid out by `logical` in the current
-    mesh context (`jax.set_mesh`); the global shape outside one."""
+def local_size(size: int, logical: str) -> int:
+    """A dimension of `size` along `logical` as one device holds it in the current mesh
+    context (`jax.set_mesh`): divided by its mesh axes where they divide it."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
-        return tuple(shape)
-    spec = logical_to_spec(logical, shape, mesh)
-    return tuple(n // _mesh_axis_size(mesh, axes) for n, axes in zip(shape, spec))
+        return size
+    return size // _mesh_axis_size(mesh, logical_to_spec((logical,), (size,), mesh)[0])
 
 
 def put(tree: Any, shardings: Any) -> Any:

@@ -9,18 +9,14 @@ micro-batch's objective is divided by them: accumulation is exact.
 
 Sharding: a batch's rows (unpacked rows; packed, its groups) are split over the batch mesh
 axes (data, fsdp) in contiguous blocks, and micro-batches are strided (`split_micro`), so
-every micro-batch spans every batch shard. A micro-batch whose rows fill the batch axes
-(rows divisible by data x fsdp) runs each row on its own shard. One with fewer rows (the
-paper configs: 32 groups in 8 micro-batches, 4 groups against 8-16 shards) takes the
-longest leading run of (data, fsdp) its rows divide, and each activation's length takes
-the axes left over (`reflax.sharding`'s "sequence": sequence parallelism): with 4 groups
-against data=1, fsdp=8, the prefix [4, Lp, D] lies as 4 rows x Lp / 8 positions on each
-device, and so do the suffixes [4 G, Ls, D] where 4 G rows do not fill the 8 shards.
-Weights are gathered over fsdp as for any batch, attention gathers the keys and values
-[rows, Lp, K, Dh] along the length, the prefix is scored where it lies (no shifted slice),
-and LM-head chunks are strided over the length. The compiled step then
-returns no whole activation from any collective (tests/test_packing.py, fake fsdp=8 and
-(2, 2, 2) meshes).
+every micro-batch spans every batch shard: a device runs the prefix of its own groups and
+their G suffixes, and the weights, not the activations, are gathered over fsdp (the
+compiled packed step's HLO on a (2, 2, 2) mesh, tests/test_packing.py). A micro-batch
+with fewer groups than batch shards (the paper configs: 32 groups in 8 micro-batches, 4
+groups against 8-16 shards) cannot give every shard a prefix: `reflax.sharding.constrain`
+leaves its rows whole and shards the hidden dimension over fsdp, and the compiled program
+(fake fsdp=8 mesh, 4 groups) then gathers whole prefix activations around the matmuls;
+micro-batches of at least data x fsdp groups avoid that.
 
 A step with no loss tokens and no anchor tokens (no failures this step, or every group
 dropped as too long) has nothing to learn from: it leaves the state untouched (AdamW's
@@ -48,9 +44,8 @@ from reflax.batch import Batch, batch_shardings, layout
 from reflax.config import DEFAULT_LOGITS_BYTES
 from reflax.models import lora
 from reflax.sharding import (
-    ACTIVATION_AXES,
     constrain,
-    local_shape,
+    local_size,
     named_sharding,
     param_logical_axes,
     param_shardings,
@@ -107,81 +102,47 @@ class StepConfig:
         )
 
 
-def _next(x: jax.Array) -> jax.Array:
-    """[R, T] -> what each position predicts: x[:, t + 1], and 0 at the last position."""
-    return jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], 1)
-
-
-def _chunk_positions(length: int, shards: int, per_device: int) -> int:
-    """Positions of one LM-head chunk holding `per_device` positions on a device. A length
-    cut into `shards` contiguous pieces (sequence parallelism) gets a chunk that divides it
-    (`shards` x a divisor of a piece, the largest up to `per_device`): the strided chunks
-    of `grpo.token_logprobs_and_entropy` then need no padding, which would move a
-    length-sharded activation whole."""
-    if shards == 1:
-        return per_device
-    local = length // shards
-    n = -(-local // max(min(per_device, local), 1))
-    while local % n:
-        n += 1
-    return shards * (local // n)
-
-
 def _sequence_logprobs(graphdef, params, batch: Batch, cfg: StepConfig):
     """log p(tokens[t] | what precedes it) and entropy, aligned to tokens: [B, T] (0 where
     nothing predicts the token: position 0, padding; a packed suffix's first token is
-    predicted by the prefix's last slot).
-
-    A length-sharded activation is scored where it lies, against its next tokens (`_next`),
-    never shifted by a slice: that would move it whole (the prefix is always scored so)."""
+    predicted by the prefix's last slot)."""
     model = nnx.merge(graphdef, params)
     head = model.lm_head_kernel()
     scored = (batch.loss_mask > 0) | (batch.anchor_mask > 0)  # [B, T]
 
-    def score(hidden, targets, mask):  # hidden [R, T, D]: position t predicts targets[:, t]
-        R, T = hidden.shape[:2]
-        rows, length = local_shape((R, T), ACTIVATION_AXES[:2])
-        vocab = local_shape(head.shape[1:], ("vocab",))[0]
-        per_device = cfg.logits_chunk or grpo.logits_chunk(rows, vocab, cfg.logits_bytes)
+    def score(hidden, targets, mask):  # the hidden state at t predicts targets[t]
+        rows, vocab = local_size(hidden.shape[0], "batch"), local_size(head.shape[1], "vocab")
+        chunk = cfg.logits_chunk or grpo.logits_chunk(rows, vocab, cfg.logits_bytes)
         return grpo.token_logprobs_and_entropy(
             hidden,
             head.astype(hidden.dtype),
             targets,
             temperature=cfg.temperature,
-            chunk_size=_chunk_positions(T, T // length, per_device),
+            chunk_size=chunk,
             mask=mask,
         )
 
-    pad = jnp.zeros(batch.tokens.shape[:1] + (1,), jnp.float32)
     if not batch.packed:
         hidden, _ = model.hidden_states(batch.tokens, batch.positions, batch.mask)
-        lp, ent = score(hidden, _next(batch.tokens), _next(scored))
-        return jnp.concatenate([pad, lp[:, :-1]], 1), jnp.concatenate([pad, ent[:, :-1]], 1)
+        lp, ent = score(hidden[:, :-1], batch.tokens[:, 1:], scored[:, 1:])
+        pad = jnp.zeros_like(lp[:, :1])
+        return jnp.concatenate([pad, lp], 1), jnp.concatenate([pad, ent], 1)
 
     B = batch.tokens.shape[0]
     Lp, G = batch.prefix_len, batch.group_size
     h_prefix, h_suffix = model.packed_hidden_states(
         batch.tokens, batch.positions, batch.mask, Lp, G
     )  # [B, Lp, D], [B * G, Ls, D]
-    lp_p, ent_p = score(h_prefix, _next(batch.tokens[:, :Lp]), _next(scored[:, :Lp]))
+    lp_p, ent_p = score(h_prefix[:, :-1], batch.tokens[:, 1:Lp], scored[:, 1:Lp])
     # the prefix's last slot (left padding puts it at Lp - 1) predicts every suffix's first
     # token: G copies of one hidden state, whose gradient sums the G samples'
     last = jnp.repeat(h_prefix[:, -1:], G, axis=0)  # [B * G, 1, D]
+    h_pred = jnp.concatenate([last, h_suffix[:, :-1]], 1)  # [B * G, Ls, D]
     rows = batch.sample_rows
-    tokens_s, scored_s = rows(batch.tokens), rows(scored)  # [B * G, Ls]
-    if local_shape(h_suffix.shape[:2], ACTIVATION_AXES[:2])[1] == h_suffix.shape[1]:
-        # suffix lengths whole on each device: the last slot shifted in, one LM-head pass
-        h_pred = jnp.concatenate([last, h_suffix[:, :-1]], 1)  # [B * G, Ls, D]
-        lp_s, ent_s = score(h_pred, tokens_s, scored_s)
-    else:
-        # length-sharded suffixes are scored where they lie (a shifted slice would move
-        # them whole), and the last slot on its own
-        lp_s, ent_s = score(h_suffix, _next(tokens_s), _next(scored_s))
-        lp_0, ent_0 = score(last, tokens_s[:, :1], scored_s[:, :1])  # [B * G, 1]
-        lp_s = jnp.concatenate([lp_0, lp_s[:, :-1]], 1)
-        ent_s = jnp.concatenate([ent_0, ent_s[:, :-1]], 1)
-    lp = jnp.concatenate([pad, lp_p[:, :-1], lp_s.reshape(B, -1)], 1)
-    ent = jnp.concatenate([pad, ent_p[:, :-1], ent_s.reshape(B, -1)], 1)
+    lp_s, ent_s = score(h_pred, rows(batch.tokens), rows(scored))
+    pad = jnp.zeros_like(lp_p[:, :1])
+    lp = jnp.concatenate([pad, lp_p, lp_s.reshape(B, -1)], 1)
+    ent = jnp.concatenate([pad, ent_p, ent_s.reshape(B, -1)], 1)
     return lp, ent
 
 

@@ -36,14 +36,7 @@ from flax import nnx
 
 from reflax.models.attention_kernels import Layout, cudnn_attention, resolve, splash_attention
 from reflax.models.config import ModelConfig
-from reflax.sharding import (
-    ACTIVATION_AXES,
-    CACHE_AXES,
-    CACHE_MASK_AXES,
-    LORA_A,
-    LORA_B,
-    constrain,
-)
+from reflax.sharding import CACHE_AXES, CACHE_MASK_AXES, LORA_A, LORA_B, constrain
 
 _NEG_INF = -1e30  # finite, so rows with no valid key (padding) give no NaN
 F32 = jnp.float32
@@ -295,17 +288,17 @@ def block(
     if c.qk_norm:  # per head, before rope (Qwen3)
         q = rms_norm(q, p["q_norm"], c.rms_norm_eps)
         k = rms_norm(k, p["k_norm"], c.rms_norm_eps)
-    q = constrain(apply_rope(q, rope), ("batch", "sequence", "heads", None))
-    k = constrain(apply_rope(k, rope), ("batch", "sequence", "kv_heads", None))
-    v = constrain(v, ("batch", "sequence", "kv_heads", None))
+    q = constrain(apply_rope(q, rope), ("batch", "length", "heads", None))
+    k = constrain(apply_rope(k, rope), ("batch", "length", "kv_heads", None))
+    v = constrain(v, ("batch", "length", "kv_heads", None))
     out, aux = attend(q, k, v)
     x = x + _dense(p, out, "o_proj", "o_bias")
     h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
     gate = _dense(p, h, "gate_proj", "gate_bias")
     up = _dense(p, h, "up_proj", "up_bias")
-    act = constrain(jax.nn.silu(gate) * up, ("batch", "sequence", "mlp"))
+    act = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
     x = x + _dense(p, act, "down_proj", "down_bias")
-    return constrain(x, ACTIVATION_AXES), aux
+    return constrain(x, ("batch", "length", "embed")), aux
 
 
 def final_norm(weights: dict[str, Any], x: jax.Array, config: ModelConfig) -> jax.Array:
@@ -315,7 +308,7 @@ def final_norm(weights: dict[str, Any], x: jax.Array, config: ModelConfig) -> ja
 def project(hidden: jax.Array, kernel: jax.Array) -> jax.Array:
     """Hidden states [B, T, D] -> logits [B, T, V] float32."""
     logits = jnp.einsum("btd,dv->btv", hidden, kernel, preferred_element_type=jnp.float32)
-    return constrain(logits, ("batch", "sequence", "vocab"))
+    return constrain(logits, ("batch", "length", "vocab"))
 
 
 def param_shapes(config: ModelConfig) -> dict[str, Any]:
@@ -432,7 +425,7 @@ class Decoder(nnx.Module):
         if layout is not None and not (fresh and impl == "splash"):
             raise ValueError("a row layout needs the splash attention and no cache")
         w = self.weights()
-        x = constrain(jnp.take(w["embed"], tokens, axis=0), ACTIVATION_AXES)
+        x = constrain(jnp.take(w["embed"], tokens, axis=0), ("batch", "length", "embed"))
         rope = rope_tables(c, positions)
 
         if cache is None:
@@ -527,10 +520,9 @@ class Decoder(nnx.Module):
             hidden, _ = self.hidden_states(tokens, positions, mask, layout=Layout(Lp, G, Ls))
             return hidden[:, :Lp], suffixes(hidden)
         w = self.weights()
-        # the prefix and the suffixes are two activations, each laid out on its own (a
-        # length-sharded [U, P, D] would have to move to be cut into them)
-        embed = lambda t: constrain(jnp.take(w["embed"], t, axis=0), ACTIVATION_AXES)
-        xp, xs = embed(tokens[:, :Lp]), embed(suffixes(tokens))
+        x = constrain(jnp.take(w["embed"], tokens, axis=0), ("batch", "length", "embed"))
+
+        xp, xs = x[:, :Lp], suffixes(x)
         pos_p, pos_s = positions[:, :Lp], suffixes(positions)
         mask_p, mask_s = mask[:, :Lp], suffixes(mask)
         rope_p, rope_s = rope_tables(c, pos_p), rope_tables(c, pos_s)
