@@ -270,6 +270,27 @@ class StepShapes:
         lp, g = self.packed
         return f"{self.train_rows} groups x [{lp} + {g} x {(self.train_slots - lp) // g}]"
 
+    def compile_train_step(
+        self,
+        mesh: Mesh,
+        model: ModelConfig | None = None,
+        compiler_options: dict[str, Any] | None = None,
+    ) -> AotResult | OutOfMemory:
+        """The train step at these shapes (`model` in place of `self.model` if given)."""
+        return compile_train_step(
+            model or self.model,
+            mesh,
+            batch_size=self.train_rows,
+            seq_len=self.train_slots,
+            packed=self.packed,
+            step_config=self.step,
+            param_dtype=self.param_dtype,
+            dtype=self.dtype,
+            ref_dtype=self.ref_dtype,
+            remat=self.remat,
+            compiler_options=compiler_options,
+        )
+
 
 def step_shapes(c: Any, platform: str, unpacked: bool = False) -> StepShapes:
     """The shapes and dtypes a run config gives one step, as `reflax.train` builds them:
@@ -363,19 +384,7 @@ def measure(
         )
     step = None
     if train:
-        step = compile_train_step(
-            s.model,
-            mesh,
-            batch_size=s.train_rows,
-            seq_len=s.train_slots,
-            packed=s.packed,
-            step_config=s.step,
-            param_dtype=s.param_dtype,
-            dtype=s.dtype,
-            ref_dtype=s.ref_dtype,
-            remat=s.remat,
-            compiler_options=compiler_options,
-        )
+        step = s.compile_train_step(mesh, compiler_options=compiler_options)
     return Measurement(weights, ro, step)
 
 
@@ -567,18 +576,7 @@ def run_flops(name: str, slice_: str, backend: str, overrides: list[str], impls:
     print(f"  {'path':<8}{'cost_analysis flops':>22}{'bytes accessed':>18}{'compile':>9}")
     rows = _read_results(FLOPS)
     for impl in impls:
-        res = compile_train_step(
-            dataclasses.replace(m, attention_impl=impl),
-            mesh,
-            batch_size=s.train_rows,
-            seq_len=s.train_slots,
-            packed=s.packed,
-            step_config=s.step,
-            param_dtype=s.param_dtype,
-            dtype=s.dtype,
-            ref_dtype=s.ref_dtype,
-            remat=s.remat,
-        )
+        res = s.compile_train_step(mesh, dataclasses.replace(m, attention_impl=impl))
         if isinstance(res, OutOfMemory):
             print(f"  {impl:<8}DOES NOT FIT: {res}")
             continue
