@@ -67,19 +67,7 @@ QWEN25_1P5B = dict(
     rms_norm_eps=1e-6,
     tie_word_embeddings=True,
 )
-TINY = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=512,
-    rope_theta=1000000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=True,
-)
+TINY = dict(bc.TINY_MODEL, rope_theta=1000000.0, rms_norm_eps=1e-6)
 
 # shapes: (full, tiny)
 SHAPES = {

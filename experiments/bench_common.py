@@ -35,6 +35,19 @@ from dataclasses import dataclass
 from typing import Any
 
 RESULT_TAG = "BENCH_RESULT "
+# the --tiny modes' model: 2 layers, GQA, tied embeddings, small enough for a test (each
+# script adds its family's own rope / norm settings)
+TINY_MODEL = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+)
 PROBE_N = 2048  # the probe: a float32 PROBE_N^3 matmul
 
 

@@ -69,18 +69,7 @@ from experiments import bench_sampler as bs  # noqa: E402
 from experiments import bench_train_step as bt  # noqa: E402
 
 # --tiny: a random Llama small enough for a test
-TINY = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-)
+TINY = dict(bc.TINY_MODEL, rms_norm_eps=1e-5)
 # shapes: (SmolLM2, tiny)
 SHAPES = {
     "groups": (8, 2),
