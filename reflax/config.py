@@ -178,6 +178,10 @@ def base_config() -> ConfigDict:
             # keeps a pretrained model's reflection turn in its own words (0 = none)
             reflection_fraction=0.0,
             reflection_rows=64,  # how many problems get one sampled reflection each
+            # share of the steps on retry rows: a reflection row's context and sampled
+            # reflection (no loss), the retry instruction, the reference answer (loss), so
+            # that a retry after a reflection is a new attempt, not a copy (0 = none)
+            retry_fraction=0.0,
             # share of the train problem families (task.family_key) kept out of the warm start
             # for online RL, so RL meets problems as new as the held-out ones; 0 = all in both
             holdout_fraction=0.0,
@@ -328,11 +332,14 @@ def validate(c: ConfigDict) -> ConfigDict:
         "warm_start.reflection_fraction must be in [0, 1 - episode_fraction]",
     )
     need(
-        not (w.steps and w.reflection_fraction)
-        or (bool(w.wrong_template) and w.reflection_rows >= 1),
-        "warm_start.reflection_fraction > 0 needs warm_start.wrong_template and "
-        "reflection_rows >= 1",
+        0 <= w.retry_fraction <= 1 - w.episode_fraction - w.reflection_fraction,
+        "warm_start.retry_fraction must be in [0, 1 - episode_fraction - reflection_fraction]",
     )
+    for key in ("reflection_fraction", "retry_fraction"):
+        need(
+            not (w.steps and w[key]) or (bool(w.wrong_template) and w.reflection_rows >= 1),
+            f"warm_start.{key} > 0 needs warm_start.wrong_template and reflection_rows >= 1",
+        )
     need(
         c.cluster.init_timeout_s >= 1 and c.cluster.heartbeat_timeout_s >= 1,
         "cluster.init_timeout_s and cluster.heartbeat_timeout_s must be >= 1",

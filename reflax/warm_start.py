@@ -7,7 +7,7 @@ loss has exactly the gradient of the answer tokens' negative log-likelihood.
 The result is checkpointed in <workdir>/warm_start, so a resumed run (and its
 KL reference) starts from the same weights.
 
-Three kinds of rows (keys of `warm_start`; templates are str.format over the example
+Four kinds of rows (keys of `warm_start`; templates are str.format over the example
 plus the task's `Task.warm_start_fields`, e.g. Countdown's `expression`, `wrong`, `hint`):
 
   answer      prompt -> `answer_template` (a first attempt)
@@ -27,6 +27,13 @@ plus the task's `Task.warm_start_fields`, e.g. Countdown's `expression`, `wrong`
               without a reference forward per step). A fraction `reflection_fraction`
               of the steps, over `reflection_rows` problems; the samples are cached in
               <workdir>/warm_start/reflections.jsonl until the warm start is saved.
+  retry       a reflection row's context and sampled reflection (no loss), the retry
+              instruction, then `answer_template` (loss). For a pretrained model: after
+              answer rows alone the retry repeats the failed attempt word for word, so a
+              reflection cannot change it; these rows make the answer turn after a
+              reflection a new attempt. The reflections stay the initial model's words,
+              none is trained on. A fraction `retry_fraction` of the steps, on the same
+              `reflection_rows` problems and samples.
 
 With `holdout_fraction` > 0 the warm start sees only part of the train problem
 families and online RL the rest, as a pretrained model meets its failure set:
@@ -58,7 +65,7 @@ from reflax.trainer import StepConfig, init_state, jit_train_step, make_train_st
 log = logging.getLogger(__name__)
 _FAMILY_SALT = "reflax-warm-start-families"
 REFLECTIONS_FILE = "reflections.jsonl"  # in <workdir>/warm_start: the sampled reflection rows
-KINDS = ("answer", "episode", "reflection")
+KINDS = ("answer", "episode", "reflection", "retry")
 
 
 def _ended(rt: Runtime, text: str) -> list[int]:
@@ -142,23 +149,53 @@ def cached_reflections(
     return rows
 
 
-def step_kinds(steps: int, episode_fraction: float, reflection_fraction: float) -> list[str]:
+def retry_rows(
+    rt: Runtime, examples: Sequence[dict], reflections: Sequence[list[Segment]]
+) -> list[list[Segment]]:
+    """Retry rows: each reflection row (`cached_reflections` of `examples`, in order) as
+    context, the retry instruction, then the example's reference answer, the only loss."""
+    tok, task = rt.tok, rt.task
+    rows = []
+    for ex, (prefix, refl) in zip(examples, reflections, strict=True):
+        turn = tok.close_assistant(refl.ids) + tok.user_turn_ids(task.retry_instruction(ex))
+        rows.append(
+            [
+                Segment(prefix.ids),
+                Segment(refl.ids),
+                Segment(after_sampled(tok, refl.ids, turn)),
+                Segment(answer_ids(rt, ex), True),
+            ]
+        )
+    return rows
+
+
+def step_kinds(
+    steps: int, episode_fraction: float, reflection_fraction: float, retry_fraction: float = 0.0
+) -> list[str]:
     """The row kind of each warm-start step (`KINDS`), each share spread evenly: an episode
-    step whenever the running share of episode steps falls behind `episode_fraction`, and
-    among the other steps a reflection step likewise, so that `reflection_fraction` of
-    all steps are reflection steps; the rest are answer steps."""
+    step whenever the running share of episode steps falls behind `episode_fraction`, among
+    the other steps a reflection step likewise, and among the rest a retry step, so that
+    each fraction of all steps is its kind's; the remaining steps are answer steps."""
 
     def due(fraction: float, i: int) -> bool:
         return int((i + 1) * fraction) > int(i * fraction)
 
-    rest_share = reflection_fraction / (1 - episode_fraction) if episode_fraction < 1 else 0.0
-    kinds, rest = [], 0
+    def share(fraction: float, left: float) -> float:
+        return fraction / left if left > 0 else 0.0
+
+    refl_share = share(reflection_fraction, 1 - episode_fraction)
+    retry_share = share(retry_fraction, 1 - episode_fraction - reflection_fraction)
+    kinds, rest, rest2 = [], 0, 0
     for s in range(steps):
         if due(episode_fraction, s):
             kinds.append("episode")
-        else:
-            kinds.append("reflection" if due(rest_share, rest) else "answer")
-            rest += 1
+            continue
+        rest += 1
+        if due(refl_share, rest - 1):
+            kinds.append("reflection")
+            continue
+        rest2 += 1
+        kinds.append("retry" if due(retry_share, rest2 - 1) else "answer")
     return kinds
 
 
@@ -212,7 +249,7 @@ def warm_start(
         )
     examples = train_problems(rt, "warm_start")
     rng = random.Random(rt.config.seed + 1)
-    kinds = step_kinds(c.steps, c.episode_fraction, c.reflection_fraction)
+    kinds = step_kinds(c.steps, c.episode_fraction, c.reflection_fraction, c.retry_fraction)
     rows: dict[str, list[list[Segment]]] = {kind: [] for kind in KINDS}
     enriched = []
     for ex in examples:
@@ -223,7 +260,8 @@ def warm_start(
             )
             if c.episode_fraction > 0:
                 rows["episode"].append(episode_segments(rt, ex))
-            if "reflection" in kinds and len(enriched) < c.reflection_rows:
+            sampled = "reflection" in kinds or "retry" in kinds
+            if sampled and len(enriched) < c.reflection_rows:
                 reflection_prefix(rt, ex)  # every template's field is there
                 enriched.append(ex)
         except KeyError as e:
@@ -232,6 +270,7 @@ def warm_start(
             ) from None
     if enriched:  # sampled by the initial model, before any step changes it
         rows["reflection"] = cached_reflections(rt, params, enriched, ckpt.directory)
+        rows["retry"] = retry_rows(rt, enriched, rows["reflection"])
     # Each kind's rows go in their own batches, padded only to their own length (a multiple
     # of 32, at most seq_len): one compiled shape per kind, far fewer pad tokens.
     used = sorted(set(kinds), key=KINDS.index)
@@ -264,6 +303,11 @@ def warm_start(
                 seq_len=lengths[kind],
                 pad_id=rt.tok.pad_id,
             )
+            if stats.dropped_too_long == len(groups):
+                raise ValueError(
+                    f"warm start step {step + 1}: every {kind} row is longer than "
+                    f"warm_start.seq_len={c.seq_len}; raise it"
+                )
             # group_size 1 gives zero advantages; supervised rows all get advantage 1
             host = host.replace(
                 advantages=np.ones_like(host.advantages) * (host.loss_mask.sum(1) > 0)

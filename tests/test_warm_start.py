@@ -23,8 +23,10 @@ from reflax.sampling import SamplingSpec
 from reflax.tasks.countdown import CountdownTask
 from reflax.warm_start import (
     REFLECTIONS_FILE,
+    answer_ids,
     cached_reflections,
     reflection_prefix,
+    retry_rows,
     split_families,
     step_kinds,
     train_problems,
@@ -204,6 +206,11 @@ def test_step_kinds_spread_each_share_and_keep_the_episode_schedule():
     # without reflection rows the episode steps fall where they always did
     old = [int((s + 1) * 0.8) > int(s * 0.8) for s in range(25)]
     assert [k == "episode" for k in step_kinds(25, 0.8, 0.0)] == old
+    # retry steps come out of the answer steps only: the other kinds fall where they did
+    both = step_kinds(40, 0.0, 0.25, 0.25)
+    assert (both.count("reflection"), both.count("retry"), both.count("answer")) == (10, 10, 20)
+    assert [k == "reflection" for k in both] == [k == "reflection" for k in step_kinds(40, 0, 0.25)]
+    assert "retry" in both[:4]  # spread, not bunched at the end
 
 
 def test_reflection_rows_are_the_initial_models_samples_with_loss_on_them_alone(tmp_path):
@@ -249,6 +256,15 @@ def test_reflection_rows_are_the_initial_models_samples_with_loss_on_them_alone(
         assert np.asarray(host.tokens[b][:n]).tolist() == p + d
         loss = np.flatnonzero(np.asarray(host.loss_mask[b]))
         assert loss.tolist() == list(range(len(p), n))  # the reflection's tokens, only them
+    # retry rows: the same context and sampled reflection, then the retry turn and the
+    # reference answer, the only loss
+    retries = retry_rows(rt, examples, rows)
+    for ex, (prefix, refl), row in zip(examples, rows, retries):
+        assert [sg.ids for sg in row[:2]] == [prefix.ids, refl.ids]
+        assert [sg.trainable for sg in row] == [False, False, False, True]
+        assert row[3].ids == answer_ids(rt, ex)
+        turn = rt.tok.decode(row[2].ids)
+        assert rt.task.retry_instruction(ex) in turn
     # cached: another model (or a resumed run) reads the same rows back
     other = jax.tree.map(lambda x: x + 1.0, params)
     again = cached_reflections(rt, other, examples, str(tmp_path))
@@ -260,6 +276,10 @@ def test_reflection_rows_are_the_initial_models_samples_with_loss_on_them_alone(
     logged = (tmp_path / "metrics.jsonl").read_text()
     assert "warm_start/nll_reflection" in logged and "warm_start/nll_answer" in logged
     assert (tmp_path / "warm_start" / REFLECTIONS_FILE).exists()
+    # a step whose every row is too long is an error, not a step that trains nothing
+    rt.config.warm_start.seq_len = 16
+    with pytest.raises(ValueError, match="longer than warm_start.seq_len=16; raise it"):
+        warm_start(rt, params, str(tmp_path / "short"), MetricsWriter(str(tmp_path / "short")))
 
 
 def test_reflection_keys_are_validated():
@@ -272,4 +292,7 @@ def test_reflection_keys_are_validated():
         validate(c)
     c.warm_start.update(wrong_template="{wrong}", reflection_rows=0)
     with pytest.raises(ValueError, match="reflection_rows >= 1"):
+        validate(c)
+    c.warm_start.update(reflection_rows=4, reflection_fraction=0.5, retry_fraction=0.6)
+    with pytest.raises(ValueError, match="retry_fraction must be in"):
         validate(c)
