@@ -122,6 +122,14 @@ def initialize(settings: ClusterSettings = ClusterSettings()) -> tuple[int, int]
     finally:
         watchdog.cancel()
     log.info("process %d of %d", jax.process_index(), jax.process_count())
+    if jax.process_count() > 1 and jax.devices()[0].platform == "cpu":
+        # On CPU every persistent-cache key holds the process's own topology fingerprint and
+        # only process 0 writes, so a relaunch would load process 0's programs while the
+        # others compile theirs again, and process 0 would wait in its first collective for
+        # the slowest compile (past the collectives' timeouts on a busy host; see
+        # experiments/cpu_cache_relaunch.py). Every process compiles, as on a first launch.
+        jax.config.update("jax_enable_compilation_cache", False)
+        log.info("persistent compilation cache off (a multi-process CPU cluster)")
     return jax.process_index(), jax.process_count()
 
 
