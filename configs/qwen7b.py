@@ -7,7 +7,7 @@ try beats vanilla Qwen2-72B's.
 
 Hardware: a TPU v5e-32 (32 chips of 16 GiB), the smallest slice measured to fit, FSDP
 over every chip and one micro-batch (one packed group per chip): the TPU compiler puts
-the rollout's peak at 9.5 GiB per chip and the train step's at 9.0 (`python
+the rollout's peak at 9.5 GiB per chip and the train step's at 7.7 (`python
 experiments/aot_memory.py --table --rows=qwen7b@v5e-32`; the README's memory table). On
 a v5e-16 the train step needs 16.4 GiB per chip (`--rows=qwen7b@v5e-16`). With LoRA
 (`--config.lora.rank=16 --config.grpo.micro_batches=4

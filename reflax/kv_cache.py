@@ -61,8 +61,9 @@ def kv_cache_bytes(
 
 
 def shard_block(cache: KVCache, shards: int, block: jax.Array, rows: int) -> KVCache:
-    """The cache's rows of block `block` ([] int32) of size rows / shards taken from each
-    batch shard's own rows: a slice within every shard, no row crosses devices."""
+    """`rows` rows of the cache: u = rows / shards of each batch shard's own rows, from
+    row block * u of the shard (moved back to end at the shard's last row, as
+    `dynamic_slice` clamps it): a slice within every shard, no row crosses devices."""
 
     def take(a: jax.Array, axis: int, logical: tuple) -> jax.Array:
         n, u = a.shape[axis], rows // shards
