@@ -3,8 +3,14 @@
 Hardware: a TPU v5e-8 does not fit it: its eight KV heads make the rollout's cache four
 times Qwen2.5-3B's, and the one-pass retry needs 24.8 GiB of temporaries per chip (the
 train step, 4 micro-batches, peaks at 15.7; `python experiments/aot_memory.py --table
---rows=llama3p2_3b@v5e-8`), and a v5e-16's rollout peaks at 16.2 (`@v5e-16`); a chunked
-rollout gathers each chunk's cache across chips for the retry.
+--rows=llama3p2_3b@v5e-8`), and a v5e-16's rollout peaks at 16.2 (`@v5e-16`). With LoRA
+(`--config.lora.rank=16 --config.rollout.kv_cache_bytes=1073741824`: rank 16 on every
+projection, rollout calls of at most 1 GiB of KV cache a chip) the smallest slice
+measured to fit is a v5e-8: the rollout peaks at 11.2 GiB per chip (7 of them the
+reflections' caches kept for the retry) and the train step at 5.1, 30% of the HBM free
+(`aot_memory.py --table` with
+    --rows=llama3p2_3b:lora.rank=16:grpo.micro_batches=4:rollout.kv_cache_bytes=1073741824@v5e-8
+).
 Llama's gated weights and the gated Salesforce/xlam-function-calling-60k both need
 accepted terms and a Hub login. The 12,000 held-out queries are the evaluation set.
 Should reach: no published number is recorded in reflax for this model (the paper lists

@@ -6,7 +6,14 @@
 (after `python -m reflax.collect_failures --config=configs/qwen2p5_7b.py
 --output=$W/failures.jsonl`). Hardware: a TPU v5e-32, FSDP over its 32 chips, one
 micro-batch of 32 packed groups: the rollout peaks at 7.3 GiB per chip and the train step
-at 8.3 (`python experiments/aot_memory.py --table --rows=qwen2p5_7b@v5e-32`).
+at 8.3 (`python experiments/aot_memory.py --table --rows=qwen2p5_7b@v5e-32`). With LoRA
+(`--config.lora.rank=16 --config.grpo.micro_batches=4
+--config.rollout.kv_cache_bytes=1073741824`: rank 16 on every projection, one packed
+group per chip per micro-batch, rollout calls of at most 1 GiB of KV cache a chip) the
+smallest slice measured to fit is a v5e-8: the rollout peaks at 10.2 GiB per chip and
+the train step at 8.5, 37% of the HBM free (`aot_memory.py --table` with
+    --rows=qwen2p5_7b:lora.rank=16:grpo.micro_batches=4:rollout.kv_cache_bytes=1073741824@v5e-8
+).
 Data: Jiayi-Pan/Countdown-Tasks-3to4 from the Hub; 15,000 problems held out by a fixed
 hash and evaluated.
 Should reach on the 15,000: vanilla 31.7 first try (second try not among reflax's recorded

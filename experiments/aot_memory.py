@@ -26,6 +26,9 @@ keeps alive around the programs are added to find the peak of each phase:
 Weights alive during both phases (per device): the train state (master params and two
 AdamW moments, sharded) and the KL reference in `grpo.ref_dtype` when the config has a KL
 term (`reflax.train` casts the initial weights to it and keeps no other copy of them).
+With LoRA (`lora.rank` > 0) the state holds the adapters and their moments, the frozen
+base is the reference (held once, in `model.param_dtype`), and the sampler reads base +
+adapters (no merged copy), as `reflax.train` builds them.
 peak(rollout) = the largest program's total + the weights that are not its arguments +
 the other chunks' kept caches; peak(train step) = the step's total (all weights are its
 arguments). On TPU, "auto" attention is splash attention (train step and prefill) and
@@ -50,7 +53,8 @@ e.g. to try `grpo.micro_batches=16` or `rollout.kv_cache_bytes=2e9`):
     python experiments/aot_memory.py --config=qwen1p5b --chip=v5e --mesh=fsdp=8
 
 The README's table (every paper config on the slices of `TABLE`; results appended to
-`RESULTS`, rows chosen with `--rows=qwen7b@v5e-16,...`; `--print_table` prints the file):
+`RESULTS`, rows chosen with `--rows=qwen7b@v5e-16,...`, a row's own overrides after its
+config, `qwen7b:lora.rank=16@v5e-8`; `--print_table` prints the file):
 
     python experiments/aot_memory.py --table
 
@@ -126,11 +130,19 @@ from experiments.aot_programs import (  # noqa: E402
     tree_bytes,
     weight_terms,
 )
+from experiments.aot_slices import (  # noqa: E402
+    CHIP_HBM_GIB,
+    GIB,
+    parse_slice,
+    slice_name,
+    tpu_devices,
+)
 from experiments.model_shapes import MODELS  # noqa: E402
 from reflax.batch import PackLengths  # noqa: E402
 from reflax.episodes import RolloutSettings, own_tokens_bound  # noqa: E402
 from reflax.models import ModelConfig  # noqa: E402
 from reflax.models.attention_kernels import Layout, block_size  # noqa: E402
+from reflax.models.lora import LoraSpec  # noqa: E402
 from reflax.sampler import resolve_cache_dtype  # noqa: E402
 from reflax.sharding import make_mesh  # noqa: E402
 from reflax.trainer import StepConfig  # noqa: E402
@@ -152,30 +164,18 @@ __all__ = [  # the compile layer, re-exported for one import
     "weight_terms",
 ]
 
-GIB = 1024**3
-CHIP_HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
-# chips -> topology of a slice (`jax.experimental.topologies` names); v4 and v5p chips are
-# one megacore device each, and their slices are named by TensorCores (v4-32: 16 chips)
-_TOPOLOGY_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16"}
-_TOPOLOGY_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4"}
-TOPOLOGIES = {"v4": _TOPOLOGY_3D, "v5e": _TOPOLOGY_2D, "v5p": _TOPOLOGY_3D, "v6e": _TOPOLOGY_2D}
-CORES_PER_CHIP = {"v4": 2, "v5e": 1, "v5p": 2, "v6e": 1}
-V5E_HBM_BYTES = CHIP_HBM_GIB["v5e"] * GIB
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "aot_memory.json"
 FLOPS = REPO / "experiments" / "aot_flops.json"
-# The README table: each paper config on the slices it is checked on (FSDP over every chip)
-TABLE: tuple[tuple[str, str], ...] = (
-    ("qwen1p5b", "v5e-8"),
-    ("qwen2p5_1p5b", "v5e-8"),
-    ("qwen2p5_3b", "v5e-8"),
-    ("llama3p2_3b", "v5e-8"),
-    ("qwen7b", "v5e-16"),
-    ("qwen2p5_7b", "v5e-16"),
-    ("llama3p1_8b", "v5e-16"),
-    ("qwen7b", "v5e-32"),
-    ("qwen2p5_7b", "v5e-32"),
-    ("llama3p1_8b", "v5e-32"),
+# The README table: each paper config on the slices it is checked on (FSDP over every
+# chip), full fine-tuning and with LoRA adapters (`parse_row`: config[:key=value...]@slice)
+# LoRA on a v5e-8: rank 16 on every projection (the config's default targets), one packed
+# group per chip per micro-batch, the rollout in calls of at most 1 GiB of KV cache a chip
+LORA = "lora.rank=16:grpo.micro_batches=4:rollout.kv_cache_bytes=1073741824"
+TABLE: tuple[str, ...] = (
+    *(f"{c}@v5e-8" for c in ("qwen1p5b", "qwen2p5_1p5b", "qwen2p5_3b", "llama3p2_3b")),
+    *(f"{c}@{s}" for s in ("v5e-16", "v5e-32") for c in ("qwen7b", "qwen2p5_7b", "llama3p1_8b")),
+    *(f"{c}:{LORA}@v5e-8" for c in ("qwen7b", "qwen2p5_7b", "llama3p1_8b", "llama3p2_3b")),
 )
 
 DEFAULT_MESH = "fsdp=8"
@@ -193,31 +193,6 @@ def parse_mesh(spec: str) -> dict[str, int]:
             raise ValueError(f"mesh axis {part!r} is not name=size (in {spec!r})")
         out[name.strip()] = int(size)
     return out
-
-
-def slice_name(chip: str, chips: int) -> str:
-    """ "v5e", 16 -> "v5e-16"; "v4", 16 -> "v4-32" (v4 and v5p count TensorCores)."""
-    return f"{chip}-{chips * CORES_PER_CHIP[chip]}"
-
-
-def parse_slice(name: str) -> tuple[str, int]:
-    """ "v5e-16" -> ("v5e", 16 chips); "v4-32" -> ("v4", 16 chips)."""
-    chip, _, cores = name.partition("-")
-    if chip not in CORES_PER_CHIP or not cores.isdigit():
-        raise ValueError(f"slice {name!r} is not <chip>-<cores> with chip in {sorted(TOPOLOGIES)}")
-    return chip, int(cores) // CORES_PER_CHIP[chip]
-
-
-def tpu_devices(chip: str, chips: int) -> list[Any]:
-    """Described (not attached) TPU devices of a slice: the TPU compiler can compile for
-    them without a TPU (needs libtpu: `pip install 'jax[tpu]'`)."""
-    from jax.experimental import topologies  # loads libtpu: only when a TPU is described
-
-    if chips not in TOPOLOGIES[chip]:
-        raise ValueError(f"no {chip} topology of {chips} chips; known: {sorted(TOPOLOGIES[chip])}")
-    kwargs = {"chip_config_name": "megacore"} if CORES_PER_CHIP[chip] == 2 else {}
-    name = f"{chip}:{TOPOLOGIES[chip][chips]}"
-    return list(topologies.get_topology_desc(name, "tpu", **kwargs).devices)
 
 
 def load_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
@@ -254,7 +229,7 @@ class StepShapes:
     param_dtype: Any
     dtype: Any
     cache_dtype: Any  # resolved for the platform
-    ref_dtype: Any | None  # None: no KL term, no reference
+    ref_dtype: Any | None  # None: no KL term, no reference (LoRA: the base's, param_dtype)
     remat: bool
     rollout: RolloutShapes
     kv_cache_bytes: int
@@ -262,6 +237,7 @@ class StepShapes:
     train_slots: int  # slots per row
     packed: tuple[int, int] | None  # (prefix region, group size) of a packed row
     step: StepConfig
+    adapters: LoraSpec | None = None  # `lora.rank` > 0: the run trains LoRA adapters
 
     @property
     def layout(self) -> str:
@@ -289,6 +265,7 @@ class StepShapes:
             ref_dtype=self.ref_dtype,
             remat=self.remat,
             compiler_options=compiler_options,
+            adapters=self.adapters,
         )
 
 
@@ -301,6 +278,7 @@ def step_shapes(c: Any, platform: str, unpacked: bool = False) -> StepShapes:
     U, G, T = r.groups_per_step, r.group_size, r.seq_len
     dtype = jnp.dtype(c.model.dtype)
     with_ref = g.beta > 0 or g.anchor_beta > 0
+    adapters = LoraSpec.from_config(c.lora)
     step = StepConfig.from_config(c)
     if not with_ref:
         step = dataclasses.replace(step, beta=0.0, anchor_beta=0.0)
@@ -322,7 +300,11 @@ def step_shapes(c: Any, platform: str, unpacked: bool = False) -> StepShapes:
         param_dtype=jnp.dtype(c.model.param_dtype),
         dtype=dtype,
         cache_dtype=resolve_cache_dtype(r.cache_dtype, dtype, platform),
-        ref_dtype=jnp.dtype(g.ref_dtype) if with_ref else None,
+        ref_dtype=(
+            jnp.dtype(c.model.param_dtype)
+            if adapters
+            else (jnp.dtype(g.ref_dtype) if with_ref else None)
+        ),
         remat=bool(c.model.remat),
         rollout=RolloutShapes(
             groups=U,
@@ -337,6 +319,7 @@ def step_shapes(c: Any, platform: str, unpacked: bool = False) -> StepShapes:
         train_slots=slots,
         packed=packed,
         step=step,
+        adapters=adapters,
     )
 
 
@@ -367,20 +350,18 @@ def measure(
     compiler_options: dict[str, Any] | None = None,
 ) -> Measurement:
     """Compile a step's rollout and train step on `mesh` and size its weight copies."""
-    weights = weight_terms(
-        s.model, mesh, param_dtype=s.param_dtype, dtype=s.dtype, ref_dtype=s.ref_dtype
-    )
+    kw = dict(param_dtype=s.param_dtype, dtype=s.dtype, adapters=s.adapters)
+    weights = weight_terms(s.model, mesh, ref_dtype=s.ref_dtype, **kw)
     ro = None
     if rollout:
         ro = compile_rollout(
             s.model,
             mesh,
             s.rollout,
-            param_dtype=s.param_dtype,
-            dtype=s.dtype,
             cache_dtype=s.cache_dtype,
             kv_cache_bytes=s.kv_cache_bytes,
             compiler_options=compiler_options,
+            **kw,
         )
     step = None
     if train:
@@ -409,10 +390,12 @@ def _program_row(label: str, res: AotResult | OutOfMemory) -> str:
 def print_measurement(s: StepShapes, m: Measurement, mesh: Mesh, budget: int) -> None:
     """Every term of one measurement, GiB per device."""
     w, shards = m.weights, mesh.shape["data"] * mesh.shape["fsdp"]
-    print(_row(f"train state ({s.param_dtype.name} params + 2 AdamW moments)", w.state))
-    print(_row("  of which params (read by sampler and train step)", w.params))
+    lo = s.adapters
+    trained = f"LoRA r={lo.rank} adapters" if lo else "params"
+    print(_row(f"train state ({s.param_dtype.name} {trained} + 2 AdamW moments)", w.state))
+    print(_row("policy params (read by sampler and train step)", w.params))
     ref = f"KL reference ({s.ref_dtype.name if s.ref_dtype else 'none'})"
-    print(_row(ref, w.ref, "initial params: no other copy kept"))
+    print(_row(ref, w.ref, "the frozen base" if lo else "initial params: no other copy kept"))
     print(_row(f"sampler's weights in {s.dtype.name}", w.views, "in the programs' temp"))
     header = (
         f"  {'program':<30}{'args':>7}{'output':>7}{'alias':>7}{'temp':>7}{'code':>7}"
@@ -463,7 +446,9 @@ def print_measurement(s: StepShapes, m: Measurement, mesh: Mesh, budget: int) ->
         print(_row("PEAK train step", peak or 0, fit))
 
 
-def summary(name: str, slice_: str, c: Any, s: StepShapes, m: Measurement, budget: int) -> dict:
+def summary(
+    name: str, slice_: str, c: Any, s: StepShapes, m: Measurement, budget: int, sets: list[str]
+) -> dict:
     """One table row (GiB per device), as written to RESULTS."""
     peaks = m.peaks()
     gib = lambda n: None if n is None else round(n / GIB, 3)
@@ -479,6 +464,7 @@ def summary(name: str, slice_: str, c: Any, s: StepShapes, m: Measurement, budge
     return dict(
         config=name,
         slice=slice_,
+        overrides=sets,  # --set key=value of the row (e.g. lora.rank=16)
         budget_gib=budget / GIB,
         settings=dict(
             micro_batches=c.grpo.micro_batches,
@@ -489,6 +475,7 @@ def summary(name: str, slice_: str, c: Any, s: StepShapes, m: Measurement, budge
             ref_dtype=s.ref_dtype.name if s.ref_dtype else None,
             train_layout=s.layout,
             chunks=m.rollout.chunks if m.rollout else None,
+            lora_rank=s.adapters.rank if s.adapters else 0,
         ),
         state_gib=gib(m.weights.state),
         ref_gib=gib(m.weights.ref),
@@ -509,7 +496,9 @@ def train_cost(res: AotResult) -> dict[str, float]:
 
 
 def table_lines(rows: list[dict]) -> list[str]:
-    """The README table of RESULTS rows."""
+    """The README table of RESULTS rows, in TABLE's order (others after)."""
+    spec = lambda r: ":".join([r["config"], *r.get("overrides", [])]) + "@" + r["slice"]
+    rows = sorted(rows, key=lambda r: (TABLE + (spec(r),)).index(spec(r)))
     out = [
         "| config | slice | micro-batches | rollout chunks | rollout peak | train peak | fits "
         "(headroom) |",
@@ -520,9 +509,13 @@ def table_lines(rows: list[dict]) -> list[str]:
         cell = lambda v: "does not fit a chip" if v is None else f"{v:.2f} GiB"
         fit = "no" if not r["fits"] else "yes"
         if r["headroom"] is not None:
-            fit += f" ({100 * r['headroom']:.0f}%)"
+            fit += f" ({100 * r['headroom']:.1f}%)"
+        sets = r.get("overrides", [])
+        name = (
+            f"{r['config']} + LoRA" if sets == LORA.split(":") else " ".join([r["config"], *sets])
+        )
         out.append(
-            f"| {r['config']} | {r['slice']} | {st['micro_batches']} | {st['chunks']} | "
+            f"| {name} | {r['slice']} | {st['micro_batches']} | {st['chunks']} | "
             f"{cell(r['rollout_peak_gib'])} | {cell(r['train_peak_gib'])} | {fit} |"
         )
     return out
@@ -536,23 +529,35 @@ def _devices(backend: str, chip: str, chips: int) -> list[Any]:
     return tpu_devices(chip, chips) if backend == "tpu" else jax.devices()[:chips]
 
 
-def run_table(rows: list[tuple[str, str]], backend: str, path: Path, overrides: list[str]) -> int:
-    """Measure each (config, slice) with FSDP over every chip; each row replaces its
-    earlier result in `path` as soon as it is measured."""
+def parse_row(spec: str) -> tuple[str, list[str], str]:
+    """ "qwen7b:lora.rank=16@v5e-8" -> ("qwen7b", ["lora.rank=16"], "v5e-8")."""
+    head, at, slice_ = spec.rpartition("@")
+    if not at:
+        raise SystemExit(f"table row {spec!r} is not config[:key=value...]@slice")
+    name, *sets = head.split(":")
+    return name, sets, slice_
+
+
+def run_table(rows: list[str], backend: str, path: Path, overrides: list[str]) -> int:
+    """Measure each row (`parse_row`) with FSDP over every chip; each row replaces its
+    earlier result (same config, slice and overrides) in `path` once it is measured."""
     status = 0
-    for name, slice_ in rows:
+    for spec in rows:
+        name, sets, slice_ = parse_row(spec)
+        sets = [*overrides, *sets]
         chip, chips = parse_slice(slice_)
         devices = _devices(backend, chip, chips)
-        c = load_config(name, overrides)
+        c = load_config(name, sets)
         s = step_shapes(c, devices[0].platform)
         mesh = make_mesh({"fsdp": chips}, devices=devices)
         budget = CHIP_HBM_GIB[chip] * GIB
         t0 = time.perf_counter()
         m = measure(s, mesh)
-        row = summary(name, slice_, c, s, m, budget)
-        print(f"\n{name} on {slice_} ({time.perf_counter() - t0:.0f} s)")
+        row = summary(name, slice_, c, s, m, budget, sets)
+        print(f"\n{spec} ({time.perf_counter() - t0:.0f} s)")
         print_measurement(s, m, mesh, budget)
-        done = [r for r in _read_results(path) if (r["config"], r["slice"]) != (name, slice_)]
+        key = lambda r: (r["config"], r["slice"], r.get("overrides", []))
+        done = [r for r in _read_results(path) if key(r) != key(row)]
         path.write_text(json.dumps([*done, row], indent=1) + "\n")
         status |= 0 if row["fits"] else 1
     return status
@@ -616,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unpacked", action="store_true", help="train step on one row per sample")
     p.add_argument("--fast_compile", action="store_true", help="compile with FAST_COMPILE options")
     p.add_argument("--table", action="store_true", help="measure the README table's rows")
-    p.add_argument("--rows", help="table rows, config@slice,... (default: TABLE)")
+    p.add_argument("--rows", help="config[:key=value...]@slice,... (default: TABLE)")
     p.add_argument("--print_table", action="store_true", help="print RESULTS as the table")
     p.add_argument("--flops", help="config@slice: XLA vs splash cost of the packed step")
     p.add_argument("--impls", default="xla,splash", help="--flops: attention paths compiled")
@@ -634,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         run_flops(*a.flops.split("@"), backend, a.set, a.impls.split(","))
         return 0
     if a.table:
-        rows = [tuple(r.split("@")) for r in a.rows.split(",")] if a.rows else list(TABLE)
+        rows = a.rows.split(",") if a.rows else list(TABLE)
         status = run_table(rows, backend, path, a.set)
         print("\n" + "\n".join(table_lines(_read_results(path))))
         return status

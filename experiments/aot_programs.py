@@ -17,8 +17,9 @@ from jax.sharding import Mesh
 
 from reflax import optim
 from reflax.batch import Batch, batch_shardings
-from reflax.models import ModelConfig, abstract_model
+from reflax.models import ModelConfig, abstract_model, lora
 from reflax.models.attention_kernels import Layout, block_size, layout_mask
+from reflax.models.lora import LoraSpec
 from reflax.sampler import CachedRows, Sampler, bucket_size, kv_slot_bytes
 from reflax.sharding import param_shardings
 from reflax.trainer import (
@@ -105,10 +106,28 @@ def _as_dtype(tree: Any, dtype: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding), tree)
 
 
-def abstract_params(config: ModelConfig, mesh: Mesh, **model_kwargs: Any) -> tuple[Any, Any]:
-    """(graphdef, params as ShapeDtypeStructs with their shardings on the mesh)."""
-    graphdef, params = nnx.split(abstract_model(config, **model_kwargs))
+def abstract_params(
+    config: ModelConfig, mesh: Mesh, adapters: LoraSpec | None = None, **model_kwargs: Any
+) -> tuple[Any, Any]:
+    """(graphdef, params as ShapeDtypeStructs with their shardings on the mesh); with
+    `adapters`, the model carries LoRA adapters as `reflax.train` attaches them (params:
+    base + adapters, the policy the sampler reads)."""
+    model = abstract_model(config, **model_kwargs)
+    if adapters is not None:
+        lora.attach(model, adapters)
+    graphdef, params = nnx.split(model)
     return graphdef, _with_sharding(params, param_shardings(params, mesh))
+
+
+def trained_and_ref(
+    params: Any, adapters: LoraSpec | None, ref_dtype: Any | None
+) -> tuple[Any, Any | None]:
+    """(what the train state trains, the KL reference) as `reflax.train` splits them: the
+    adapters and the frozen base itself (LoRA, no copy), or every weight and a copy of the
+    initial weights in `ref_dtype` (None: no KL term, no reference)."""
+    if adapters is not None:
+        return lora.split(params)
+    return params, None if ref_dtype is None else _as_dtype(params, ref_dtype)
 
 
 def abstract_state(params: Any, mesh: Mesh) -> tuple[Any, TrainState]:
@@ -172,25 +191,28 @@ def compile_train_step(
     remat: bool = True,
     compiler_options: dict[str, Any] | None = None,
     packed: tuple[int, int] | None = None,
+    adapters: LoraSpec | None = None,
 ) -> AotResult:
     """Lower and compile `reflax.trainer`'s sharded train step from abstract shapes only.
 
     The step is built exactly as `reflax.train` builds it (`make_train_step` +
     `jit_train_step`, state donated); `ref_dtype=None` compiles it without KL reference
     params. `packed=(prefix_len, group_size)`: `batch_size` group-packed rows of `seq_len`
-    slots (`reflax.batch`). `compiler_options` go to `Lowered.compile` (e.g.
-    `FAST_COMPILE`). Returns the compiled step, its per-device memory and the abstract
-    (state, batch, ref).
+    slots (`reflax.batch`). `adapters`: a LoRA step, the state holding the adapters and
+    their moments, the frozen base its reference (`ref_dtype` unused). `compiler_options`
+    go to `Lowered.compile` (e.g. `FAST_COMPILE`). Returns the compiled step, its
+    per-device memory and the abstract (state, batch, ref).
     """
-    graphdef, params = abstract_params(
-        config, mesh, param_dtype=param_dtype, dtype=dtype, remat=remat
-    )
-    tx, state = abstract_state(params, mesh)
+    kw = dict(param_dtype=param_dtype, dtype=dtype, remat=remat)
+    graphdef, params = abstract_params(config, mesh, adapters, **kw)
+    trained, ref = trained_and_ref(params, adapters, ref_dtype)
+    tx, state = abstract_state(trained, mesh)
     batch = Batch.abstract(batch_size, seq_len, *(packed or ()))
     batch = _with_sharding(batch, batch_shardings(batch, mesh))
-    ref = None if ref_dtype is None else _as_dtype(state.params, ref_dtype)
-    step = make_train_step(graphdef, tx, step_config)
-    fn = jit_train_step(step, state, batch, mesh, with_ref=ref is not None)
+    # LoRA: the base model's graph runs the reference (as reflax.train's base_graphdef)
+    ref_graphdef = None if adapters is None else nnx.graphdef(abstract_model(config, **kw))
+    step = make_train_step(graphdef, tx, step_config, ref_graphdef)
+    fn = jit_train_step(step, state, batch, mesh, ref is not None, ref)
     with jax.set_mesh(mesh):
         t0 = time.perf_counter()
         lowered = fn.lower(state, batch, ref)
@@ -244,13 +266,16 @@ def compile_rollout(
     cache_dtype: Any = jnp.bfloat16,
     kv_cache_bytes: int = 0,
     compiler_options: dict[str, Any] | None = None,
+    adapters: LoraSpec | None = None,
 ) -> RolloutAot:
     """Lower and compile the sampler's programs of one `reflect_and_retry` from abstract
     shapes: the policy's params (as the train state holds them) on the mesh, a `Sampler`
     built as `reflax.runtime.build` builds it, the reflect call (`sample`, G samples per
     prefix, cache kept) and the retry call (`continue_rows` of every row, one sample each);
-    with `kv_cache_bytes`, the first chunk's program of each."""
-    graphdef, params = abstract_params(config, mesh, param_dtype=param_dtype, dtype=dtype)
+    with `kv_cache_bytes`, the first chunk's program of each. `adapters`: the sampler of a
+    LoRA run, on base + adapters (no merged copy)."""
+    kw = dict(param_dtype=param_dtype, dtype=dtype)
+    graphdef, params = abstract_params(config, mesh, adapters, **kw)
     sampler = Sampler(
         graphdef,
         mesh,
@@ -312,14 +337,15 @@ def kv_cache_bytes(config: ModelConfig, rows: int, slots: int, dtype: Any, shard
 class WeightTerms:
     """Per-device bytes of the weight copies a run keeps alive (from the shardings)."""
 
-    state: int  # master params + AdamW moments + step
-    params: int  # the master params (what the sampler and the train step read)
-    ref: int  # the KL reference (0: no KL term)
+    state: int  # trained params + AdamW moments + step (LoRA: the adapters')
+    params: int  # the policy's master params the sampler reads (LoRA: base + adapters)
+    ref: int  # the KL reference (0: no KL term; LoRA: the frozen base, the policy's own)
     views: int  # the sampler's copy of the weights in the compute dtype (inside its temp)
 
     @property
     def resident(self) -> int:
-        """Alive through the whole step: train state and reference."""
+        """Alive through the whole step: train state and reference (under LoRA the base
+        and the adapters, each once)."""
         return self.state + self.ref
 
 
@@ -330,14 +356,15 @@ def weight_terms(
     param_dtype: Any = jnp.float32,
     dtype: Any = jnp.bfloat16,
     ref_dtype: Any | None = jnp.float32,
+    adapters: LoraSpec | None = None,
 ) -> WeightTerms:
-    _, params = abstract_params(config, mesh, param_dtype=param_dtype, dtype=dtype)
-    _, state = abstract_state(params, mesh)
-    ref = 0 if ref_dtype is None else tree_bytes(_as_dtype(params, ref_dtype), shard=True)
+    _, params = abstract_params(config, mesh, adapters, param_dtype=param_dtype, dtype=dtype)
+    trained, ref = trained_and_ref(params, adapters, ref_dtype)
+    _, state = abstract_state(trained, mesh)
     return WeightTerms(
         state=tree_bytes(state, shard=True),
         params=tree_bytes(params, shard=True),
-        ref=ref,
+        ref=tree_bytes(ref, shard=True),
         views=tree_bytes(_as_dtype(params, dtype), shard=True),
     )
 

@@ -37,7 +37,7 @@ Conventions
   it ran out of `max_new_tokens`.
 * Randomness. Row b (of the final, post-repeat batch) samples step t with key
   `fold_in(fold_in(rng, b), t)`, b counted over the whole call (`generate`'s
-  `row_offset`: a call sampled in chunks draws the tokens of one pass). With
+  `row_ids`: a call sampled in chunks draws the tokens of one pass). With
   prefix sharing, output row `u * G + g` is sample g of prompt u, which is exactly
   the row index the same prompts repeated G times would have without sharing: both
   paths draw the same tokens under the same rng. Keys do not depend on the padded
@@ -325,17 +325,19 @@ def generate(
     num_samples: int,
     gen_len: int,
     keep_cache: bool = True,
-    row_offset: jax.Array | int = 0,  # [] int32: global index of this block's first row
+    row_ids: jax.Array | None = None,  # [U] int32: each prefix row's index in the whole call
 ) -> dict[str, Any]:
     """Prefill U rows once, then decode G = num_samples rows per prefix row (u*G+g).
 
-    Row b samples with the keys of global row `row_offset + b`, so a call cut into
-    blocks draws what the whole call draws.
+    Sample g of prefix row u samples with the keys of global row `row_ids[u] * G + g`
+    (`row_ids` None: 0..U-1), so a call cut into blocks of any rows draws what the whole
+    call draws.
     """
     logits, cache, seq_lens = prefill(model, cache, seq_lens, tokens, mask)
     G = num_samples
     logits = constrain(jnp.repeat(logits, G, axis=0), ("batch", "vocab"))
-    rows = row_offset + jnp.arange(logits.shape[0], dtype=jnp.int32)
+    ids = jnp.arange(tokens.shape[0], dtype=jnp.int32) if row_ids is None else row_ids
+    rows = (ids[:, None] * G + jnp.arange(G, dtype=jnp.int32)).reshape(-1)
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, rows)
     return decode(
         model,

@@ -11,7 +11,10 @@ its whole completion) is gathered, the cache grown, and `new_turns[i]` (ragged) 
 written left-padded into the next block of slots, with positions continuing from
 the row's true length. That cache is the prefix of the new decode (with G samples
 per continued row), so continuing equals sampling from scratch on prompt +
-completion + new turn.
+completion + new turn. A continuation of every row in order that `kv_cache_bytes`
+cuts smaller than a kept cache takes, on every batch shard, one block of that shard's
+own rows per call (`shard_block`): no row crosses devices, where a gather of rows
+would all-gather the cache onto every device.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from reflax.decoding import check_rope_range, generate, resize_cache
+from reflax.kv_cache import is_auto, kv_cache_bytes, kv_slot_bytes, resolve_cache_dtype, shard_block
 from reflax.models.decoder import Decoder, KVCache
 from reflax.sampling import SamplingSpec
 from reflax.sharding import (
@@ -49,15 +53,12 @@ __all__ = [
     "Sampler",
     "bucket_size",
     "kv_cache_bytes",
+    "kv_slot_bytes",
     "left_pad",
     "resolve_cache_dtype",
 ]
 
 _LOWERING_SPEC = SamplingSpec(stop_ids=(0,))  # `lower`'s default: sampled, one stop id
-
-
-def _is_auto(cache_dtype: Any) -> bool:
-    return isinstance(cache_dtype, str) and cache_dtype == "auto"
 
 
 def bucket_size(size: int, buckets: BucketSpec) -> int:
@@ -144,53 +145,20 @@ class _Shape:
 
 @dataclasses.dataclass(frozen=True)
 class _Piece:
-    """One program call of a request: block entries lo..hi-1, continuing cache `part`."""
+    """One program call of a request: block entries lo..hi-1, continuing cache `part`;
+    with `block` >= 0, row block `block` of every shard of that cache (`shard_block`),
+    `entries` each row's block entry (-1: a padding row)."""
 
     lo: int
     hi: int
     part: int = 0
+    block: int = -1
+    entries: tuple[int, ...] = ()
 
-
-def resolve_cache_dtype(cache_dtype: Any, compute_dtype: Any, platform: str) -> np.dtype:
-    """The KV cache dtype: "auto" is bfloat16 on TPU (half the cache of float32, the
-    dtype its matmul units take) and the model's compute dtype elsewhere; any other
-    value is a dtype name or dtype."""
-    if _is_auto(cache_dtype):
-        return jnp.dtype(jnp.bfloat16 if platform == "tpu" else compute_dtype)
-    return jnp.dtype(cache_dtype)
-
-
-def kv_slot_bytes(config: Any, cache_dtype: Any) -> int:
-    """Bytes of one cache slot of one row: keys and values of every layer."""
-    return (
-        config.num_layers
-        * 2
-        * config.num_kv_heads
-        * config.head_dim
-        * (jnp.dtype(cache_dtype).itemsize)
-    )
-
-
-def kv_cache_bytes(
-    config: Any,
-    cache_dtype: Any,
-    *,
-    groups: int,
-    num_samples: int,
-    prefix_size: int,
-    gen_len: int,
-    keep_cache: bool,
-    batch_shards: int = 1,
-) -> int:
-    """KV cache bytes per device of one program call: `groups` prefix rows of
-    `prefix_size` slots (the prefilled cache and its heads-first decoding copy), their
-    groups * num_samples decoding rows of `gen_len` slots, and with `keep_cache` the
-    materialised cache those rows return (prefix + gen_len slots each). Rows are split
-    over `batch_shards` devices."""
-    slot = kv_slot_bytes(config, cache_dtype)
-    rows = -(-groups * num_samples // batch_shards)
-    per_row = gen_len + (prefix_size + gen_len if keep_cache else 0)
-    return slot * (-(-groups // batch_shards) * 2 * prefix_size + rows * per_row)
+    def ids(self, rows: int) -> np.ndarray:
+        """[rows] the block entry of each of the call's rows, -1 for padding rows."""
+        ids = np.asarray(self.entries or range(self.lo, self.hi), np.int64)
+        return np.pad(ids, (0, rows - len(ids)), constant_values=-1)
 
 
 @dataclasses.dataclass
@@ -244,7 +212,7 @@ class Sampler:
         self.config = model.config if isinstance(model, nnx.Module) else None  # else at 1st call
         self.mesh = mesh
         self.cache_dtype = cache_dtype  # "auto" resolved at the first call
-        if isinstance(model, nnx.Module) or not _is_auto(cache_dtype):
+        if isinstance(model, nnx.Module) or not is_auto(cache_dtype):
             self.cache_dtype = self._resolve_cache_dtype(model)
         self.kv_cache_bytes = kv_cache_bytes
         self.prompt_buckets = prompt_buckets
@@ -259,7 +227,7 @@ class Sampler:
         platform = (
             jax.default_backend() if self.mesh is None else self.mesh.devices.flat[0].platform
         )
-        if _is_auto(self.cache_dtype) and platform != "tpu":
+        if is_auto(self.cache_dtype) and platform != "tpu":
             compute = model.dtype  # only "auto" off TPU needs the model
         else:
             compute = None
@@ -323,10 +291,10 @@ class Sampler:
         fn = self._fns.get(key)
         if fn is not None:
             return fn
-        config, num_samples, gen_len, prefix_size, keep_cache = key[1:6]
-        graphdef, cache_dtype = self.graphdef, self.cache_dtype
+        kind, config, num_samples, gen_len, prefix_size, keep_cache = key[:6]
+        graphdef, cache_dtype, shards = self.graphdef, self.cache_dtype, self._batch_shards()
 
-        def run(state, prev, tokens, mask, row_valid, rng, spec, max_new, row_offset):
+        def run(state, prev, tokens, mask, row_valid, rng, spec, max_new, row_ids):
             self._traces += 1  # runs once per trace, i.e. per compiled program
             model = nnx.merge(graphdef, state)
             if prev is None:
@@ -335,6 +303,9 @@ class Sampler:
                 seq_lens = jnp.zeros((tokens.shape[0],), jnp.int32)
             else:
                 prev_cache, seq_lens, rows = prev  # rows None: every row, in order
+                if kind == "local":  # rows: the block of every shard's own rows
+                    prev_cache = shard_block(prev_cache, shards, rows, tokens.shape[0])
+                    rows = None
                 cache = resize_cache(prev_cache, rows, prefix_size)
             return generate(
                 model,
@@ -349,7 +320,7 @@ class Sampler:
                 num_samples=num_samples,
                 gen_len=gen_len,
                 keep_cache=keep_cache,
-                row_offset=row_offset,
+                row_ids=row_ids,
             )
 
         fn = jax.jit(run, out_shardings=out_shardings, compiler_options=self.compiler_options)
@@ -389,7 +360,7 @@ class Sampler:
             raise ValueError("num_samples must be >= 1")
         if any(len(seq) == 0 for seq in block):
             raise ValueError("every prompt / new turn needs at least one token")
-        if self.config is None or _is_auto(self.cache_dtype):
+        if self.config is None or is_auto(self.cache_dtype):
             model = nnx.merge(self.graphdef, state)
             self.config = model.config
             self.cache_dtype = self._resolve_cache_dtype(model)
@@ -404,21 +375,45 @@ class Sampler:
         check_rope_range(config, longest + req.max_new_tokens)
         shape = _Shape(self._unique_rows(n, req.num_samples), C, gen_len, prefix_size)
         parts = np.zeros((n,), np.int64)
-        if prev is not None and len(prev.starts) > 1:
+        kept, S = (0 if prev is None else prev.caches[0].k.shape[1]), self._batch_shards()
+        every_row = prev is not None and np.array_equal(rows, np.arange(prev.num_rows))
+        if prev is not None and (len(prev.starts) > 1 or every_row):
             parts = np.searchsorted(np.asarray(prev.starts), rows, side="right") - 1
             # a chunk as large as a cached chunk continues it in order (no gather)
-            shape = dataclasses.replace(shape, unique_rows=prev.caches[0].k.shape[1])
+            shape = dataclasses.replace(shape, unique_rows=kept)
         if self.kv_cache_bytes:
             step = self._batch_shards() // math.gcd(self._batch_shards(), req.num_samples)
             fit = self._chunk_groups(config, shape, req, step)
             if fit < shape.unique_rows:
                 shape = dataclasses.replace(shape, unique_rows=fit)
+        if every_row and S <= shape.unique_rows < kept and kept % S == 0 and not req.keep_cache:
+            return self._plan_local(prev, shape, kept // S, S)
         pieces, lo = [], 0
         for hi in range(1, n + 1):  # runs of one cached chunk, cut to unique_rows each
             if hi == n or parts[hi] != parts[lo] or hi - lo == shape.unique_rows:
                 pieces.append(_Piece(lo, hi, int(parts[lo])))
                 lo = hi
         return shape, pieces
+
+    def _plan_local(
+        self, prev: CachedRows, shape: _Shape, local: int, shards: int
+    ) -> tuple[_Shape, list[_Piece]]:
+        """Every kept row continued in order, in calls smaller than a kept cache: call b
+        takes rows b*u.. of each shard's `local` rows (the last block moved back to end at
+        `local`, as `shard_block`'s slice is; rows an earlier call took are padding), so
+        the cache is sliced in place on every device."""
+        u = min(local, shape.unique_rows // shards)
+        ends = (*prev.starts[1:], prev.num_rows)
+        pieces = []
+        for part, (start, end) in enumerate(zip(prev.starts, ends)):
+            for b in range(-(-local // u)):
+                mine = min(b * u, local - u) + np.arange(u)  # each shard's rows of call b
+                pos = (np.arange(shards)[:, None] * local + mine).reshape(-1)
+                new = np.tile(mine >= b * u, shards) & (start + pos < end)
+                if new.any():
+                    ids = tuple(int(i) for i in np.where(new, start + pos, -1))
+                    pieces.append(_Piece(-1, -1, part, b, ids))
+        return dataclasses.replace(shape, unique_rows=u * shards), pieces
 
     def _prepare(
         self, req: _Request, shape: _Shape, piece: _Piece, abstract: bool = False
@@ -435,8 +430,8 @@ class Sampler:
             state = nnx.state(state)
         rng = jax.random.key(req.rng) if isinstance(req.rng, int) else req.rng
         config, U, C = self.config, shape.unique_rows, shape.block_len
-        block = req.block[piece.lo : piece.hi]
-        n, B = len(block), U * G
+        ids = piece.ids(U)  # [U] block entry of each row, -1: padding
+        valid, B = ids >= 0, U * G
         device_spec = spec.on_device(config.vocab_size)
         cache_shape = None
         if req.keep_cache:
@@ -444,26 +439,27 @@ class Sampler:
             cache_shape = (config.num_layers, B, cache_size, config.num_kv_heads, config.head_dim)
         lens = np.zeros((U,), np.int32)  # real tokens of each row before sampling
         if prev is not None:
-            lens[:n] = prev.seq_lens[req.rows[piece.lo : piece.hi]]
+            src = req.rows[np.maximum(ids, 0)]  # each row's row of the earlier call
+            lens = np.where(valid, prev.seq_lens[src], 0).astype(np.int32)
             prev_cache = prev.caches[piece.part]
-            rows = req.rows[piece.lo : piece.hi] - prev.starts[piece.part]
+            rows = np.where(valid, src - prev.starts[piece.part], 0).astype(np.int32)
         # continuing every row in order (a retry per reflection) needs no gather of the cache
-        in_order = prev is not None and prev_cache.k.shape[1] == U
-        in_order = in_order and np.array_equal(rows, np.arange(n))
+        in_order = prev is not None and prev_cache.k.shape[1] == U and piece.block < 0
+        in_order = in_order and np.array_equal(rows[valid], np.arange(valid.sum()))
         kind = "new" if prev is None else ("in_order" if in_order else "gather")
+        kind = "local" if piece.block >= 0 else kind
         key = (kind, config, G, shape.gen_len, shape.prefix_size, req.keep_cache, U, C)
         key += (jax.tree.structure(device_spec), *(x.shape for x in jax.tree.leaves(device_spec)))
         if prev is not None:
             key += (prev_cache.k.shape, prev_cache.k.dtype)
         fn = self._program(key, self._out_shardings(B, spec.logprobs, cache_shape))
 
-        tokens, mask = left_pad(block, C, spec.pad_id, rows=U)
-        row_valid = np.arange(U) < n
+        tokens, mask = left_pad([req.block[i] if i >= 0 else () for i in ids], C, spec.pad_id)
         prev_args = None
         if prev is not None:
-            rows_padded = np.zeros((U,), np.int32)
-            rows_padded[:n] = rows
-            rows_arg = None if in_order else put(rows_padded, ("batch",))
+            rows_arg = None if in_order else put(rows, ("batch",))
+            if kind == "local":
+                rows_arg = put(np.int32(piece.block), None)
             # every chunk continues at the slot one pass would (the most slots used)
             prev_cache = prev_cache.replace(index=put(np.int32(prev.index), None))
             prev_args = (prev_cache, put(lens, ("batch",)), rows_arg)
@@ -472,18 +468,18 @@ class Sampler:
             prev_args,
             put(tokens, ("batch", None)),
             put(mask, ("batch", None)),
-            put(row_valid, ("batch",)),
+            put(valid, ("batch",)),
             put(rng, None),
             jax.tree.map(lambda x: put(x, None), device_spec),
             put(np.int32(req.max_new_tokens), None),
-            put(np.int32(piece.lo * G), None),
+            put(np.maximum(ids, 0).astype(np.int32), ("batch",)),
         )
         return fn, args
 
     def _call(self, req: _Request) -> SampleOutput:
         shape, pieces = self._plan(req)
         G, n = req.num_samples, req.max_new_tokens
-        outs, caches, index = [], [], 0
+        outs, order, caches, index = [], [], [], 0
         for piece in pieces:
             fn, args = self._prepare(req, shape, piece)
             if self.mesh is not None:
@@ -491,13 +487,15 @@ class Sampler:
                     out = fn(*args)
             else:
                 out = fn(*args)
-            real = (piece.hi - piece.lo) * G
+            dest = (piece.ids(shape.unique_rows)[:, None] * G + np.arange(G)).reshape(-1)
             host = jax.device_get({k: v for k, v in out.items() if k != "cache"})
-            outs.append({k: np.asarray(v)[:real] for k, v in host.items()})
+            outs.append({k: np.asarray(v)[dest >= 0] for k, v in host.items()})
+            order.append(dest[dest >= 0])  # the output rows of the call's real rows
             if req.keep_cache:
                 caches.append(out["cache"])
                 index = max(index, int(jax.device_get(out["cache"].index)))
-        join = lambda k: np.concatenate([o[k] for o in outs])
+        order = np.argsort(np.concatenate(order))
+        join = lambda k: np.concatenate([o[k] for o in outs])[order]
         cached = None
         if req.keep_cache:
             starts = tuple(p.lo * G for p in pieces)

@@ -20,8 +20,9 @@ from jax._src.mesh import AbstractDevice, AbstractMesh
 
 from reflax.models import ModelConfig
 from reflax.models.attention_kernels import Layout, resolve, target_platform
+from reflax.models.lora import LoraSpec
 from reflax.sampler import kv_cache_bytes as sampler_kv_bytes
-from reflax.sharding import make_mesh
+from reflax.sharding import LORA_TARGETS, make_mesh
 from reflax.trainer import StepConfig
 
 _SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "aot_memory.py"
@@ -155,6 +156,46 @@ def test_packed_step_needs_less_than_unpacked(result):
     # against 4 rows of 64; the unpacked step keeps more temporaries
     assert packed.memory.argument < result.memory.argument
     assert packed.memory.temp < result.memory.temp
+
+
+def test_lora_step_holds_the_base_once_and_trains_the_adapters(result):
+    mesh = make_mesh({"fsdp": DEVICES}, devices=jax.devices()[:DEVICES])
+    adapters = LoraSpec(rank=4, alpha=8.0, targets=LORA_TARGETS)
+    kw = dict(param_dtype=jnp.float32, dtype=jnp.bfloat16, ref_dtype=jnp.float32)
+    full, w = (aot.weight_terms(CFG, mesh, adapters=a, **kw) for a in (None, adapters))
+    lora = aot.compile_train_step(
+        CFG,
+        mesh,
+        batch_size=BATCH,
+        seq_len=SEQ,
+        step_config=StepConfig(beta=0.001, micro_batches=MICRO, logits_chunk=CHUNK),
+        remat=True,
+        compiler_options=aot.FAST_COMPILE,
+        adapters=adapters,
+        **kw,
+    )
+    state, batch, ref = lora.args
+    # the state trains the adapters alone; the reference is the frozen base in the
+    # params' dtype (ref_dtype plays no part), the policy's own weights
+    assert all(
+        "_lora_" in jax.tree_util.keystr(p)
+        for p, _ in jax.tree_util.tree_leaves_with_path(state.params)
+    )
+    assert not any(
+        "_lora_" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(ref)
+    )
+    trained = _nbytes(state.params, shard=True)
+    assert w.state == _nbytes(state, shard=True) == pytest.approx(3 * trained, rel=0.01)
+    assert w.ref == _nbytes(ref, shard=True) == full.params
+    assert w.params == full.params + trained  # the sampler reads base + adapters
+    # the step's arguments hold the base once: no copy beside it, no moments for it
+    assert lora.memory.argument == pytest.approx(
+        w.state + w.ref + _nbytes(batch, shard=True), rel=0.01
+    )
+    # full fine-tuning's hold the same base (as its float32 reference) and batch, and the
+    # trained params with their moments: the difference is the two states
+    saved = result.memory.argument - lora.memory.argument
+    assert saved == pytest.approx(full.state - w.state, rel=0.01)
 
 
 # --------------------------------------------------------------------------- rollout phase

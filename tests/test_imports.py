@@ -56,6 +56,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         {
             "reflax.sampling",  # sampling operations
             "reflax.decoding",  # the decode loop
+            "reflax.kv_cache",  # the sampler's KV cache: dtype, bytes, in-place row blocks
             "reflax.sampler",  # the host Sampler
             "reflax.grpo",
             "reflax.batch",

@@ -8,6 +8,7 @@ kernels sum in an order that depends on the shape.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,8 @@ from helpers import assert_close_scaled
 
 from reflax.config import ConfigError, base_config, validate
 from reflax.models import Decoder, ModelConfig
-from reflax.sampler import Sampler, _Request, kv_cache_bytes, resolve_cache_dtype
+from reflax.models.decoder import KVCache
+from reflax.sampler import Sampler, _Request, bucket_size, kv_cache_bytes, resolve_cache_dtype
 from reflax.sampling import SamplingSpec
 from reflax.sharding import make_mesh, param_shardings, put
 
@@ -71,9 +73,19 @@ def budget_for(model: Decoder, groups: int, **shape) -> int:
     return kv_cache_bytes(model.config, jnp.float32, groups=groups, num_samples=G, **shape)
 
 
+def cache_moves(hlo: str, cache: KVCache) -> list[str]:
+    """The collectives of compiled HLO that move a kept cache's rows between devices: an
+    all-gather, collective-permute or all-to-all of [L, rows, T, H, D] (T its slots)."""
+    L, _, T, H, D = cache.k.shape
+    shape = re.compile(rf"\[{L},\d+,{T},{H},{D}\]")
+    ops = ("all-gather(", "collective-permute(", "all-to-all(")
+    return [x for x in hlo.splitlines() if shape.search(x) and any(op in x for op in ops)]
+
+
 def test_chunked_equals_one_pass(model):
     """Fresh sampling in chunks of 2 groups (3 calls, the last padded), then retries that
-    continue the chunked rows in order and in any order, equal one pass token for token."""
+    continue the chunked rows in order and in any order, equal one pass token for token;
+    on a mesh, a retry cut smaller than the kept chunks slices them in place."""
     one = Sampler(model, **KW)
     fresh = dict(prefix_size=8, gen_len=8, keep_cache=True)
     chunked = Sampler(model, kv_cache_bytes=budget_for(model, 2, **fresh), **KW)
@@ -116,10 +128,43 @@ def test_chunked_equals_one_pass(model):
     assert got.cached.starts == (0, 2 * G, 4 * G)
     assert len(got.cached.caches[0].k.sharding.device_set) == 8
     np.testing.assert_array_equal(got.tokens, ref.tokens)
+    retry = dict(retry, keep_cache=False)
     retry_ref = one.continue_rows(model, ref.cached, turns, spec, **retry)
     # without a budget too, a chunked call's rows are continued chunk by chunk
     retry_got = Sampler(model, mesh, **KW).continue_rows(state, got.cached, turns, spec, **retry)
     np.testing.assert_array_equal(retry_got.tokens, retry_ref.tokens)
+
+    # a retry budget of 2 rows (one a shard) a call, less than a kept chunk: each call
+    # takes one of each shard's own 3 rows (3 calls a chunk, one program), and no
+    # collective moves a kept cache's rows (a gather of rows moves them between devices,
+    # on a TPU slice all-gathering the chunk onto every chip)
+    prefix = bucket_size(got.cached.index + KW["prompt_buckets"], KW["cache_buckets"])
+    tight = kv_cache_bytes(
+        model.config,
+        jnp.float32,
+        groups=2,
+        num_samples=1,
+        prefix_size=prefix,
+        gen_len=8,
+        keep_cache=False,
+        batch_shards=2,
+    )
+    local = Sampler(model, mesh, kv_cache_bytes=tight, **KW)
+    retry_local = local.continue_rows(state, got.cached, turns, spec, **retry)
+    np.testing.assert_array_equal(retry_local.tokens, retry_ref.tokens)
+    assert_close_scaled(retry_local.logprobs, retry_ref.logprobs, LP_RTOL, scale=scale)
+    assert local.num_compilations == 1
+    lowered = local.lower(
+        state,
+        num_rows=rows,
+        block_len=3,
+        num_samples=1,
+        max_new_tokens=5,
+        keep_cache=False,
+        prev=got.cached,
+    )
+    assert lowered.out_info["tokens"].shape[0] == 2  # the program that ran: 2 rows a call
+    assert cache_moves(lowered.compile().as_text(), got.cached.caches[0]) == []
 
 
 def test_chunk_size_from_budget(model):
