@@ -178,7 +178,8 @@ def step_kinds(
     each fraction of all steps is its kind's; the remaining steps are answer steps."""
 
     def due(fraction: float, i: int) -> bool:
-        return int((i + 1) * fraction) > int(i * fraction)
+        # 1e-9: a share like (1/3) / (2/3) is 0.4999... in floats, 2 x it must still reach 1
+        return int((i + 1) * fraction + 1e-9) > int(i * fraction + 1e-9)
 
     def share(fraction: float, left: float) -> float:
         return fraction / left if left > 0 else 0.0

@@ -211,6 +211,8 @@ def test_step_kinds_spread_each_share_and_keep_the_episode_schedule():
     assert (both.count("reflection"), both.count("retry"), both.count("answer")) == (10, 10, 20)
     assert [k == "reflection" for k in both] == [k == "reflection" for k in step_kinds(40, 0, 0.25)]
     assert "retry" in both[:4]  # spread, not bunched at the end
+    # shares whose quotient rounds below a half in floats still get their steps
+    assert step_kinds(3, 0.0, 1 / 3, 1 / 3) == ["answer", "retry", "reflection"]
 
 
 def test_reflection_rows_are_the_initial_models_samples_with_loss_on_them_alone(tmp_path):
