@@ -33,7 +33,8 @@ no effect. The sampled retry passes on about a quarter of the failures (RL had r
 variance), but the greedy retry repeats the failed attempt on every vanilla failure, and 24
 steps of RL on the reflection tokens do not change that.
 `:smoke` is the same pipeline with 3 warm-start steps (an answer, a retry and a reflection
-step; 4 sampled reflections), 1 GRPO step of one group and 8 validation problems, for a test to run end to end.
+step; 4 sampled reflections), 1 GRPO step of one group and 8 validation problems, for a
+test to run end to end.
 """
 
 import importlib.util
