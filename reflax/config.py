@@ -100,6 +100,9 @@ def base_config() -> ConfigDict:
     c.rollout.max_retry_tokens = 256
     c.rollout.seq_len = 1024  # train rows: query + attempt + instruction + reflection
     c.rollout.method = "reflect"
+    # decode each retry greedily (method "reflect" only): the reward then depends on the
+    # reflection alone, not on the retry's sampling
+    c.rollout.greedy_retry = False
     c.rollout.fixed_reflection = DEFAULT_FIXED_REFLECTION
     # KV cache dtype: "auto" = bfloat16 on TPU, the compute dtype elsewhere (reflax.sampler)
     c.rollout.cache_dtype = "auto"
@@ -265,6 +268,10 @@ def validate(c: ConfigDict) -> ConfigDict:
     r = c.rollout
     need(r.mode in MODES, f"rollout.mode must be one of {MODES}")
     need(r.method in METHODS, f"rollout.method must be one of {METHODS}")
+    need(
+        not r.greedy_retry or r.method == "reflect",
+        "rollout.greedy_retry needs rollout.method='reflect' (other methods train the retry)",
+    )
     need(r.group_size >= 2, "rollout.group_size must be >= 2")
     need(r.groups_per_step >= 1, "rollout.groups_per_step must be >= 1")
     need(r.queries_per_step >= 1, "rollout.queries_per_step must be >= 1")

@@ -53,6 +53,9 @@ class RolloutSettings:
     max_retry_tokens: int = 256
     method: str = "reflect"
     fixed_reflection: str = DEFAULT_FIXED_REFLECTION
+    # decode the retry greedily (method "reflect"): the reward is then a function of the
+    # reflection alone, not of the retry's own sampling luck
+    greedy_retry: bool = False
 
     @classmethod
     def from_config(cls, config: Any, tok: ChatTokens) -> RolloutSettings:
@@ -66,6 +69,7 @@ class RolloutSettings:
             max_retry_tokens=rollout.max_retry_tokens,
             method=rollout.method,
             fixed_reflection=rollout.fixed_reflection,
+            greedy_retry=rollout.greedy_retry,
         )
 
     def __post_init__(self):
@@ -73,6 +77,11 @@ class RolloutSettings:
             raise ValueError(f"unknown method {self.method!r}; choose from {METHODS}")
         if self.group_size < 2:
             raise ValueError("group_size must be >= 2 (advantages are normalised within a group)")
+        if self.greedy_retry and self.method != "reflect":
+            raise ValueError(
+                f"greedy_retry needs method 'reflect' ({self.method!r} trains the retry "
+                "tokens, which must be sampled)"
+            )
 
 
 @dataclasses.dataclass
@@ -242,7 +251,7 @@ def reflect_and_retry(
             state,
             refl.cached,
             new_ids,
-            spec,
+            spec.with_greedy(settings.greedy_retry),
             max_new_tokens=settings.max_retry_tokens,
             rng=_seed(rng, 1),
             keep_cache=False,

@@ -184,6 +184,8 @@ def test_settings_validation():
         RolloutSettings(method="nope")
     with pytest.raises(ValueError, match="group_size"):
         dataclasses.replace(RolloutSettings(), group_size=1)
+    with pytest.raises(ValueError, match="greedy_retry needs method 'reflect'"):
+        RolloutSettings(method="reflect_retry", greedy_retry=True)
 
 
 class RecordingSampler:
@@ -228,3 +230,9 @@ def test_one_sampling_spec_from_the_config(setup):
     recording.calls.clear()
     reflect_and_retry(recording, params, tok, task, failures, jax.random.key(0), s, greedy=True)
     assert [spec for spec, _ in recording.calls] == [dataclasses.replace(want, greedy=True)] * 2
+    # rollout.greedy_retry: the reflections sampled, the retry greedy
+    recording.calls.clear()
+    c.rollout.greedy_retry = True
+    s = RolloutSettings.from_config(c, tok)
+    reflect_and_retry(recording, params, tok, task, failures, jax.random.key(0), s)
+    assert [spec for spec, _ in recording.calls] == [want, dataclasses.replace(want, greedy=True)]
