@@ -241,16 +241,12 @@ def reflect_and_retry(
         reflections = refl.completions()
         refl_lps = _logprobs(refl)
         turns = [
-            tok.close_assistant(r)
-            + tok.user_turn_ids(task.retry_instruction(failures[i // G].example))
-            for i, r in enumerate(reflections)
+            retry_turn(tok, task, failures[i // G].example, r) for i, r in enumerate(reflections)
         ]
-        # the reflection's stop token is already in the cache: append only what follows it
-        new_ids = [after_sampled(tok, r, t) for r, t in zip(reflections, turns)]
         retry = sampler.continue_rows(
             state,
             refl.cached,
-            new_ids,
+            turns,
             spec.with_greedy(settings.greedy_retry),
             max_new_tokens=settings.max_retry_tokens,
             rng=_seed(rng, 1),
@@ -273,11 +269,10 @@ def reflect_and_retry(
             if settings.method == "reflect":
                 row = [*prefix, Segment(reflections[i], True, refl_lps[i])]
             elif settings.method == "reflect_retry":
-                closing = after_sampled(tok, reflections[i], turns[i])
                 row = [
                     *prefix,
                     Segment(reflections[i], True, refl_lps[i]),
-                    Segment(closing),
+                    Segment(turns[i]),
                     Segment(retries[i], True, retry_lps[i]),
                 ]
             else:  # fixed_reflection
@@ -289,6 +284,14 @@ def reflect_and_retry(
 
 def _content(tok: ChatTokens, ids: Sequence[int]) -> list[int]:
     return list(ids[:-1]) if ids and ids[-1] in tok.stop_ids else list(ids)
+
+
+def retry_turn(tok: ChatTokens, task: Task, example: dict, reflection: Sequence[int]) -> list[int]:
+    """The ids that follow a sampled `reflection` before the retry: its assistant turn
+    closed and the task's retry instruction as a user turn, minus what was sampled
+    (`after_sampled`). Rollout, evaluation and the warm start's rows all build it here."""
+    turn = tok.close_assistant(reflection) + tok.user_turn_ids(task.retry_instruction(example))
+    return after_sampled(tok, reflection, turn)
 
 
 def after_sampled(tok: ChatTokens, sampled: Sequence[int], turn: Sequence[int]) -> list[int]:

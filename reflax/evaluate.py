@@ -3,13 +3,17 @@
     python -m reflax.evaluate --config=configs/qwen1p5b.py --checkpoint=WORKDIR
     python -m reflax.evaluate --config=configs/qwen1p5b.py --hf=WORKDIR/hf --baseline
     python -m reflax.evaluate --config=configs/qwen1p5b.py --checkpoint=WORKDIR --suite=forgetting
+    python -m reflax.evaluate --results=RUN1/eval.json,RUN2/eval.json,RUN3/eval.json
 
 First try: the model answers the task (greedy by default). Second try: on a
 failure it writes one reflection and answers again; the second-try accuracy
 counts first-try successes plus successful retries, as in the paper. With
 `--baseline` the config's initial model (vanilla) is evaluated too and the two
 are printed side by side. `--suite=forgetting` runs general benchmarks through
-lm_eval instead (`reflax.forgetting`).
+lm_eval instead (`reflax.forgetting`). `--results` evaluates nothing: it reads the
+eval.json files that runs of one recipe with different seeds wrote (`runs_table`) and
+prints their table, each run's paired tests against the shared vanilla model and the
+test across the runs.
 
 Error analysis: every answer is sorted by `Task.category` into "correct" or one of the
 task's failure categories (Countdown: malformed, wrong_numbers, missed_target; function
@@ -22,6 +26,7 @@ Both hold counts and fractions of n, and the table prints them per model and try
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections import Counter
@@ -32,7 +37,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from reflax import cli, distributed
+from reflax import cli, distributed, storage
 from reflax.episodes import (
     Failure,
     RolloutSettings,
@@ -79,7 +84,7 @@ def evaluate(
     batch_size: int = 64,
     greedy: bool = True,
     seed: int = 0,
-    num_samples_kept: int = 5,
+    num_samples_kept: int = 10,
 ) -> dict[str, Any]:
     """Accuracy before and after one reflect-and-retry, with 95% Wilson intervals, each
     problem's outcome and sample reflections.
@@ -169,6 +174,31 @@ def table(results: dict[str, dict[str, Any]], title: str = "") -> str:
     return "\n".join(lines + ([tests] if tests else []) + ([""] + [errors] if errors else []))
 
 
+def runs_table(runs: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The results of several runs of one recipe (run name -> its eval.json: "before" and
+    "after" on the same problems) as one table's rows: "vanilla" (the first run's "before")
+    and each run's "after"; `paired_tests` of them gives each run's McNemar tests and the
+    test across runs. The runs must share their vanilla model (one warm start, greedy
+    evaluation): a run whose "before" outcomes differ from the first's is named in the
+    returned notes, since its change is then measured against a model it did not start from.
+    """
+    if not runs:
+        raise ValueError("no runs given")
+    rows: dict[str, dict[str, Any]] = {}
+    notes: list[str] = []
+    base_name = next(iter(runs))
+    for name, r in runs.items():
+        missing = {"before", "after"} - set(r)
+        if missing:
+            raise ValueError(f"run {name!r} has no {' or '.join(sorted(missing))} results")
+        if not rows:
+            rows["vanilla"] = r["before"]
+        elif r["before"].get("outcomes") != rows["vanilla"].get("outcomes"):
+            notes.append(f"run {name!r}: its vanilla outcomes differ from run {base_name!r}'s")
+        rows[f"{name} after"] = r["after"]
+    return rows, notes
+
+
 def _percent_cell(r: dict[str, Any], try_: str) -> str:
     low, high = r[f"{try_}_ci95"]
     return f"{100 * r[try_]:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
@@ -249,6 +279,7 @@ def _define_flags() -> None:
     flags.DEFINE_bool("baseline", False, "also evaluate the config's initial model")
     flags.DEFINE_integer("num_examples", None, "held-out examples (default: eval.num_examples)")
     flags.DEFINE_string("output", None, "write the results as JSON here")
+    flags.DEFINE_list("results", None, "eval.json files of runs of one recipe: their table")
     flags.DEFINE_enum(
         "suite",
         "task",
@@ -261,11 +292,36 @@ def _define_flags() -> None:
     flags.DEFINE_string("forgetting_include", None, "a directory of extra lm_eval task YAMLs")
     flags.DEFINE_integer("forgetting_batch_size", 16, "rows per forward / sampler call")
     flags.DEFINE_bool("forgetting_chat_template", False, "prompts through the chat template")
-    flags.mark_flags_as_required(["config"])
+
+
+def _results_main(paths: Sequence[str], output: str | None) -> None:
+    """`--results`: the table of finished runs, read from their eval.json files (a run is
+    named by its file's directory)."""
+    runs = {}
+    for path in paths:
+        name = os.path.basename(os.path.dirname(os.path.normpath(path))) or path
+        if name in runs:
+            name = path
+        try:
+            with storage.open(path) as f:
+                runs[name] = json.load(f)
+        except (OSError, ValueError) as e:
+            raise cli.UsageError(f"--results: cannot read {path}: {cli.one_line(e)}") from e
+    rows, notes = runs_table(runs)
+    print(table(rows, f"{len(runs)} runs, their eval.json files"))
+    for note in notes:
+        print(note)
+    if output:
+        save_json(output, {"runs": list(paths), "results": rows, "tests": paired_tests(rows)})
 
 
 def main() -> None:
     FLAGS = flags.FLAGS
+    if FLAGS.results:
+        _results_main(FLAGS.results, FLAGS.output)
+        return
+    if FLAGS.config is None:
+        raise cli.UsageError("--config is required (or --results, to read finished runs)")
     forgetting = None
     if FLAGS.suite == "forgetting":  # lm_eval is an extra: asked for only here
         forgetting = cli.require_extra("reflax.forgetting", "eval", "--suite=forgetting")

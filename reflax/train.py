@@ -57,7 +57,7 @@ from reflax.runtime import (
     state_to_dict,
 )
 from reflax.sharding import make_mesh
-from reflax.trainer import CompiledSteps, StepConfig, init_state
+from reflax.trainer import CompiledSteps, StepConfig, init_state, micro_batch_warning
 from reflax.warm_start import train_problems, warm_start
 
 log = logging.getLogger("reflax.train")
@@ -173,6 +173,9 @@ def _train(c: ConfigDict, workdir: str, stop: distributed.StopRequest) -> dict[s
     # --- train step, compiled ahead of time from abstract shapes -------------------------
     # every layout a batch can take: unpacked rows, or each (prefix, suffix) size pair
     cfg = StepConfig.from_config(c)
+    rows = c.rollout.groups_per_step * (1 if c.grpo.pack_groups else c.rollout.group_size)
+    if note := micro_batch_warning(rows, c.grpo.micro_batches, mesh, c.grpo.pack_groups):
+        log.warning(note)
     steps = CompiledSteps(
         graphdef,
         tx,

@@ -12,11 +12,12 @@ axes (data, fsdp) in contiguous blocks, and micro-batches are strided (`split_mi
 every micro-batch spans every batch shard: a device runs the prefix of its own groups and
 their G suffixes, and the weights, not the activations, are gathered over fsdp (the
 compiled packed step's HLO on a (2, 2, 2) mesh, tests/test_packing.py). A micro-batch
-with fewer groups than batch shards (the paper configs: 32 groups in 8 micro-batches, 4
-groups against 8-16 shards) cannot give every shard a prefix: `reflax.sharding.constrain`
-leaves its rows whole and shards the hidden dimension over fsdp, and the compiled program
-(fake fsdp=8 mesh, 4 groups) then gathers whole prefix activations around the matmuls;
-micro-batches of at least data x fsdp groups avoid that.
+with fewer groups than batch shards (say 32 groups in 8 micro-batches on 8-16 shards)
+cannot give every shard a prefix: `reflax.sharding.constrain` leaves its rows whole and
+shards the hidden dimension over fsdp, and the compiled program (fake fsdp=8 mesh, 4
+groups) then gathers whole prefix activations around the matmuls; micro-batches of a
+multiple of data x fsdp groups avoid that (the paper configs hold one group per batch
+shard), and `train` logs `micro_batch_warning` when a config does not.
 
 A step with no loss tokens and no anchor tokens (no failures this step, or every group
 dropped as too long) has nothing to learn from: it leaves the state untouched (AdamW's
@@ -159,6 +160,23 @@ def split_micro(x: jax.Array, m: int) -> jax.Array:
         raise ValueError(f"batch size {x.shape[0]} is not divisible by micro_batches={m}")
     micro = x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1)
     return constrain(micro, (None, "batch") + (None,) * (x.ndim - 1))
+
+
+def micro_batch_warning(rows: int, micro_batches: int, mesh: Mesh, packed: bool) -> str | None:
+    """A warning when a micro-batch's rows (packed: its groups) do not fill the batch mesh
+    axes (data x fsdp) evenly: such a micro-batch leaves its rows whole and shards the
+    hidden dimension, so the compiled step gathers whole activations around the matmuls
+    (module docstring). None when they fill them."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    per_micro = rows // micro_batches
+    if per_micro % shards == 0:
+        return None
+    unit = "packed groups" if packed else "rows"
+    return (
+        f"a micro-batch holds {per_micro} {unit} against {shards} batch shards (data x fsdp):"
+        f" the train step gathers whole activations; choose grpo.micro_batches so each"
+        f" micro-batch holds a multiple of {shards} {unit}"
+    )
 
 
 def step_normalisers(batch: Batch, cfg: StepConfig) -> tuple[jax.Array, jax.Array]:

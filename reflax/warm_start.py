@@ -55,7 +55,7 @@ import numpy as np
 from reflax import data, distributed, optim, storage
 from reflax.batch import shard_batch
 from reflax.checkpoint import Checkpointer, CheckpointError, abstract_like
-from reflax.episodes import Group, Segment, after_sampled, build_batch, prompt_ids
+from reflax.episodes import Group, Segment, build_batch, prompt_ids, retry_turn
 from reflax.metrics import MetricsWriter, Progress
 from reflax.runtime import Runtime, load_examples
 from reflax.sampling import SamplingSpec
@@ -95,15 +95,13 @@ def reflection_prefix(rt: Runtime, example: dict) -> list[int]:
 
 def episode_segments(rt: Runtime, example: dict) -> list[Segment]:
     """A supervised reflect/retry episode: loss on the reflection and the retry."""
-    c, tok, task = rt.config.warm_start, rt.tok, rt.task
+    c = rt.config.warm_start
     refl = _ended(rt, c.reflection_template.format(**example))
     retry = _ended(rt, c.retry_template.format(**example))
-    prefix = reflection_prefix(rt, example)
-    turn = tok.close_assistant(refl) + tok.user_turn_ids(task.retry_instruction(example))
     return [
-        Segment(prefix),
+        Segment(reflection_prefix(rt, example)),
         Segment(refl, True),
-        Segment(after_sampled(tok, refl, turn)),
+        Segment(retry_turn(rt.tok, rt.task, example, refl)),
         Segment(retry, True),
     ]
 
@@ -154,15 +152,13 @@ def retry_rows(
 ) -> list[list[Segment]]:
     """Retry rows: each reflection row (`cached_reflections` of `examples`, in order) as
     context, the retry instruction, then the example's reference answer, the only loss."""
-    tok, task = rt.tok, rt.task
     rows = []
     for ex, (prefix, refl) in zip(examples, reflections, strict=True):
-        turn = tok.close_assistant(refl.ids) + tok.user_turn_ids(task.retry_instruction(ex))
         rows.append(
             [
                 Segment(prefix.ids),
                 Segment(refl.ids),
-                Segment(after_sampled(tok, refl.ids, turn)),
+                Segment(retry_turn(rt.tok, rt.task, ex, refl.ids)),
                 Segment(answer_ids(rt, ex), True),
             ]
         )

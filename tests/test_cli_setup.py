@@ -103,6 +103,8 @@ def test_user_errors_are_one_line_before_any_model_loads(tmp_path):
         (evaluate + ["--config.no_such_key=1"], "ConfigError: --config.no_such_key"),
         (evaluate + [f"--checkpoint={missing}"], f"{missing}/checkpoints is missing"),
         (evaluate + ["stray"], "UsageError: unexpected arguments"),
+        (["reflax.evaluate"], "--config is required (or --results"),
+        (["reflax.evaluate", f"--results={missing}.json"], f"cannot read {missing}.json"),
         (
             evaluate + ["--suite=forgetting"],
             "--suite=forgetting needs lm_eval: pip install 'reflax[eval]'",

@@ -19,6 +19,7 @@ from reflax.episodes import (
     completion_text,
     prompt_ids,
     reflect_and_retry,
+    retry_turn,
 )
 from reflax.models import ModelConfig, create
 from reflax.sampler import Sampler
@@ -164,6 +165,8 @@ def test_ablation_masks(setup, method):
                 assert tok.encode(s.fixed_reflection)[0] in [i for sg in row for i in sg.ids]
             else:
                 assert len(trained) == 2  # reflection and retry, not the instruction turn
+                # the retry's context is the one the sampler continued: retry_turn's ids
+                assert row[-2].ids == retry_turn(tok, task, failures[u].example, row[-3].ids)
     lp = make_logprob_fn(graphdef, StepConfig(temperature=TEMPERATURE))(params, batch)
     m = loss_mask > 0
     np.testing.assert_allclose(np.asarray(lp)[m], np.asarray(batch.old_logprobs)[m], atol=1e-4)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
-from reflax.evaluate import paired_tests, table
+from reflax.evaluate import _results_main, paired_tests, runs_table, table
 from reflax.stats import (
     across_seeds,
     binomial_two_sided,
@@ -117,3 +118,38 @@ def test_table_prints_wilson_intervals_and_paired_tests():
     # one model alone, or results without outcomes: no tests, the table as before
     assert "paired" not in table({"vanilla": vanilla})
     assert paired_tests({k: {**r, "outcomes": None} for k, r in runs.items()}) == {}
+
+
+def test_results_of_several_runs_read_from_their_eval_files(tmp_path, capsys):
+    vanilla = _result([1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0])
+    afters = [
+        _result([1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0]),
+        _result([1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]),
+        _result([0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]),
+    ]
+    paths = []
+    for k, after in enumerate(afters, 1):
+        (tmp_path / f"s{k}").mkdir()
+        paths.append(str(tmp_path / f"s{k}" / "eval.json"))
+        (tmp_path / f"s{k}" / "eval.json").write_text(
+            json.dumps({"before": vanilla, "after": after})
+        )
+    rows, notes = runs_table({"s1": {"before": vanilla, "after": afters[0]}})
+    assert list(rows) == ["vanilla", "s1 after"] and notes == []
+    out = tmp_path / "summary.json"
+    _results_main(paths, str(out))
+    text = capsys.readouterr().out
+    assert "3 runs" in text and "s3 after" in text and "across 3 runs vs vanilla" in text
+    summary = json.loads(out.read_text())
+    assert list(summary["results"]) == ["vanilla", "s1 after", "s2 after", "s3 after"]
+    m = summary["tests"]["mcnemar"]["s1 after"]["second_try"]
+    assert (m["gained"], m["lost"]) == (3, 0)
+    across = summary["tests"]["across_runs"]["second_try"]
+    assert across["mean"] == pytest.approx((3 + 2 + 0) / 6 / 3)
+    # a run whose vanilla differs is named; a file without "after" is an error
+    other = _result([0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0])
+    runs = {"a": {"before": vanilla, "after": vanilla}, "b": {"before": other, "after": other}}
+    _, notes = runs_table(runs)
+    assert notes == ["run 'b': its vanilla outcomes differ from run 'a''s"]
+    with pytest.raises(ValueError, match="run 'x' has no after results"):
+        runs_table({"x": {"before": vanilla}})

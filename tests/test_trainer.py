@@ -22,6 +22,7 @@ from reflax.trainer import (
     jit_train_step,
     make_logprob_fn,
     make_train_step,
+    micro_batch_warning,
 )
 
 CFG = tiny_train_config()
@@ -238,3 +239,12 @@ def test_logits_chunk_from_the_byte_budget(monkeypatch):
         shapes(StepConfig(logits_bytes=budget))  # 2 rows and half the vocabulary per device
     shapes(StepConfig(logits_chunk=3, logits_bytes=budget))
     assert seen == [5, 40, 3]
+
+
+def test_micro_batch_warning_names_micro_batches_that_do_not_fill_the_batch_shards():
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})  # 4 batch shards
+    assert micro_batch_warning(32, 8, mesh, packed=True) is None  # 4 groups: one a shard
+    assert micro_batch_warning(64, 2, mesh, packed=False) is None
+    note = micro_batch_warning(32, 16, mesh, packed=True)  # 2 groups against 4 shards
+    assert "2 packed groups against 4 batch shards" in note and "multiple of 4" in note
+    assert "6 rows" in micro_batch_warning(12, 2, mesh, packed=False)

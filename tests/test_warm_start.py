@@ -16,7 +16,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from reflax.config import validate
-from reflax.episodes import Group, build_batch
+from reflax.episodes import Group, build_batch, retry_turn
 from reflax.metrics import MetricsWriter
 from reflax.runtime import build, load_examples
 from reflax.sampling import SamplingSpec
@@ -265,8 +265,8 @@ def test_reflection_rows_are_the_initial_models_samples_with_loss_on_them_alone(
         assert [sg.ids for sg in row[:2]] == [prefix.ids, refl.ids]
         assert [sg.trainable for sg in row] == [False, False, False, True]
         assert row[3].ids == answer_ids(rt, ex)
-        turn = rt.tok.decode(row[2].ids)
-        assert rt.task.retry_instruction(ex) in turn
+        assert rt.task.retry_instruction(ex) in rt.tok.decode(row[2].ids)
+        assert row[2].ids == retry_turn(rt.tok, rt.task, ex, refl.ids)  # as the rollout builds it
     # cached: another model (or a resumed run) reads the same rows back
     other = jax.tree.map(lambda x: x + 1.0, params)
     again = cached_reflections(rt, other, examples, str(tmp_path))
