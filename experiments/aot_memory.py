@@ -176,6 +176,7 @@ TABLE: tuple[str, ...] = (
     *(f"{c}@v5e-8" for c in ("qwen1p5b", "qwen2p5_1p5b", "qwen2p5_3b", "llama3p2_3b")),
     *(f"{c}@{s}" for s in ("v5e-16", "v5e-32") for c in ("qwen7b", "qwen2p5_7b", "llama3p1_8b")),
     *(f"{c}:{LORA}@v5e-8" for c in ("qwen7b", "qwen2p5_7b", "llama3p1_8b", "llama3p2_3b")),
+    f"llama3p1_8b:{LORA}:rollout.retry_prefill=True@v5e-8",
 )
 
 DEFAULT_MESH = "fsdp=8"
@@ -238,6 +239,7 @@ class StepShapes:
     packed: tuple[int, int] | None  # (prefix region, group size) of a packed row
     step: StepConfig
     adapters: LoraSpec | None = None  # `lora.rank` > 0: the run trains LoRA adapters
+    retry_prefill: bool = False  # `rollout.retry_prefill`: no reflection cache kept
 
     @property
     def layout(self) -> str:
@@ -320,6 +322,7 @@ def step_shapes(c: Any, platform: str, unpacked: bool = False) -> StepShapes:
         packed=packed,
         step=step,
         adapters=adapters,
+        retry_prefill=bool(r.retry_prefill),
     )
 
 
@@ -361,6 +364,7 @@ def measure(
             cache_dtype=s.cache_dtype,
             kv_cache_bytes=s.kv_cache_bytes,
             compiler_options=compiler_options,
+            retry_prefill=s.retry_prefill,
             **kw,
         )
     step = None
@@ -417,20 +421,29 @@ def print_measurement(s: StepShapes, m: Measurement, mesh: Mesh, budget: int) ->
                 kv(groups, ro.reflect_prefix_slots),
             )
         )
-        print(
-            _row(
-                f"KV cache: kept for retry [{rows}, {slots}]",
-                tree_bytes(ro.reflect_cache, shard=True),
-                f"x {ro.chunks} chunk(s)",
+        if ro.retry_prefill:  # nothing kept: the retry prefills each row's whole context
+            print(
+                _row(
+                    f"KV cache: retry prefill [{ro.retry_rows}, {ro.retry_prefix_slots}]",
+                    kv(ro.retry_rows, ro.retry_prefix_slots),
+                    "rollout.retry_prefill: no reflection cache kept",
+                )
             )
-        )
-        print(
-            _row(
-                f"KV cache: retry prefix [{rows}, {ro.retry_prefix_slots}]",
-                kv(rows, ro.retry_prefix_slots),
-                "retry temp",
+        else:
+            print(
+                _row(
+                    f"KV cache: kept for retry [{rows}, {slots}]",
+                    tree_bytes(ro.reflect_cache, shard=True),
+                    f"x {ro.chunks} chunk(s)",
+                )
             )
-        )
+            print(
+                _row(
+                    f"KV cache: retry prefix [{rows}, {ro.retry_prefix_slots}]",
+                    kv(rows, ro.retry_prefix_slots),
+                    "retry temp",
+                )
+            )
         print(header)
         for name, res in ro.programs.items():
             print(_program_row(name, res))
@@ -476,6 +489,7 @@ def summary(
             train_layout=s.layout,
             chunks=m.rollout.chunks if m.rollout else None,
             lora_rank=s.adapters.rank if s.adapters else 0,
+            retry_prefill=s.retry_prefill,
         ),
         state_gib=gib(m.weights.state),
         ref_gib=gib(m.weights.ref),
@@ -511,9 +525,11 @@ def table_lines(rows: list[dict]) -> list[str]:
         if r["headroom"] is not None:
             fit += f" ({100 * r['headroom']:.1f}%)"
         sets = r.get("overrides", [])
-        name = (
-            f"{r['config']} + LoRA" if sets == LORA.split(":") else " ".join([r["config"], *sets])
-        )
+        lora_sets = LORA.split(":")
+        if sets[: len(lora_sets)] == lora_sets:  # "+ LoRA", then the row's other settings
+            name = ", ".join([f"{r['config']} + LoRA", *sets[len(lora_sets) :]])
+        else:
+            name = " ".join([r["config"], *sets])
         out.append(
             f"| {name} | {r['slice']} | {st['micro_batches']} | {st['chunks']} | "
             f"{cell(r['rollout_peak_gib'])} | {cell(r['train_peak_gib'])} | {fit} |"

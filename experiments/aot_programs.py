@@ -244,6 +244,7 @@ class RolloutAot:
     retry_prefix_slots: int  # slots of the retry's prefix: kept cache + retry turn, bucketed
     chunks: int = 1  # reflect calls (`kv_cache_bytes`); each keeps its cache for the retry
     retry_rows: int = 0  # rows of one retry call (a chunk's, padded)
+    retry_prefill: bool = False  # the retry prefills its whole context: no cache kept
 
     @property
     def programs(self) -> dict[str, AotResult | OutOfMemory]:
@@ -252,7 +253,9 @@ class RolloutAot:
     @property
     def held_cache_bytes(self) -> int:
         """Per device: the caches of the other chunks, alive while a chunk's program runs
-        (the last reflect chunk's and every retry chunk's)."""
+        (the last reflect chunk's and every retry chunk's); none under `retry_prefill`."""
+        if self.retry_prefill:
+            return 0
         return (self.chunks - 1) * tree_bytes(self.reflect_cache, shard=True)
 
 
@@ -267,13 +270,16 @@ def compile_rollout(
     kv_cache_bytes: int = 0,
     compiler_options: dict[str, Any] | None = None,
     adapters: LoraSpec | None = None,
+    retry_prefill: bool = False,
 ) -> RolloutAot:
     """Lower and compile the sampler's programs of one `reflect_and_retry` from abstract
     shapes: the policy's params (as the train state holds them) on the mesh, a `Sampler`
     built as `reflax.runtime.build` builds it, the reflect call (`sample`, G samples per
     prefix, cache kept) and the retry call (`continue_rows` of every row, one sample each);
     with `kv_cache_bytes`, the first chunk's program of each. `adapters`: the sampler of a
-    LoRA run, on base + adapters (no merged copy)."""
+    LoRA run, on base + adapters (no merged copy). `retry_prefill` (`rollout.retry_prefill`):
+    the reflect call keeps no cache and the retry is a new call on each row's whole context
+    (prefix, reflection, retry turn), one sample each."""
     kw = dict(param_dtype=param_dtype, dtype=dtype)
     graphdef, params = abstract_params(config, mesh, adapters, **kw)
     sampler = Sampler(
@@ -294,10 +300,12 @@ def compile_rollout(
         max_new_tokens=s.max_reflection_tokens,
         keep_cache=True,
     )
-    reflect = _compile(lowered, None, t0, (params,))
-    cache = abstract_outputs(lowered)["cache"]
+    cache = abstract_outputs(lowered)["cache"]  # the cache a reflect call keeps (sizes it)
     chunk_rows = cache.k.shape[1]  # sampled rows of one call: its groups x G (padded)
     chunks = -(-s.groups // (chunk_rows // s.group_size))
+    if retry_prefill:
+        return _compile_prefilled_retry(sampler, params, s, cache)
+    reflect = _compile(lowered, None, t0, (params,))
     prev = CachedRows(
         cache=cache if chunks == 1 else (cache,) * chunks,
         seq_lens=np.zeros((s.rows,), np.int32),  # values do not change the program's shapes
@@ -325,6 +333,45 @@ def compile_rollout(
         retry_prefix_slots=bucket_size(prev.index + turn, sampler.cache_buckets),
         chunks=chunks,
         retry_rows=retry_rows,
+    )
+
+
+def _compile_prefilled_retry(
+    sampler: Sampler, params: Any, s: RolloutShapes, cache: Any
+) -> RolloutAot:
+    """`compile_rollout` under `retry_prefill`: the reflect call keeps no cache (its
+    program lowered again without one) and the retry samples every row's whole context."""
+    t0 = time.perf_counter()
+    lowered = sampler.lower(
+        params,
+        num_rows=s.groups,
+        block_len=s.prefix_len,
+        num_samples=s.group_size,
+        max_new_tokens=s.max_reflection_tokens,
+        keep_cache=False,
+    )
+    reflect = _compile(lowered, None, t0, (params,))
+    chunks = -(-s.rows // abstract_outputs(lowered)["tokens"].shape[0])  # its own chunking
+    context = s.prefix_len + s.max_reflection_tokens + s.retry_turn_len
+    t0 = time.perf_counter()
+    lowered = sampler.lower(
+        params,
+        num_rows=s.rows,
+        block_len=context,
+        num_samples=1,
+        max_new_tokens=s.max_retry_tokens,
+        keep_cache=False,
+    )
+    retry = _compile(lowered, None, t0, (params,))
+    return RolloutAot(
+        reflect,
+        retry,
+        cache,
+        reflect_prefix_slots=bucket_size(s.prefix_len, sampler.prompt_buckets),
+        retry_prefix_slots=bucket_size(context, sampler.prompt_buckets),
+        chunks=chunks,
+        retry_rows=abstract_outputs(lowered)["tokens"].shape[0],
+        retry_prefill=True,
     )
 
 

@@ -109,6 +109,10 @@ def base_config() -> ConfigDict:
     # KV cache bytes a device may hold per sampler call: more rows are sampled in chunks of
     # whole groups (same tokens as one pass for a seed); 0 = every call in one pass
     c.rollout.kv_cache_bytes = 0
+    # sample each retry from its whole context (prompt, attempt, reflection, retry turn),
+    # prefilled again, instead of continuing the reflection calls' KV caches: no cache is
+    # kept between the two calls (the same tokens for a seed; a second prefill's compute)
+    c.rollout.retry_prefill = False
 
     c.grpo = ConfigDict()
     c.grpo.beta = 0.001

@@ -56,6 +56,8 @@ class RolloutSettings:
     # decode the retry greedily (method "reflect"): the reward is then a function of the
     # reflection alone, not of the retry's own sampling luck
     greedy_retry: bool = False
+    # sample the retry from its whole context, prefilled again, keeping no reflection caches
+    retry_prefill: bool = False
 
     @classmethod
     def from_config(cls, config: Any, tok: ChatTokens) -> RolloutSettings:
@@ -70,6 +72,7 @@ class RolloutSettings:
             method=rollout.method,
             fixed_reflection=rollout.fixed_reflection,
             greedy_retry=rollout.greedy_retry,
+            retry_prefill=rollout.retry_prefill,
         )
 
     def __post_init__(self):
@@ -237,21 +240,22 @@ def reflect_and_retry(
             max_new_tokens=settings.max_reflection_tokens,
             rng=_seed(rng, 0),
             num_samples=G,
+            keep_cache=not settings.retry_prefill,
         )
         reflections = refl.completions()
         refl_lps = _logprobs(refl)
         turns = [
             retry_turn(tok, task, failures[i // G].example, r) for i, r in enumerate(reflections)
         ]
-        retry = sampler.continue_rows(
-            state,
-            refl.cached,
-            turns,
-            spec.with_greedy(settings.greedy_retry),
-            max_new_tokens=settings.max_retry_tokens,
-            rng=_seed(rng, 1),
-            keep_cache=False,
-        )
+        retry_spec = spec.with_greedy(settings.greedy_retry)
+        kw = dict(max_new_tokens=settings.max_retry_tokens, rng=_seed(rng, 1), keep_cache=False)
+        if settings.retry_prefill:  # the whole context again: the same rows, no kept cache
+            contexts = [
+                prefixes[i // G] + r + t for i, (r, t) in enumerate(zip(reflections, turns))
+            ]
+            retry = sampler.sample(state, contexts, retry_spec, **kw)
+        else:  # the reflection's cache continued with the retry turn
+            retry = sampler.continue_rows(state, refl.cached, turns, retry_spec, **kw)
     retries = retry.completions()
     retry_lps = _logprobs(retry)
     retry_texts = [completion_text(tok, r) for r in retries]

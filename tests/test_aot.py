@@ -201,6 +201,20 @@ def test_lora_step_holds_the_base_once_and_trains_the_adapters(result):
 # --------------------------------------------------------------------------- rollout phase
 
 
+def kept_budget() -> int:
+    """A KV budget of exactly 4 of the 8 groups: the reflect call runs in 2 chunks."""
+    return sampler_kv_bytes(
+        CFG,
+        jnp.bfloat16,
+        groups=4,
+        num_samples=4,
+        prefix_size=128,
+        gen_len=64,
+        keep_cache=True,
+        batch_shards=DEVICES,
+    )
+
+
 @pytest.fixture(scope="module")
 def rollout():
     if jax.device_count() < DEVICES:
@@ -214,17 +228,7 @@ def rollout():
         retry_turn_len=10,
         max_retry_tokens=8,
     )
-    # a KV budget of exactly 4 of the 8 groups: the reflect call runs in 2 chunks
-    budget = sampler_kv_bytes(
-        CFG,
-        jnp.bfloat16,
-        groups=4,
-        num_samples=4,
-        prefix_size=128,
-        gen_len=64,
-        keep_cache=True,
-        batch_shards=DEVICES,
-    )
+    budget = kept_budget()
     ro = aot.compile_rollout(
         CFG,
         mesh,
@@ -300,6 +304,29 @@ def test_rollout_peak_adds_the_weights_outside_the_program(rollout):
         held = ro.held_cache_bytes
         assert peak >= res.memory.total + w.state - w.params + w.ref + held
         assert peak >= res.memory.argument + w.resident - w.params + held
+
+
+def test_retry_prefill_keeps_no_reflection_cache(rollout):
+    mesh, shapes, kept, w = rollout
+    ro = aot.compile_rollout(
+        CFG,
+        mesh,
+        shapes,
+        param_dtype=jnp.float32,
+        dtype=jnp.bfloat16,
+        cache_dtype=jnp.bfloat16,
+        kv_cache_bytes=kept_budget(),
+        compiler_options=aot.FAST_COMPILE,
+        retry_prefill=True,
+    )
+    assert ro.retry_prefill and ro.held_cache_bytes == 0 < kept.held_cache_bytes
+    cache_shard = aot.tree_bytes(kept.reflect_cache, shard=True)
+    # the reflect call returns no cache; the retry takes none: params and token blocks only
+    assert ro.reflect.memory.output < cache_shard <= kept.reflect.memory.output
+    assert ro.retry.memory.argument - w.params < cache_shard
+    # the retry prefills prefix + reflection + retry turn (100 + 16 + 10 in a 128 bucket)
+    assert ro.retry_prefix_slots == 128
+    assert aot.rollout_peak(ro, w)[1] < aot.rollout_peak(kept, w)[1]
 
 
 # --------------------------------------------------------------------------- config shapes

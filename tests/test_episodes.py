@@ -145,6 +145,23 @@ def test_retry_continues_the_exact_context(setup):
     assert [completion_text(tok, c) for c in fresh.completions()] == expected
 
 
+@pytest.mark.parametrize("greedy", [False, True])
+def test_retry_prefill_samples_what_the_continued_cache_does(setup, greedy):
+    # rollout.retry_prefill: the retry sampled from its whole context, no reflection cache
+    # kept; the same rng layout, so the same retries (and log-probs) as continuing the cache
+    tok, task, graphdef, params, sampler, failures = setup
+    s = _settings(tok, "reflect_retry", G=2)
+    run = lambda settings: reflect_and_retry(
+        sampler, params, tok, task, failures, jax.random.key(5), settings, greedy=greedy
+    )
+    kept, prefilled = run(s), run(dataclasses.replace(s, retry_prefill=True))
+    for a, b in zip(kept, prefilled, strict=True):
+        assert a.texts == b.texts and a.rewards == b.rewards
+        for row_a, row_b in zip(a.rows, b.rows, strict=True):
+            assert [sg.ids for sg in row_a] == [sg.ids for sg in row_b]
+            np.testing.assert_allclose(row_a[-1].logprobs, row_b[-1].logprobs, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["reflect_retry", "fixed_reflection"])
 def test_ablation_masks(setup, method):
     tok, task, graphdef, params, sampler, failures = setup
