@@ -24,6 +24,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import fcntl
+import glob
 import json
 import os
 import shutil
@@ -267,9 +268,13 @@ def staged_dir(
     store): uploaded to `<dest>.tmp-<id>/` first (the long part, while the old `dest` stays
     whole), then the old `dest` is deleted and the files copied in on the server, those
     named in `last` after all others: a reader who finds config.json finds a whole export.
+
+    What an export killed part way left beside `dest` is tidied first (`_tidy_leftovers`).
     """
     dest = os.fspath(dest).rstrip("/")
     tag = uuid.uuid4().hex[:8]
+    if publish:
+        _tidy_leftovers(dest)
     if is_remote(dest) or not publish:
         stage = tempfile.mkdtemp(prefix="reflax-stage-")
     else:
@@ -281,6 +286,26 @@ def staged_dir(
             (_publish_remote if is_remote(dest) else _publish_local)(stage, dest, tag, last)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _tidy_leftovers(dest: str) -> None:
+    """Undo what a killed `staged_dir` left (its `finally` never ran): half-built stages
+    `<dest>.tmp-<id>` are deleted; a whole earlier export moved aside to `<dest>.old-<id>`
+    (killed between the two renames, so `dest` is missing) is moved back."""
+    if is_remote(dest):
+        fs, d = _fs(dest)
+        for leftover in fs.glob(f"{d}.tmp-*"):
+            fs.rm(leftover, recursive=True)
+        return
+    for path in sorted(glob.glob(glob.escape(dest) + ".*")):  # each starts with dest
+        suffix = path[len(dest) :]
+        if suffix.startswith(".tmp-"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif suffix.startswith(".old-"):
+            if os.path.exists(dest):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.rename(path, dest)
 
 
 def _publish_local(stage: str, dest: str, tag: str, last: Sequence[str]) -> None:

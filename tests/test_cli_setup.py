@@ -190,6 +190,16 @@ def test_staged_dir_is_whole_or_untouched(tmp_path):
     with storage.staged_dir(final) as stage:
         (tmp_path / os.path.basename(stage) / "new").write_text("3")
     assert os.listdir(tmp_path) == ["hf"] and os.listdir(final) == ["new"]
+    # an export killed part way (SIGKILL: no clean-up ran) left a half-built stage; one
+    # killed between its two renames left the whole earlier export aside and no hf/
+    (tmp_path / "hf.tmp-dead1").mkdir()
+    (tmp_path / "hf.tmp-dead1" / "half").write_text("4")
+    final.rename(tmp_path / "hf.old-dead2")
+    (tmp_path / "hfx").mkdir()  # another directory whose name starts alike: not touched
+    with pytest.raises(KeyError), storage.staged_dir(final):
+        assert sorted(os.listdir(final)) == ["new"]  # moved back before anything else
+        raise KeyError("interrupted again")
+    assert sorted(os.listdir(tmp_path)) == ["hf", "hfx"] and os.listdir(final) == ["new"]
 
 
 def test_train_restores_the_sigterm_handler_when_it_raises(tmp_path):

@@ -350,6 +350,13 @@ def test_staged_dir_replaces_a_directory_whole_or_not_at_all(mem, tmp_path):
             write(staged, "config.json", "second")
         assert listing(d) == ["config.json"]  # replaced, not merged
         assert listing(storage.parent(d)) == ["hf"]  # no staging folder left
+        # an upload killed part way (no clean-up ran) left its staging folder: tidied
+        storage.makedirs(d + ".tmp-dead0")
+        with storage.open(d + ".tmp-dead0/model.safetensors", "w") as f:
+            f.write("half")
+        with storage.staged_dir(d) as staged:
+            write(staged, "config.json", "third")
+        assert listing(storage.parent(d)) == ["hf"]
 
 
 def test_mirror_appends_to_a_remote_file_and_uploads_only_changes(mem):
