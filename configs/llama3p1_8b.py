@@ -5,11 +5,12 @@ of README.md ("Training a real model"): collect_failures, train, evaluate --base
 Hardware: a TPU v5e-32, FSDP over its 32 chips, one micro-batch of 32 packed groups:
 the rollout peaks at 13.5 GiB per chip (16% of the HBM free) and the train step at 9.6
 (`python experiments/aot_memory.py --table --rows=llama3p1_8b@v5e-32`). With LoRA (rank
-16, 4 micro-batches, rollout calls of at most 1 GiB of KV cache a chip) a v5e-8 does not
-fit it: the train step peaks at 9.8 GiB but the rollout at 16.0 (0.1% over a chip), the
-reflections' KV caches kept for the retry taking 8 GiB a chip (eight KV heads) beside
-the 3.7 GiB float32 base (`aot_memory.py --table` with
-    --rows=llama3p1_8b:lora.rank=16:grpo.micro_batches=4:rollout.kv_cache_bytes=1073741824@v5e-8
+16, 4 micro-batches, rollout calls of at most 1 GiB of KV cache a chip) it fits a v5e-8
+only with `--config.rollout.retry_prefill=True`: the rollout then keeps no reflection
+cache for the retry and peaks at 8.0 GiB, the train step at 9.8 (38.5% free); with the
+caches kept (8 GiB a chip, eight KV heads) the rollout needs 16.0, 0.1% over a chip
+(`aot_memory.py --table` with
+    --rows=llama3p1_8b:lora.rank=16:grpo.micro_batches=4:rollout.kv_cache_bytes=1073741824:rollout.retry_prefill=True@v5e-8
 ).
 Data: Salesforce/xlam-function-calling-60k (gated), 12,000 queries held out and evaluated.
 Should reach: reflax records no published figure for this model (the design notes list
