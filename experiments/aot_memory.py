@@ -407,8 +407,7 @@ def print_measurement(s: StepShapes, m: Measurement, mesh: Mesh, budget: int) ->
     )
     ro = m.rollout
     if ro is not None:
-        rows = ro.reflect_cache.k.shape[1]
-        slots = ro.reflect_cache.k.shape[2]
+        rows = ro.reflect_rows
         kv = lambda n, t: kv_cache_bytes(s.model, n, t, s.cache_dtype, shards)
         print(
             f"  rollout: {ro.chunks} chunk(s) of {rows} rows (kv_cache_bytes="
@@ -430,6 +429,7 @@ def print_measurement(s: StepShapes, m: Measurement, mesh: Mesh, budget: int) ->
                 )
             )
         else:
+            slots = ro.reflect_cache.k.shape[2]
             print(
                 _row(
                     f"KV cache: kept for retry [{rows}, {slots}]",

@@ -239,12 +239,13 @@ class RolloutShapes:
 class RolloutAot:
     reflect: AotResult | OutOfMemory  # Sampler.sample: U prefixes, G reflections, cache kept
     retry: AotResult | OutOfMemory  # Sampler.continue_rows: every reflection row, one retry each
-    reflect_cache: Any  # the KVCache one reflect call (chunk) returns (abstract)
+    reflect_cache: Any  # the KVCache one reflect call (chunk) returns (abstract; None: none kept)
     reflect_prefix_slots: int  # slots of the reflect program's prefill (a prompt bucket)
     retry_prefix_slots: int  # slots of the retry's prefix: kept cache + retry turn, bucketed
     chunks: int = 1  # reflect calls (`kv_cache_bytes`); each keeps its cache for the retry
     retry_rows: int = 0  # rows of one retry call (a chunk's, padded)
     retry_prefill: bool = False  # the retry prefills its whole context: no cache kept
+    reflect_rows: int = 0  # sampled rows of one reflect call (a chunk's, padded)
 
     @property
     def programs(self) -> dict[str, AotResult | OutOfMemory]:
@@ -292,20 +293,13 @@ def compile_rollout(
     sampler.config = config
     s = shapes
     t0 = time.perf_counter()
-    lowered = sampler.lower(
-        params,
-        num_rows=s.groups,
-        block_len=s.prefix_len,
-        num_samples=s.group_size,
-        max_new_tokens=s.max_reflection_tokens,
-        keep_cache=True,
-    )
-    cache = abstract_outputs(lowered)["cache"]  # the cache a reflect call keeps (sizes it)
+    lowered = _lower_reflect(sampler, params, s, keep_cache=not retry_prefill)
+    reflect = _compile(lowered, None, t0, (params,))
+    if retry_prefill:
+        return _compile_prefilled_retry(sampler, params, s, reflect, abstract_outputs(lowered))
+    cache = abstract_outputs(lowered)["cache"]  # the cache a reflect call keeps
     chunk_rows = cache.k.shape[1]  # sampled rows of one call: its groups x G (padded)
     chunks = -(-s.groups // (chunk_rows // s.group_size))
-    if retry_prefill:
-        return _compile_prefilled_retry(sampler, params, s, cache)
-    reflect = _compile(lowered, None, t0, (params,))
     prev = CachedRows(
         cache=cache if chunks == 1 else (cache,) * chunks,
         seq_lens=np.zeros((s.rows,), np.int32),  # values do not change the program's shapes
@@ -333,25 +327,29 @@ def compile_rollout(
         retry_prefix_slots=bucket_size(prev.index + turn, sampler.cache_buckets),
         chunks=chunks,
         retry_rows=retry_rows,
+        reflect_rows=chunk_rows,
     )
 
 
-def _compile_prefilled_retry(
-    sampler: Sampler, params: Any, s: RolloutShapes, cache: Any
-) -> RolloutAot:
-    """`compile_rollout` under `retry_prefill`: the reflect call keeps no cache (its
-    program lowered again without one) and the retry samples every row's whole context."""
-    t0 = time.perf_counter()
-    lowered = sampler.lower(
+def _lower_reflect(sampler: Sampler, params: Any, s: RolloutShapes, keep_cache: bool) -> Any:
+    """The reflect call's program (`sample`: U prefixes, G reflections each), lowered."""
+    return sampler.lower(
         params,
         num_rows=s.groups,
         block_len=s.prefix_len,
         num_samples=s.group_size,
         max_new_tokens=s.max_reflection_tokens,
-        keep_cache=False,
+        keep_cache=keep_cache,
     )
-    reflect = _compile(lowered, None, t0, (params,))
-    chunks = -(-s.rows // abstract_outputs(lowered)["tokens"].shape[0])  # its own chunking
+
+
+def _compile_prefilled_retry(
+    sampler: Sampler, params: Any, s: RolloutShapes, reflect: Any, reflect_out: Any
+) -> RolloutAot:
+    """`compile_rollout` under `retry_prefill`: `reflect` (compiled, outputs `reflect_out`)
+    keeps no cache, and the retry samples every row's whole context."""
+    rows = reflect_out["tokens"].shape[0]  # sampled rows of one reflect call
+    chunks = -(-s.rows // rows)
     context = s.prefix_len + s.max_reflection_tokens + s.retry_turn_len
     t0 = time.perf_counter()
     lowered = sampler.lower(
@@ -366,11 +364,12 @@ def _compile_prefilled_retry(
     return RolloutAot(
         reflect,
         retry,
-        cache,
+        None,
         reflect_prefix_slots=bucket_size(s.prefix_len, sampler.prompt_buckets),
         retry_prefix_slots=bucket_size(context, sampler.prompt_buckets),
         chunks=chunks,
         retry_rows=abstract_outputs(lowered)["tokens"].shape[0],
+        reflect_rows=rows,
         retry_prefill=True,
     )
 

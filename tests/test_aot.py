@@ -215,6 +215,22 @@ def kept_budget() -> int:
     )
 
 
+def compile_test_rollout(mesh, shapes, retry_prefill=False):
+    """The rollout's programs of `shapes` on `mesh`: float32 params, bfloat16 compute and
+    cache, the reflect call in 2 chunks (`kept_budget`)."""
+    return aot.compile_rollout(
+        CFG,
+        mesh,
+        shapes,
+        param_dtype=jnp.float32,
+        dtype=jnp.bfloat16,
+        cache_dtype=jnp.bfloat16,
+        kv_cache_bytes=kept_budget(),
+        compiler_options=aot.FAST_COMPILE,
+        retry_prefill=retry_prefill,
+    )
+
+
 @pytest.fixture(scope="module")
 def rollout():
     if jax.device_count() < DEVICES:
@@ -228,17 +244,7 @@ def rollout():
         retry_turn_len=10,
         max_retry_tokens=8,
     )
-    budget = kept_budget()
-    ro = aot.compile_rollout(
-        CFG,
-        mesh,
-        shapes,
-        param_dtype=jnp.float32,
-        dtype=jnp.bfloat16,
-        cache_dtype=jnp.bfloat16,
-        kv_cache_bytes=budget,
-        compiler_options=aot.FAST_COMPILE,
-    )
+    ro = compile_test_rollout(mesh, shapes)
     weights = aot.weight_terms(
         CFG, mesh, param_dtype=jnp.float32, dtype=jnp.bfloat16, ref_dtype=jnp.bfloat16
     )
@@ -306,19 +312,13 @@ def test_rollout_peak_adds_the_weights_outside_the_program(rollout):
         assert peak >= res.memory.argument + w.resident - w.params + held
 
 
-def test_retry_prefill_keeps_no_reflection_cache(rollout):
+def test_retry_prefill_keeps_no_reflection_cache(rollout, capsys):
     mesh, shapes, kept, w = rollout
-    ro = aot.compile_rollout(
-        CFG,
-        mesh,
-        shapes,
-        param_dtype=jnp.float32,
-        dtype=jnp.bfloat16,
-        cache_dtype=jnp.bfloat16,
-        kv_cache_bytes=kept_budget(),
-        compiler_options=aot.FAST_COMPILE,
-        retry_prefill=True,
-    )
+    ro = compile_test_rollout(mesh, shapes, retry_prefill=True)
+    s = aot.step_shapes(aot.load_config("qwen1p5b", ["rollout.retry_prefill=True"]), "cpu")
+    aot.print_measurement(s, aot.Measurement(w, ro, None), mesh, 16 * 2**30)
+    printed = capsys.readouterr().out
+    assert "retry prefill" in printed and "kept for retry" not in printed
     assert ro.retry_prefill and ro.held_cache_bytes == 0 < kept.held_cache_bytes
     cache_shard = aot.tree_bytes(kept.reflect_cache, shard=True)
     # the reflect call returns no cache; the retry takes none: params and token blocks only
