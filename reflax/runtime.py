@@ -175,6 +175,10 @@ RESUMABLE_KEYS = (
     "export_hf",
     "resume_override",
     "model.remat",
+    # how the sampler holds its KV caches: the same tokens for a seed (tests/test_episodes.py,
+    # tests/test_rollout_chunks.py), so a resumed run may change them to fit its memory
+    "rollout.kv_cache_bytes",
+    "rollout.retry_prefill",
 )
 
 

@@ -168,7 +168,9 @@ def test_check_resume_ignores_run_keys_and_honours_the_override():
     saved = {"config": json.loads(json.dumps(c.to_dict()))}
     saved["config"]["mesh"]["fsdp"] = 8
     saved["config"]["log_every"] = 7
-    check_resume(c, saved, "ckpt/5")  # where and how often: not the recipe
+    saved["config"]["rollout"]["kv_cache_bytes"] = 2**30
+    saved["config"]["rollout"]["retry_prefill"] = True
+    check_resume(c, saved, "ckpt/5")  # where, how often, how caches are held: not the recipe
     saved["config"]["rollout"]["group_size"] = 3
     saved["config"]["optim"]["eps"] = 1e-3
     with pytest.raises(ConfigError) as e:
