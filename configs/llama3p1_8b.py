@@ -3,7 +3,7 @@
 The largest model the paper trains. Launch with this file as --config in the three steps
 of README.md ("Training a real model"): collect_failures, train, evaluate --baseline.
 Hardware: a TPU v5e-32, FSDP over its 32 chips, one micro-batch of 32 packed groups:
-the rollout peaks at 13.5 GiB per chip (16% of the HBM free) and the train step at 9.6
+the rollout peaks at 13.5 GiB per chip (16% of the HBM free) and the train step at 7.9
 (`python experiments/aot_memory.py --table --rows=llama3p1_8b@v5e-32`). With LoRA (rank
 16, 4 micro-batches, rollout calls of at most 1 GiB of KV cache a chip) it fits a v5e-8
 only with `--config.rollout.retry_prefill=True`: the rollout then keeps no reflection

@@ -6,7 +6,7 @@
 (after `python -m reflax.collect_failures --config=configs/qwen2p5_7b.py
 --output=$W/failures.jsonl`). Hardware: a TPU v5e-32, FSDP over its 32 chips, one
 micro-batch of 32 packed groups: the rollout peaks at 7.3 GiB per chip and the train step
-at 8.3 (`python experiments/aot_memory.py --table --rows=qwen2p5_7b@v5e-32`). LoRA of
+at 7.2 (`python experiments/aot_memory.py --table --rows=qwen2p5_7b@v5e-32`). LoRA of
 rank 16 on every projection, with four micro-batches (one packed group per chip in each) and
 rollout calls capped at 1 GiB of KV cache a chip (`--config.lora.rank=16`,
 `--config.grpo.micro_batches=4`, `--config.rollout.kv_cache_bytes=1073741824`) make a
