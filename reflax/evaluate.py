@@ -51,6 +51,7 @@ from reflax.stats import across_seeds, mcnemar, wilson_interval
 from reflax.tasks.base import CORRECT
 
 TRIES = ("first_try", "second_try")
+NUM_SAMPLES_KEPT = 10  # failures an evaluation keeps with their texts (`evaluate`'s samples)
 
 
 def error_breakdown(
@@ -84,7 +85,7 @@ def evaluate(
     batch_size: int = 64,
     greedy: bool = True,
     seed: int = 0,
-    num_samples_kept: int = 10,
+    num_samples_kept: int = NUM_SAMPLES_KEPT,
 ) -> dict[str, Any]:
     """Accuracy before and after one reflect-and-retry, with 95% Wilson intervals, each
     problem's outcome and sample reflections.

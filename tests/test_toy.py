@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from reflax.evaluate import NUM_SAMPLES_KEPT
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "countdown_toy.py")
 
@@ -56,7 +58,7 @@ def test_toy_smoke_train_then_evaluate(tmp_path: Path) -> None:
             assert counts["correct"] == round(r[try_] * r["n"])
         # Kept samples are the first failures, each pointing at its problem.
         idx = [k["index"] for k in r["samples"]]
-        assert len(idx) == min(5, round(r["n"] * (1 - r["first_try"])))
+        assert len(idx) == min(NUM_SAMPLES_KEPT, round(r["n"] * (1 - r["first_try"])))
         assert idx == sorted(set(idx)) and all(0 <= i < r["n"] for i in idx)
 
     log = _run(
