@@ -177,22 +177,26 @@ def step_kinds(
         # 1e-9: a share like (1/3) / (2/3) is 0.4999... in floats, 2 x it must still reach 1
         return int((i + 1) * fraction + 1e-9) > int(i * fraction + 1e-9)
 
-    def share(fraction: float, left: float) -> float:
-        return fraction / left if left > 0 else 0.0
-
-    refl_share = share(reflection_fraction, 1 - episode_fraction)
-    retry_share = share(retry_fraction, 1 - episode_fraction - reflection_fraction)
-    kinds, rest, rest2 = [], 0, 0
-    for s in range(steps):
-        if due(episode_fraction, s):
-            kinds.append("episode")
-            continue
-        rest += 1
-        if due(refl_share, rest - 1):
-            kinds.append("reflection")
-            continue
-        rest2 += 1
-        kinds.append("retry" if due(retry_share, rest2 - 1) else "answer")
+    # each kind in turn takes its share of the steps the kinds before it left
+    fractions = {
+        "episode": episode_fraction,
+        "reflection": reflection_fraction,
+        "retry": retry_fraction,
+    }
+    levels, left = [], 1.0
+    for kind, fraction in fractions.items():
+        levels.append((kind, fraction / left if left > 0 else 0.0))
+        left -= fraction
+    reached = [0] * len(levels)  # steps that got as far as each level
+    kinds = []
+    for _ in range(steps):
+        kind = "answer"
+        for level, (name, share) in enumerate(levels):
+            reached[level] += 1
+            if due(share, reached[level] - 1):
+                kind = name
+                break
+        kinds.append(kind)
     return kinds
 
 
