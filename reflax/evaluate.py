@@ -189,9 +189,12 @@ def runs_table(runs: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any
     notes: list[str] = []
     base_name = next(iter(runs))
     for name, r in runs.items():
-        missing = {"before", "after"} - set(r)
+        missing = {"before", "after"} - set(r if isinstance(r, dict) else ())
         if missing:
             raise ValueError(f"run {name!r} has no {' or '.join(sorted(missing))} results")
+        for part in ("before", "after"):
+            if not isinstance(r[part], dict) or not {"n", *TRIES} <= set(r[part]):
+                raise ValueError(f"run {name!r}: its {part} results are not an evaluation's")
         if not rows:
             rows["vanilla"] = r["before"]
         elif r["before"].get("outcomes") != rows["vanilla"].get("outcomes"):
@@ -308,7 +311,10 @@ def _results_main(paths: Sequence[str], output: str | None) -> None:
                 runs[name] = json.load(f)
         except (OSError, ValueError) as e:
             raise cli.UsageError(f"--results: cannot read {path}: {cli.one_line(e)}") from e
-    rows, notes = runs_table(runs)
+    try:
+        rows, notes = runs_table(runs)
+    except ValueError as e:  # a file that is not a run's eval.json
+        raise cli.UsageError(f"--results: {e}") from e
     print(table(rows, f"{len(runs)} runs, their eval.json files"))
     for note in notes:
         print(note)

@@ -91,6 +91,10 @@ def test_user_errors_are_one_line_before_any_model_loads(tmp_path):
     ckpt.save(2, {"step": np.zeros((), np.int32)}, {"config": saved.to_dict()})
     ckpt.close()
     resumed = [f"--config={SMOKE}", f"--workdir={tmp_path / 'resumed'}"]
+    (tmp_path / "r1").mkdir()
+    (tmp_path / "r1" / "eval.json").write_text(json.dumps({"before": {"n": 1}}))
+    (tmp_path / "r2").mkdir()
+    (tmp_path / "r2" / "eval.json").write_text(json.dumps({"before": [], "after": 3}))
     cases = [  # (argv, expected text of the one line, blocked modules)
         (train + ["--config.rollout.no_such_key=1"], "ConfigError: --config.rollout.no_such_key"),
         (train + ["--config.rollout.group_size=1"], "group_size must be >= 2"),
@@ -105,6 +109,14 @@ def test_user_errors_are_one_line_before_any_model_loads(tmp_path):
         (evaluate + ["stray"], "UsageError: unexpected arguments"),
         (["reflax.evaluate"], "--config is required (or --results"),
         (["reflax.evaluate", f"--results={missing}.json"], f"cannot read {missing}.json"),
+        (
+            ["reflax.evaluate", f"--results={tmp_path / 'r1' / 'eval.json'}"],
+            "--results: run 'r1' has no after results",
+        ),
+        (
+            ["reflax.evaluate", f"--results={tmp_path / 'r2' / 'eval.json'}"],
+            "--results: run 'r2': its before results are not an evaluation's",
+        ),
         (
             evaluate + ["--suite=forgetting"],
             "--suite=forgetting needs lm_eval: pip install 'reflax[eval]'",
