@@ -139,6 +139,7 @@ from experiments.aot_slices import (  # noqa: E402
 )
 from experiments.model_shapes import MODELS  # noqa: E402
 from reflax.batch import PackLengths  # noqa: E402
+from reflax.config import ref_dtype  # noqa: E402
 from reflax.episodes import RolloutSettings, own_tokens_bound  # noqa: E402
 from reflax.models import ModelConfig  # noqa: E402
 from reflax.models.attention_kernels import Layout, block_size  # noqa: E402
@@ -177,6 +178,8 @@ TABLE: tuple[str, ...] = (
     *(f"{c}@{s}" for s in ("v5e-16", "v5e-32") for c in ("qwen7b", "qwen2p5_7b", "llama3p1_8b")),
     *(f"{c}:{LORA}@v5e-8" for c in ("qwen7b", "qwen2p5_7b", "llama3p1_8b", "llama3p2_3b")),
     f"llama3p1_8b:{LORA}:rollout.retry_prefill=True@v5e-8",
+    "llama3p2_3b@v5e-16",
+    "llama3p1_8b:rollout.kv_cache_bytes=2147483648:rollout.retry_prefill=True@v5e-16",
 )
 
 DEFAULT_MESH = "fsdp=8"
@@ -305,7 +308,7 @@ def step_shapes(c: Any, platform: str, unpacked: bool = False) -> StepShapes:
         ref_dtype=(
             jnp.dtype(c.model.param_dtype)
             if adapters
-            else (jnp.dtype(g.ref_dtype) if with_ref else None)
+            else (jnp.dtype(ref_dtype(c)) if with_ref else None)
         ),
         remat=bool(c.model.remat),
         rollout=RolloutShapes(

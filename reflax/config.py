@@ -120,9 +120,11 @@ def base_config() -> ConfigDict:
     # 0 is the paper. It keeps a shared-weight first attempt from drifting under reflection RL.
     # It weighs the mean k3 over the step's anchor tokens, whatever grpo.loss_type is.
     c.grpo.anchor_beta = 0.0
-    # dtype of the KL reference's weights (a frozen copy of the initial model): bfloat16 halves
-    # its memory; the paper does not say, float32 keeps the reference exact
-    c.grpo.ref_dtype = "float32"
+    # dtype of the KL reference's weights (a frozen copy of the initial model). "auto": the
+    # compute dtype (model.dtype). The forward casts every weight to it before use, so a
+    # reference kept in it gives the same log-probs bit for bit as a float32 one, in half
+    # the memory under bfloat16 (tests/test_trainer.py)
+    c.grpo.ref_dtype = "auto"
     c.grpo.epsilon = 0.2
     c.grpo.epsilon_high = 0.2
     c.grpo.loss_type = "token_mean"
@@ -224,6 +226,11 @@ def base_config() -> ConfigDict:
 FREE_KEYS = ("task.kwargs", "model.init", "mesh")
 
 
+def ref_dtype(c: ConfigDict) -> str:
+    """The KL reference's weight dtype: `grpo.ref_dtype`, "auto" being `model.dtype`."""
+    return c.model.dtype if c.grpo.ref_dtype == "auto" else c.grpo.ref_dtype
+
+
 def undeclared_keys(c: ConfigDict, base: ConfigDict | None = None, prefix: str = "") -> list[str]:
     """Keys of `c` that `base_config()` does not declare (outside `FREE_KEYS`)."""
     base = base_config() if base is None else base
@@ -250,7 +257,7 @@ def validate(c: ConfigDict) -> ConfigDict:
     need(c.total_steps > 0, "total_steps must be > 0")
     need(c.model.dtype in DTYPES, f"model.dtype must be one of {DTYPES}")
     need(c.model.param_dtype in DTYPES, f"model.param_dtype must be one of {DTYPES}")
-    need(c.grpo.ref_dtype in DTYPES, f"grpo.ref_dtype must be one of {DTYPES}")
+    need(c.grpo.ref_dtype in ("auto", *DTYPES), f"grpo.ref_dtype must be 'auto' or one of {DTYPES}")
     need(
         c.rollout.cache_dtype in ("auto", *DTYPES),
         f"rollout.cache_dtype must be 'auto' or one of {DTYPES}",

@@ -93,6 +93,7 @@ Loss (:func:`grpo_loss`)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import jax
@@ -228,6 +229,8 @@ def token_logprobs_and_entropy(
     temperature: float = 1.0,
     chunk_size: int | None = 256,
     mask: Array | None = None,
+    chunk_rows: Callable[[Array], Array] | None = None,
+    chunk_logits: Callable[[Array], Array] | None = None,
 ) -> tuple[Array, Array]:
     """Fused LM head + log-softmax + entropy without materialising ``[B, T, V]`` logits.
 
@@ -241,6 +244,10 @@ def token_logprobs_and_entropy(
         up to a multiple of it.
       mask: optional ``[B, T]``; where false the outputs are 0 and no gradient flows (hidden
         states there are ignored, even NaN ones).
+      chunk_rows, chunk_logits: sharding hints (the values are unchanged) applied inside
+        each chunk, to its ``[B, chunk, D]`` hidden states and ``[B, chunk]`` targets and to
+        its ``[B, chunk, V]`` logits: a vocabulary-parallel head gathers one chunk's rows
+        at a time (`reflax.trainer`).
 
     Returns:
       ``(logprobs [B, T], entropy [B, T])`` float32.
@@ -271,7 +278,11 @@ def token_logprobs_and_entropy(
 
     def one_chunk(args: tuple[Array, Array]) -> tuple[Array, Array]:
         h_bcd, t_bc = args
+        if chunk_rows is not None:
+            h_bcd, t_bc = chunk_rows(h_bcd), chunk_rows(t_bc)
         z_bcv = jnp.dot(h_bcd, lm_head, preferred_element_type=jnp.float32) / temperature
+        if chunk_logits is not None:
+            z_bcv = chunk_logits(z_bcv)
         return _logprobs_entropy_f32(z_bcv, t_bc)
 
     if num_chunks == 1:  # all logits at once, as asked: nothing to save by recomputing them

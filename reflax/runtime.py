@@ -188,7 +188,7 @@ def check_resume(c: ConfigDict, saved: dict[str, Any], where: str) -> None:
     config lacks counts only when `c` sets it to other than its default."""
     if c.resume_override or "config" not in saved:
         return
-    flat = lambda x: _flat(json.loads(json.dumps(x)))
+    flat = lambda x: _same_reference(_flat(json.loads(json.dumps(x))))
     now, then, default = (flat(x) for x in (c.to_dict(), saved["config"], base_config().to_dict()))
     # a key the checkpoint predates (e.g. lora.*) at its default trains as before it existed
     new = lambda k: k not in then and k in default and now.get(k) == default[k]
@@ -203,6 +203,16 @@ def check_resume(c: ConfigDict, saved: dict[str, Any], where: str) -> None:
             "Relaunch with the checkpoint's values, a fresh workdir, or "
             "--config.resume_override=True to continue with the new ones"
         )
+
+
+def _same_reference(flat: dict[str, Any]) -> dict[str, Any]:
+    """A KL reference kept in float32 or in the compute dtype scores the same, bit for bit
+    (every weight is cast to model.dtype before use): both read as "auto", so a run saved
+    with grpo.ref_dtype="float32" (the default before "auto") resumes with "auto"."""
+    ref, model = flat.get("grpo.ref_dtype"), flat.get("model.dtype")
+    if ref in ("float32", model):
+        flat["grpo.ref_dtype"] = "auto"
+    return flat
 
 
 def _resumable(key: str) -> bool:

@@ -8,6 +8,11 @@ Mesh axes:
   data   - pure data parallelism (parameters replicated)
   fsdp   - data parallelism with parameters and optimizer state sharded
   tensor - megatron-style tensor parallelism over heads / mlp / vocab
+
+The train step's LM head is vocabulary-parallel: the vocabulary is split over the axes
+that shard the parameters ("vocab_shards": tensor, fsdp), and each device scores all rows
+of its data replica ("data_rows") against its slice (`reflax.trainer`), so the [D, V]
+head is never gathered whole.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ MESH_AXES = ("data", "fsdp", "tensor")
 LOGICAL_RULES: dict[str, Any] = {
     "batch": ("data", "fsdp"),
     "vocab": "tensor",
+    # the train step's LM head (module docstring): the vocabulary over the axes that shard
+    # the parameters, the rows over the data axis only
+    "vocab_shards": ("tensor", "fsdp"),
+    "data_rows": "data",
     "embed": "fsdp",
     "heads": "tensor",
     "kv_heads": "tensor",

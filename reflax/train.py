@@ -31,6 +31,7 @@ from ml_collections import ConfigDict, config_flags
 from reflax import cli, data, distributed, optim, storage
 from reflax.batch import Batch, PackLengths, pack_groups, shard_batch
 from reflax.checkpoint import Checkpointer
+from reflax.config import ref_dtype
 from reflax.episodes import (
     Failure,
     RolloutSettings,
@@ -144,7 +145,7 @@ def _train(c: ConfigDict, workdir: str, stop: distributed.StopRequest) -> dict[s
         params, frozen = lora.split(params)
     ref = frozen
     if not use_lora and (c.grpo.beta > 0 or c.grpo.anchor_beta > 0):
-        dtype = jnp.dtype(c.grpo.ref_dtype)
+        dtype = jnp.dtype(ref_dtype(c))
         ref = jax.tree.map(lambda x: x.astype(dtype, copy=True), params)  # state is donated
 
     def policy(state: Any) -> Any:  # the whole model's weights: base + adapters under LoRA

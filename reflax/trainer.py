@@ -112,16 +112,34 @@ def _sequence_logprobs(graphdef, params, batch: Batch, cfg: StepConfig):
     scored = (batch.loss_mask > 0) | (batch.anchor_mask > 0)  # [B, T]
 
     def score(hidden, targets, mask):  # the hidden state at t predicts targets[t]
-        rows, vocab = local_size(hidden.shape[0], "batch"), local_size(head.shape[1], "vocab")
+        # Vocabulary-parallel LM head: the vocabulary is split over the devices that shard
+        # the parameters, and each chunk of positions gathers its hidden states (every row
+        # of the data replica) onto them, so no device holds the [D, V] head or its float32
+        # gradient whole (Llama-3.2-3B's 128k vocabulary: 1.56 GiB less a v5e-8 chip); the
+        # log-softmax adds the slices' sums with small all-reduces. A vocabulary those
+        # devices do not divide keeps each device on its own rows and gathers the head.
+        V, head_dt = head.shape[1], head.astype(hidden.dtype)
+        rows_hint = logits_hint = None
+        if local_size(V, "vocab_shards") < V:
+            head_dt = constrain(head_dt, (None, "vocab_shards"))
+            rows_hint = lambda x: constrain(x, ("data_rows",) + (None,) * (x.ndim - 1))
+            logits_hint = lambda z: constrain(z, ("data_rows", None, "vocab_shards"))
+            rows, vocab = local_size(hidden.shape[0], "data_rows"), local_size(V, "vocab_shards")
+        else:
+            rows, vocab = local_size(hidden.shape[0], "batch"), local_size(V, "vocab")
         chunk = cfg.logits_chunk or grpo.logits_chunk(rows, vocab, cfg.logits_bytes)
-        return grpo.token_logprobs_and_entropy(
-            hidden,
-            head.astype(hidden.dtype),
-            targets,
-            temperature=cfg.temperature,
-            chunk_size=chunk,
-            mask=mask,
-        )
+        with jax.named_scope("lm_head"):  # names its collectives (tests/test_packing.py)
+            lp, ent = grpo.token_logprobs_and_entropy(
+                hidden,
+                head_dt,
+                targets,
+                temperature=cfg.temperature,
+                chunk_size=chunk,
+                mask=mask,
+                chunk_rows=rows_hint,
+                chunk_logits=logits_hint,
+            )
+        return constrain(lp, ("batch", None)), constrain(ent, ("batch", None))
 
     if not batch.packed:
         hidden, _ = model.hidden_states(batch.tokens, batch.positions, batch.mask)
@@ -242,6 +260,13 @@ def make_grad_fn(graphdef: Any, cfg: StepConfig, ref_graphdef: Any = None) -> Ca
         return objective, sums
 
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    # Gradients laid out as their parameters: the accumulator and the update then keep the
+    # state's layout, whatever layout the loss computed them in (a vocabulary-parallel
+    # head's gradient would otherwise carry its layout into the update, gathering the
+    # tied embedding whole under tensor parallelism).
+    like_params = lambda tree: jax.tree_util.tree_map_with_path(
+        lambda path, x: constrain(x, param_logical_axes(path, x.ndim)), tree
+    )
 
     def grad_fn(params, batch: Batch, ref_params: Any = None):
         micro = jax.tree.map(lambda x: split_micro(x, cfg.micro_batches), batch)
@@ -250,10 +275,11 @@ def make_grad_fn(graphdef: Any, cfg: StepConfig, ref_graphdef: Any = None) -> Ca
         def accumulate(carry, mb):
             grads, loss, sums = carry
             (o, s), g = value_and_grad(params, mb, ref_params, norm)
+            g = like_params(g)
             add = lambda a, b: jax.tree.map(jnp.add, a, b)
             return (add(grads, g), loss + o, add(sums, s)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
+        zeros = like_params(jax.tree.map(jnp.zeros_like, params))
         first = jax.tree.map(lambda x: x[0], micro)
         _, sums_shape = jax.eval_shape(loss_fn, params, first, ref_params, norm)
         sums0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)

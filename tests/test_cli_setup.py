@@ -182,13 +182,19 @@ def test_check_resume_ignores_run_keys_and_honours_the_override():
     saved["config"]["log_every"] = 7
     saved["config"]["rollout"]["kv_cache_bytes"] = 2**30
     saved["config"]["rollout"]["retry_prefill"] = True
+    # a reference in float32 scores as one in the compute dtype ("auto"), bit for bit
+    saved["config"]["grpo"]["ref_dtype"] = "float32"
     check_resume(c, saved, "ckpt/5")  # where, how often, how caches are held: not the recipe
     saved["config"]["rollout"]["group_size"] = 3
     saved["config"]["optim"]["eps"] = 1e-3
+    saved["config"]["grpo"]["ref_dtype"] = "float16"  # rounds the reference differently
     with pytest.raises(ConfigError) as e:
         check_resume(c, saved, "ckpt/5")
     assert "\n" not in str(e.value)
-    assert "optim.eps: 0.001 -> 1e-08; rollout.group_size: 3 -> 8" in str(e.value)
+    assert (
+        "grpo.ref_dtype: 'float16' -> 'auto'; optim.eps: 0.001 -> 1e-08; "
+        "rollout.group_size: 3 -> 8" in str(e.value)
+    )
     c.resume_override = True
     check_resume(c, saved, "ckpt/5")
 

@@ -160,11 +160,17 @@ def test_micro_batches_span_every_batch_shard():
         assert held == (m, rows // (m * shards), T), (shard.device, held)
 
 
-def _gathered_hidden_states(hlo: str, hidden: int) -> list[tuple[int, int]]:
+def _gathered_hidden_states(hlo: str, hidden: int, scope: str) -> list[tuple[int, int]]:
     """(rows, length) of every all-gather in a compiled program whose output is shaped like
-    hidden states [rows, length, hidden]."""
+    hidden states [rows, length, hidden], from ops inside (`scope` = "lm_head") or outside
+    (any other) the trainer's LM-head scope."""
     pat = re.compile(r"= \w+\[(\d+),(\d+),(\d+)\]\{[\d,]*\} all-gather(?:-start)?\(")
-    return [(int(r), int(n)) for r, n, d in pat.findall(hlo) if int(d) == hidden]
+    found = []
+    for line in hlo.splitlines():
+        m = pat.search(line)
+        if m and int(m.group(3)) == hidden and (("lm_head" in line) == (scope == "lm_head")):
+            found.append((int(m.group(1)), int(m.group(2))))
+    return found
 
 
 def test_packed_step_gathers_no_whole_activation():
@@ -177,14 +183,19 @@ def test_packed_step_gathers_no_whole_activation():
     graphdef, params = nnx.split(create(config, mesh=mesh, seed=1))
     tx, _ = optim.make_optimizer(total_steps=10, learning_rate=1e-2, warmup_ratio=0.0)
     state = jax.eval_shape(lambda p: init_state(p, tx), params)
-    cfg = StepConfig(max_len=T, micro_batches=m)
+    cfg = StepConfig(max_len=T, micro_batches=m, logits_chunk=8)
     abstract = Batch.abstract(groups, Lp + G * Ls, Lp, G)
     fn = jit_train_step(make_train_step(graphdef, tx, cfg), state, abstract, mesh, False)
     with jax.set_mesh(mesh):
         hlo = fn.lower(state, abstract, None).compile().as_text()
     per_shard = groups // (m * shards) * (Lp + G * Ls)  # hidden states one shard owns
-    gathered = _gathered_hidden_states(hlo, CFG.hidden_size)
+    gathered = _gathered_hidden_states(hlo, CFG.hidden_size, scope="layers")
     assert all(r * n <= per_shard for r, n in gathered), gathered
+    # the vocabulary-parallel LM head gathers one chunk of positions (cfg.logits_chunk) of
+    # its data replica's rows at a time (reflax.trainer), never a whole region
+    replica_rows = groups // (m * mesh.shape["data"]) * G  # suffix rows of a data replica
+    head = _gathered_hidden_states(hlo, CFG.hidden_size, scope="lm_head")
+    assert head and all(n <= cfg.logits_chunk and r <= replica_rows for r, n in head), head
 
 
 def _rel_tree_diff(a, b):

@@ -2,6 +2,7 @@
 empty steps, the old-log-prob pass."""
 
 import contextlib
+import re
 from dataclasses import replace
 
 import jax
@@ -248,3 +249,40 @@ def test_micro_batch_warning_names_micro_batches_that_do_not_fill_the_batch_shar
     note = micro_batch_warning(32, 16, mesh, packed=True)  # 2 groups against 4 shards
     assert "2 packed groups against 4 batch shards" in note and "multiple of 4" in note
     assert "6 rows" in micro_batch_warning(12, 2, mesh, packed=False)
+
+
+def test_reference_in_the_compute_dtype_scores_as_float32():
+    # grpo.ref_dtype="auto" keeps the reference in model.dtype: the forward casts every
+    # weight to it before use, so the reference's log-probs are float32's, bit for bit
+    graphdef, params = nnx.split(create(CFG, dtype=jnp.bfloat16, seed=1))
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    fn = jax.jit(make_logprob_fn(graphdef, StepConfig(logits_chunk=5)))
+    batch = make_batch()
+    want, got = np.asarray(fn(params, batch)), np.asarray(fn(half, batch))
+    assert np.abs(want).max() > 0
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 1), (2, 2, 2)])
+def test_lm_head_is_never_gathered_whole(shape):
+    # the train step splits the LM head's vocabulary over the devices that shard the
+    # parameters and gathers the rows' hidden states instead: no device holds the [D, V]
+    # head or its gradient whole (FSDP over 8 devices gathered both before)
+    mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)))
+    model = create(CFG, mesh=mesh, seed=1)
+    graphdef, params = nnx.split(model)
+    tx, _ = optim.make_optimizer(total_steps=10, learning_rate=1e-2, warmup_ratio=0.0)
+    state = init_state(params, tx, mesh)
+    step = make_train_step(graphdef, tx, StepConfig(beta=0.01, logits_chunk=4))
+    batch = shard_batch(make_batch(), mesh)
+    with jax.set_mesh(mesh):
+        fn = jit_train_step(step, state, batch, mesh, with_ref=True)
+        hlo = fn.lower(state, batch, params).compile().as_text()
+    V, D = CFG.vocab_size, CFG.hidden_size
+    whole = re.compile(rf"\[(?:{V},{D}|{D},{V})\]")
+    collectives = [
+        line for line in hlo.splitlines() if "all-gather" in line or "all-reduce" in line
+    ]
+    assert collectives, "a sharded step with no collectives: the check would be vacuous"
+    assert not [line for line in collectives if whole.search(line.split("=", 1)[-1])]
