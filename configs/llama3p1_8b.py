@@ -3,11 +3,16 @@
 The largest model the paper trains. Launch with this file as --config in the three steps
 of README.md ("Training a real model"): collect_failures, train, evaluate --baseline.
 Hardware: a TPU v5e-32, FSDP over its 32 chips, one micro-batch of 32 packed groups:
-the rollout peaks at 13.5 GiB per chip (16% of the HBM free) and the train step at 7.9
-(`python experiments/aot_memory.py --table --rows=llama3p1_8b@v5e-32`). With LoRA (rank
+the rollout peaks at 13.0 GiB per chip (18.7% of the HBM free) and the train step at 8.1
+(`python experiments/aot_memory.py --table --rows=llama3p1_8b@v5e-32`). A v5e-16 fits
+with rollout calls of at most 2 GiB of KV cache a chip and each retry prefilled again
+(`--config.rollout.kv_cache_bytes=2147483648 --config.rollout.retry_prefill=True`, the
+same tokens): 10.4 GiB and 15.3, 4.7% free (`aot_memory.py --table` with
+    --rows=llama3p1_8b:rollout.kv_cache_bytes=2147483648:rollout.retry_prefill=True@v5e-16
+); as it is, its rollout needs 20.6. With LoRA (rank
 16, 4 micro-batches, rollout calls of at most 1 GiB of KV cache a chip) it fits a v5e-8
 only with `--config.rollout.retry_prefill=True`: the rollout then keeps no reflection
-cache for the retry and peaks at 8.0 GiB, the train step at 9.8 (38.5% free); with the
+cache for the retry and peaks at 8.0 GiB, the train step at 9.6 (40.1% free); with the
 caches kept (8 GiB a chip, eight KV heads) the rollout needs 16.0, 0.1% over a chip
 (`aot_memory.py --table` with
     --rows=llama3p1_8b:lora.rank=16:grpo.micro_batches=4:rollout.kv_cache_bytes=1073741824:rollout.retry_prefill=True@v5e-8

@@ -10,7 +10,7 @@ Data: Salesforce/xlam-function-calling-60k from the Hub (gated: accept its CC-BY
 and `huggingface-cli login` first); the 12,000 held-out queries (a fixed hash split on the
 query text) are the evaluation, the other 48,000 build the failure set. Hardware: a TPU
 v5e-8 (16 GiB per chip), FSDP over its 8 chips, 4 micro-batches of 8 packed groups (one
-a chip): the rollout peaks at 11.5 GiB per chip and the train step at 8.2, 28% of the HBM
+a chip): the rollout peaks at 11.1 GiB per chip and the train step at 6.5, 30% of the HBM
 free (`python experiments/aot_memory.py --table --rows=qwen1p5b@v5e-8`).
 Should reach, on those 12,000 queries (first / second try, %): vanilla 32.6 / 34.8 ->
 trained 48.6 / 52.9.

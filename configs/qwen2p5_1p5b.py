@@ -12,7 +12,7 @@ evaluated. The 1,000 steps consume 32,000 failures and nearly every query of a m
 weak has a failing attempt among its 64, so `--num_queries=32000` collects what training
 uses instead of sampling 64 attempts for each of the ~475,000 train problems.
 Hardware: a TPU v5e-8, FSDP over the 8 chips, 4 micro-batches of 8 packed groups: the
-rollout peaks at 7.5 GiB per chip and the train step at 8.0, 50% of the HBM free (`python
+rollout peaks at 7.2 GiB per chip and the train step at 6.0, 55% of the HBM free (`python
 experiments/aot_memory.py --table --rows=qwen2p5_1p5b@v5e-8`).
 Should reach on the 15,000 (first / second try, %): vanilla 6.0 / 10.2 -> trained 34.9 /
 45.0.

@@ -3,7 +3,7 @@
 Data: Jiayi-Pan/Countdown-Tasks-3to4, 15,000 problems held out (fixed hash of target and
 numbers) as the evaluation. Hardware: a TPU
 v5e-8, FSDP over its 8 chips, 4 micro-batches, LM-head chunks of 64 MiB: the rollout
-peaks at 11.9 GiB per chip and the train step at 13.3, 16.9% of the HBM free (`python
+peaks at 11.2 GiB per chip and the train step at 10.9, 29.9% of the HBM free (`python
 experiments/aot_memory.py --table --rows=qwen2p5_3b@v5e-8`).
 Should reach: reflax's notes carry no published figure for this model; the paper's
 Countdown table has it. Steps: README.md, "Training a real model", with

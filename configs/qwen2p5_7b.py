@@ -4,14 +4,15 @@
         --config.rollout.failures=$W/failures.jsonl
 
 (after `python -m reflax.collect_failures --config=configs/qwen2p5_7b.py
---output=$W/failures.jsonl`). Hardware: a TPU v5e-32, FSDP over its 32 chips, one
-micro-batch of 32 packed groups: the rollout peaks at 7.3 GiB per chip and the train step
-at 7.2 (`python experiments/aot_memory.py --table --rows=qwen2p5_7b@v5e-32`). LoRA of
+--output=$W/failures.jsonl`). Hardware: a TPU v5e-16, the smallest slice measured to
+fit, FSDP over its 16 chips, one micro-batch of 32 packed groups: the rollout peaks at
+12.7 GiB per chip and the train step at 13.8, 13.9% free (`python
+experiments/aot_memory.py --table --rows=qwen2p5_7b@v5e-16`); on a v5e-32, 6.9 and 6.8. LoRA of
 rank 16 on every projection, with four micro-batches (one packed group per chip in each) and
 rollout calls capped at 1 GiB of KV cache a chip (`--config.lora.rank=16`,
 `--config.grpo.micro_batches=4`, `--config.rollout.kv_cache_bytes=1073741824`) make a
 v5e-8 the smallest slice measured to fit: the rollout peaks at 10.2 GiB per chip and
-the train step at 8.5, 37% of the HBM free (`aot_memory.py --table` with
+the train step at 8.6, 37% of the HBM free (`aot_memory.py --table` with
     --rows=qwen2p5_7b:lora.rank=16:grpo.micro_batches=4:rollout.kv_cache_bytes=1073741824@v5e-8
 ).
 Data: Jiayi-Pan/Countdown-Tasks-3to4 from the Hub; 15,000 problems held out by a fixed

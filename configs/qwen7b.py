@@ -5,16 +5,16 @@ try beats vanilla Qwen2-72B's.
     python -m reflax.train --config=configs/qwen7b.py --workdir=$W \\
         --config.rollout.failures=$W/failures.jsonl
 
-Hardware: a TPU v5e-32 (32 chips of 16 GiB), the smallest slice measured to fit, FSDP
-over every chip and one micro-batch (one packed group per chip): the TPU compiler puts
-the rollout's peak at 9.5 GiB per chip and the train step's at 7.7 (`python
-experiments/aot_memory.py --table --rows=qwen7b@v5e-32`; the README's memory table). On
-a v5e-16 the train step needs 16.4 GiB per chip (`--rows=qwen7b@v5e-16`). With LoRA
+Hardware: a TPU v5e-16 (16 chips of 16 GiB), the smallest slice measured to fit, FSDP
+over every chip and one micro-batch (two packed groups a chip): the TPU compiler puts the
+rollout's peak at 15.1 GiB per chip and the train step's at 15.1, 5.4% of the HBM free
+(`python experiments/aot_memory.py --table --rows=qwen7b@v5e-16`; the README's memory
+table). On a v5e-32 they are 9.1 and 7.6 (`--rows=qwen7b@v5e-32`). With LoRA
 (`--config.lora.rank=16 --config.grpo.micro_batches=4
 --config.rollout.kv_cache_bytes=1073741824`: rank 16 on every projection, one packed
 group per chip per micro-batch, rollout calls of at most 1 GiB of KV cache a chip) the
 smallest slice measured to fit is a v5e-8: the rollout peaks at 12.4 GiB per chip and
-the train step at 9.1, 22% of the HBM free (`aot_memory.py --table` with
+the train step at 9.6, 22% of the HBM free (`aot_memory.py --table` with
     --rows=qwen7b:lora.rank=16:grpo.micro_batches=4:rollout.kv_cache_bytes=1073741824@v5e-8
 ).
 Data: the gated Salesforce/xlam-function-calling-60k (accept its terms on the Hub), 12,000
@@ -51,6 +51,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.total_steps = 1000
     c.optim.update(learning_rate=5e-7, warmup_ratio=0.03, min_lr_ratio=0.0)  # cosine to 0
     c.grpo.beta = 0.001
-    c.grpo.micro_batches = 1  # 32 packed groups: one per chip of a v5e-32
+    c.grpo.micro_batches = 1  # 32 packed groups: two per chip of a v5e-16, one of a v5e-32
     c.mesh.update(data=1, fsdp=-1, tensor=1)  # FSDP over every chip
     return recipes.variant(c, arg)
