@@ -263,7 +263,7 @@ def make_grad_fn(graphdef: Any, cfg: StepConfig, ref_graphdef: Any = None) -> Ca
     # Gradients laid out as their parameters: the accumulator and the update then keep the
     # state's layout, whatever layout the loss computed them in (a vocabulary-parallel
     # head's gradient would otherwise carry its layout into the update, gathering the
-    # tied embedding whole under tensor parallelism).
+    # tied embedding whole on a mesh with data or tensor parallelism).
     like_params = lambda tree: jax.tree_util.tree_map_with_path(
         lambda path, x: constrain(x, param_logical_axes(path, x.ndim)), tree
     )
